@@ -1,0 +1,97 @@
+"""The ``vtc`` command: list methods, compress + answer one question, run the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .methods import VTCError, available, get
+
+app = typer.Typer(help="vtc: training-free visual token compression for vision-language models.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.command("methods")
+def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the compression methods, the signals each reads, and their papers."""
+    rows = []
+    for name in available():
+        method = get(name)
+        att = method.attention
+        needs = sorted(method.needs)
+        where = f"layer {att.layer}, heads={att.heads}" if {"cls_attn", "keys"} & set(needs) else ""
+        rows.append(
+            {
+                "name": name,
+                "needs": needs,
+                "attention": where,
+                "auto": method.supports_auto,
+                "paper": method.paper,
+                "summary": method.describe(),
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="vtc methods")
+    for col in ("method", "signals", "from", "auto", "paper"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["needs"]), r["attention"], "yes" if r["auto"] else "", r["paper"])
+    console.print(table)
+    console.print("Any pruning method + text recovery: append '+text' (e.g. random+text).")
+
+
+@app.command("run")
+def run_cmd(
+    model: Path = typer.Option(..., "--model", help="Directory of a saved LLaVA-1.5 checkpoint (with its processor)."),
+    image: Path = typer.Option(..., "--image", help="Image file."),
+    question: str = typer.Option(..., "--question", help="The question about the image."),
+    method: str = typer.Option("recoverable", "--method", help="Compression method (see `vtc methods`)."),
+    budget: str = typer.Option("auto", "--budget", help="Tokens to keep: a count (64), a ratio (0.111) or 'auto'."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP checkpoint with the text tower (text-guided methods)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Compress one image's tokens with METHOD at BUDGET and answer QUESTION."""
+    from .pipeline import Pipeline
+
+    try:
+        get(method)  # fail on an unknown name before loading anything
+        pipe = Pipeline.from_pretrained(model, clip=clip)
+        [result] = pipe([image], [question], method=method, budget=budget, max_new_tokens=max_new_tokens)
+    except VTCError as exc:
+        _fail(str(exc))
+    record = result.to_dict()
+    if as_json:
+        print(json.dumps(record))
+        return
+    console.print(f"[bold]{result.text}[/]")
+    console.print(
+        f"method={record['method']} budget={record['budget']} tokens {record['tokens_before']} -> "
+        f"{record['tokens_after']} {record['provenance']}  prefill {record['prefill_ms']:.1f} ms"
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except VTCError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,40 @@
+"""Compression methods: pure tensor code behind one registry.
+
+>>> from vtc import methods
+>>> methods.available()            # names
+>>> m = methods.get("recoverable")  # an instance
+>>> selections = m.select(signals, "auto")
+"""
+
+from .base import (
+    AttentionSpec,
+    Budget,
+    Method,
+    Origin,
+    Selection,
+    Signal,
+    Signals,
+    VTCError,
+    available,
+    get,
+    register,
+    register_factory,
+)
+from . import baselines, prumerge, recoverable  # noqa: F401  (registers the methods)
+from .recoverable import WithTextRecovery
+
+__all__ = [
+    "AttentionSpec",
+    "Budget",
+    "Method",
+    "Origin",
+    "Selection",
+    "Signal",
+    "Signals",
+    "VTCError",
+    "WithTextRecovery",
+    "available",
+    "get",
+    "register",
+    "register_factory",
+]

@@ -1,0 +1,353 @@
+"""The types every compression method speaks: Budget, Signals, Selection, and the registry.
+
+A method is pure tensor code. It declares which signals it reads (``needs``) and
+from which vision layer (``attention``), the model adapter computes exactly
+those in one vision-tower forward, and the method returns one ``Selection`` per
+image: the K output tokens (in the pre-projector feature space) plus, for every
+output token, where it came from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+
+# ----------------------------------------------------------------------------- errors
+
+
+class VTCError(ValueError):
+    """Bad input to vtc: the message names the input and what is wrong with it."""
+
+
+# ----------------------------------------------------------------------------- budget
+
+BudgetLike = "Budget | int | float | str"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens to send to the language model.
+
+    * ``Budget.parse(64)``      -> a fixed count of 64 tokens,
+    * ``Budget.parse(0.111)``   -> a ratio of the image's N patch tokens,
+    * ``Budget.parse("auto")``  -> the method's own dynamic rule (where it has one).
+
+    Strings are parsed the same way (``"64"``, ``"0.111"``, ``"11.1%"``, ``"auto"``).
+    """
+
+    kind: Literal["count", "ratio", "auto"]
+    value: float | int | None = None
+
+    @classmethod
+    def parse(cls, budget: Any) -> "Budget":
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, bool) or budget is None:
+            raise VTCError(f"budget {budget!r}: expected a token count (64), a ratio (0.111) or 'auto'")
+        if isinstance(budget, str):
+            text = budget.strip().lower()
+            if text == "auto":
+                return cls("auto")
+            try:
+                if text.endswith("%"):
+                    return cls.parse(float(text[:-1]) / 100.0)
+                number = float(text)
+            except ValueError:
+                raise VTCError(
+                    f"budget {budget!r}: expected a token count (64), a ratio (0.111), a percentage (11%) or 'auto'"
+                ) from None
+            return cls.parse(int(number) if number.is_integer() and number >= 1 and "." not in text else number)
+        if isinstance(budget, int):
+            if budget <= 0:
+                raise VTCError(f"budget {budget}: a token count must be at least 1")
+            return cls("count", budget)
+        if isinstance(budget, float):
+            if not math.isfinite(budget) or budget <= 0 or budget > 1:
+                raise VTCError(f"budget {budget}: a ratio must be in (0, 1]; pass an int for a token count")
+            return cls("ratio", budget)
+        raise VTCError(f"budget {budget!r}: unsupported type {type(budget).__name__}")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.kind == "auto"
+
+    def tokens(self, n: int) -> int:
+        """The fixed number of output tokens for an image of ``n`` patch tokens."""
+        if self.kind == "auto":
+            raise VTCError("budget 'auto' has no fixed token count; the method decides it per image")
+        if self.kind == "count":
+            if self.value > n:
+                raise VTCError(f"budget {self.value} tokens is more than the image's {n} patch tokens")
+            return int(self.value)
+        return max(1, min(n, round(self.value * n)))
+
+    def __str__(self) -> str:
+        return "auto" if self.kind == "auto" else str(self.value)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class Signal:
+    """Names of the signals a method may declare in ``needs``."""
+
+    FEATURES = "features"  # (B, N, D) patch states of LLaVA's feature layer (-2): what is kept / merged
+    CLS_ATTN = "cls_attn"  # (B, N) the CLS query's attention over the patches, at ``attention.layer``
+    KEYS = "keys"  # (B, N, Dk) patch keys at ``attention.layer``
+    TEXT_SIM = "text_sim"  # (B, N) cosine(question's CLIP text embedding, projected final patch states)
+    PROJECTED = "projected"  # (B, N, Dllm) patch features after the multimodal projector
+
+    ALL = (FEATURES, CLS_ATTN, KEYS, TEXT_SIM, PROJECTED)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Which vision layer's q/k a method reads, and how heads are combined.
+
+    ``heads``: ``"single"`` recomputes attention as one head over the full width
+    with scale 1/sqrt(D) (PruMerge's and Recoverable Compression's form);
+    ``"mean"``/``"sum"`` use the model's own heads and reduce the per-head rows.
+    ``keys``: ``"full"`` is the k_proj output (D wide); ``"head_mean"`` averages heads (head_dim wide).
+    """
+
+    layer: int = -2
+    heads: Literal["single", "mean", "sum"] = "mean"
+    keys: Literal["full", "head_mean"] = "full"
+
+
+@dataclass
+class Signals:
+    """What the adapter computed for a batch of B images with N patch tokens each."""
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+    cls_attn: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    text_sim: torch.Tensor | None = None
+    projected: torch.Tensor | None = None
+    index: int = 0  # position of the first image in the caller's batch (seeds per-image randomness)
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.features.shape[1]
+
+    def require(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise VTCError(f"signal '{name}' was not computed; declare it in the method's `needs`")
+        return value
+
+    def validate(self) -> None:
+        """Shape and finiteness checks, so a bad signal fails here and not deep inside a method."""
+        if self.features.ndim != 3:
+            raise VTCError(f"features must be (B, N, D), got shape {tuple(self.features.shape)}")
+        b, n, _ = self.features.shape
+        if self.grid[0] * self.grid[1] != n:
+            raise VTCError(f"patch grid {self.grid} does not hold the {n} patch tokens")
+        for name in Signal.ALL:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value.shape[:2] != (b, n):
+                raise VTCError(f"signal '{name}' has shape {tuple(value.shape)}, expected ({b}, {n}, ...)")
+            if not torch.isfinite(value).all():
+                raise VTCError(f"signal '{name}' contains NaN or inf values")
+
+    def image(self, b: int) -> "Signals":
+        """The signals of image ``b`` alone (batch of one), for per-image algorithms."""
+        pick = lambda t: None if t is None else t[b : b + 1]  # noqa: E731
+        return Signals(
+            features=self.features[b : b + 1],
+            grid=self.grid,
+            cls_attn=pick(self.cls_attn),
+            keys=pick(self.keys),
+            text_sim=pick(self.text_sim),
+            projected=pick(self.projected),
+            index=self.index + b,
+        )
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+class Origin(IntEnum):
+    """Why an output token exists."""
+
+    KEPT = 0  # a patch kept for visual salience (or by a query-agnostic rule)
+    RECOVERED = 1  # a patch recovered because the question's text points at it
+    MERGED = 2  # a new token merged from several patches
+
+
+@dataclass
+class Selection:
+    """The compressed tokens of one image, with provenance.
+
+    ``tokens``  (K, D)  output tokens, in the same feature space as ``Signals.features``
+    ``origin``  (K,)    ``Origin`` code of each output token
+    ``sources`` K lists of the patch indices each output token draws on
+    ``owner``   (N,)    for every input patch, the output token that represents it
+                        (-1 where the patch was dropped). Each patch has exactly one
+                        owner: kept patches own themselves; a merged patch belongs to
+                        the first merged token (in output order) that draws on it.
+    ``info``    method-specific numbers (e.g. the auto ratios it chose)
+    """
+
+    tokens: torch.Tensor
+    origin: torch.Tensor
+    sources: list[torch.Tensor]
+    owner: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.owner.shape[0]
+
+    def kept_indices(self) -> torch.Tensor:
+        """Patch indices kept as they are (visual or recovered), in output order."""
+        single = [int(s[0]) for s, o in zip(self.sources, self.origin.tolist()) if o != Origin.MERGED]
+        return torch.tensor(single, dtype=torch.long)
+
+    def counts(self) -> dict[str, int]:
+        return {o.name.lower(): int((self.origin == o).sum()) for o in Origin}
+
+    @classmethod
+    def build(
+        cls,
+        features: torch.Tensor,
+        kept: torch.Tensor,
+        kept_origin: torch.Tensor | int = Origin.KEPT,
+        merged_tokens: torch.Tensor | None = None,
+        merged_sources: list[torch.Tensor] | None = None,
+        merged_anchors: list[int] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> "Selection":
+        """Assemble a Selection from kept patch indices and optional merged tokens.
+
+        ``features`` (N, D) of one image; ``kept`` (k,) patch indices in output order;
+        merged tokens come after the kept ones. ``merged_anchors`` names, per merged
+        token, the patch it is built around (its center; -1 for none): an anchor
+        owns itself before other merged tokens claim their remaining sources.
+        """
+        n = features.shape[0]
+        kept = kept.to(torch.long).reshape(-1)
+        if isinstance(kept_origin, int):
+            kept_origin = torch.full((kept.numel(),), int(kept_origin), dtype=torch.long)
+        merged_sources = merged_sources or []
+        parts = [features[kept]]
+        if merged_tokens is not None and merged_tokens.shape[0] > 0:
+            parts.append(merged_tokens.to(features.dtype))
+        tokens = torch.cat(parts, dim=0)
+        origin = torch.cat([kept_origin.to(torch.long), torch.full((len(merged_sources),), int(Origin.MERGED))])
+        sources = [kept[i : i + 1] for i in range(kept.numel())] + [s.to(torch.long) for s in merged_sources]
+        if tokens.shape[0] != len(sources):
+            raise AssertionError("every output token needs a source list")
+        owner = torch.full((n,), -1, dtype=torch.long)
+        owner[kept] = torch.arange(kept.numel())
+        anchors = merged_anchors or [-1] * len(merged_sources)
+        for j, anchor in enumerate(anchors):
+            if anchor >= 0 and owner[anchor] < 0:
+                owner[anchor] = kept.numel() + j
+        for j, src in enumerate(merged_sources):
+            src = src.to(torch.long)
+            src = src[owner[src] < 0]
+            owner[src] = kept.numel() + j
+        return cls(tokens=tokens, origin=origin, sources=sources, owner=owner, info=dict(info or {}))
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+class Method:
+    """Base class of a compression method. Subclasses set the class attributes and implement ``select_one``
+    (one image) or ``select`` (a whole batch, when it can be vectorised)."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset({Signal.FEATURES})
+    attention: ClassVar[AttentionSpec] = AttentionSpec()
+    supports_auto: ClassVar[bool] = False
+    paper: ClassVar[str] = ""
+    code: ClassVar[str] = ""
+    # Where the question's text for TEXT_SIM comes from: the question itself, or (compat) the prompt's first line.
+    text_source: str = "question"
+
+    def select(self, signals: Signals, budget: Budget) -> list[Selection]:
+        """Compress every image of the batch; returns one Selection per image."""
+        budget = Budget.parse(budget)
+        self.check_budget(budget, signals.num_patches)
+        for name in self.needs:
+            signals.require(name)
+        signals.validate()
+        return [self.select_one(signals.image(b), budget) for b in range(signals.batch_size)]
+
+    def select_one(self, signals: Signals, budget: Budget) -> Selection:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def check_budget(self, budget: Budget, n: int) -> None:
+        if budget.is_auto and not self.supports_auto:
+            raise VTCError(
+                f"method '{self.name}' has no dynamic rule, so budget 'auto' cannot be honoured; "
+                "give a token count (64) or a ratio (0.111)"
+            )
+        if not budget.is_auto:
+            budget.tokens(n)  # raises on a count larger than N
+
+    def describe(self) -> str:
+        return (self.__doc__ or "").strip().splitlines()[0] if self.__doc__ else self.name
+
+
+_REGISTRY: dict[str, Callable[..., Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: ``@register("prumerge")`` makes the method available by name."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method name '{name}' is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_factory(name: str, factory: Callable[..., Method]) -> None:
+    """Register a method made by a function (e.g. a preset of another method's options)."""
+    if name in _REGISTRY:
+        raise ValueError(f"method name '{name}' is registered twice")
+    _REGISTRY[name] = factory
+
+
+def available() -> list[str]:
+    """Names of every registered method."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str | Method, **options: Any) -> Method:
+    """A method instance by name (options go to its constructor); passes instances through."""
+    if isinstance(name, Method):
+        return name
+    if name not in _REGISTRY and name.endswith("+text") and name[: -len("+text")] in _REGISTRY:
+        from .recoverable import WithTextRecovery  # composition: any pruning method + text recovery
+
+        return WithTextRecovery(get(name[: -len("+text")], **options))
+    if name not in _REGISTRY:
+        raise VTCError(f"unknown method '{name}'; available: {', '.join(available())}")
+    try:
+        method = _REGISTRY[name](**options)
+    except TypeError as exc:
+        raise VTCError(f"method '{name}' does not take options {sorted(options)}: {exc}") from None
+    method.name = name
+    return method

@@ -1,0 +1,98 @@
+"""Reference points every comparison needs: all tokens, a random subset, and spatial average pooling."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Budget, Method, Origin, Selection, Signals, VTCError, register
+
+
+@register("none")
+class NoCompression(Method):
+    """All N patch tokens, untouched (the full-token baseline).
+
+    Budget: only 'auto', a ratio of 1.0 or a count of N can be honoured; any
+    smaller budget is an error rather than a silent full-token run.
+    """
+
+    supports_auto = True
+    paper = "full-token baseline"
+
+    def check_budget(self, budget: Budget, n: int) -> None:
+        if not budget.is_auto and budget.tokens(n) != n:
+            raise VTCError(f"method 'none' keeps all {n} tokens; give budget 'auto' (or {n}), not {budget}")
+
+    def select_one(self, signals: Signals, budget: Budget) -> Selection:
+        n = signals.num_patches
+        return Selection.build(signals.features[0], torch.arange(n))
+
+
+@register("random")
+class RandomKeep(Method):
+    """A uniformly random subset of the patches, kept in raster order.
+
+    Seeded (``seed``, default 0) so runs are reproducible; image b of a batch uses
+    seed + b. UniPruneBench found this a surprisingly strong baseline.
+    """
+
+    paper = "baseline (UniPruneBench, arXiv:2511.02650)"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def select_one(self, signals: Signals, budget: Budget) -> Selection:
+        n = signals.num_patches
+        generator = torch.Generator().manual_seed(self.seed + signals.index)
+        kept = torch.randperm(n, generator=generator)[: budget.tokens(n)].sort().values
+        return Selection.build(signals.features[0], kept)
+
+
+def _bins(size: int, out: int) -> list[tuple[int, int]]:
+    # The same bin edges as torch's adaptive_avg_pool: [floor(i*size/out), ceil((i+1)*size/out)).
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def pooling_layout(tokens: int, grid: tuple[int, int]) -> list[int]:
+    """Columns per row band: ``len(result)`` bands of rows, summing to exactly ``tokens`` cells.
+
+    The band count keeps cells about square (rows ~ sqrt(tokens * h / w)); when
+    ``tokens`` factors into that many equal rows this is the regular grid (64 on
+    24x24 -> 8 bands of 8), otherwise the bands differ by one column.
+    """
+    h, w = grid
+    rows = min(h, max(-(-tokens // w), round((tokens * h / w) ** 0.5), 1))
+    base, extra = divmod(tokens, rows)
+    # Spread the wider bands evenly over the image rather than stacking them at the top.
+    wide = {round((i + 0.5) * rows / extra - 0.5) for i in range(extra)} if extra else set()
+    return [base + (1 if r in wide else 0) for r in range(rows)]
+
+
+@register("pool")
+class SpatialPool(Method):
+    """Average pooling of the patch grid to exactly the budget's token count.
+
+    The grid is cut into row bands and each band into column bins with torch's
+    adaptive-pooling bin edges (bins may overlap by one patch when sizes do not
+    divide). For budgets that factor into a near-square grid (64 on 24x24 -> 8x8)
+    this is exactly ``adaptive_avg_pool2d``; other budgets (e.g. a prime) get bands
+    whose column counts differ by one, so any budget is honoured exactly.
+    LLaVA-1.5 ablations and LLaVolta use pooling as the simplest compressor.
+    """
+
+    paper = "baseline (LLaVolta, NeurIPS 2024)"
+
+    def select_one(self, signals: Signals, budget: Budget) -> Selection:
+        n = signals.num_patches
+        h, w = signals.grid
+        total = budget.tokens(n)
+        feats = signals.features[0]
+        if total == n:  # nothing to pool
+            return Selection.build(feats, torch.arange(n))
+        sources = []
+        layout = pooling_layout(total, (h, w))
+        for (r0, r1), cols in zip(_bins(h, len(layout)), layout):
+            for c0, c1 in _bins(w, cols):
+                cells = torch.arange(r0, r1)[:, None] * w + torch.arange(c0, c1)[None, :]
+                sources.append(cells.reshape(-1))
+        pooled = torch.stack([feats[src].mean(0) for src in sources])
+        return Selection.build(feats, torch.empty(0, dtype=torch.long), merged_tokens=pooled, merged_sources=sources)

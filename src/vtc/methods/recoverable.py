@@ -1,0 +1,303 @@
+"""Recoverable Compression: keep the salient tokens, recover what the question points at, merge the rest.
+
+Paper: "Recoverable Compression: A Multimodal Vision Token Recovery Mechanism
+Guided by Text Information" (training-free; LLaVA-1.5; ~10% of tokens on average).
+
+Algorithm for one image of N patch tokens (features x: layer -2 patch states):
+  1. Visual score a: the CLS query's attention over the patches, from the LAST
+     vision layer's q and k as one head over the full width:
+     softmax(q_cls . K^T / sqrt(D)) over the 1+N tokens, CLS column dropped.
+  2. Text score t: cosine(question's CLIP text embedding,
+     visual_projection(post_layernorm(final patch states))).
+  3. Dynamic ratio r_v: Local Outlier Factor (20 neighbours, contamination
+     'auto') on the 1-D scores a; keep the top int(N r_v) patches by a.
+  4. Text recovery: the kept patches' t is set to min(t); LOF on t gives r_t;
+     add the top int((N - n_vis) r_t) not-yet-kept patches by t.
+  5. Merge the leftovers: LOF on the leftovers' a gives r_c and the number of
+     centers int(L r_c) (L = number of leftovers), the top leftovers by a.
+     Each center absorbs its 32 nearest leftovers, nearness_j =
+     cos(k_center, k_j) + 50 t_j, weighted by CLS attention a. One extra token
+     summarises the leftovers that are not centers, weighted by a.
+  6. Output: kept + recovered patches in raster order, then the merged centers
+     (raster order of the centers), then the extra token.
+
+Default (``compat="intent"``) vs the published code (``compat="original"``):
+  * Text query: the question (intent) vs the first line of the formatted prompt,
+    usually the system text (original; the adapter does this when
+    ``text_source == "prompt_first_line"``).
+  * Neighbour keys: the leftovers' own keys (intent) vs the keys at positions
+    0..L-1 of the full sequence, i.e. leftover-relative indices applied to the
+    whole key array (original's indexing slip).
+  * Center count: int(L r_c) (intent) vs int(D r_c) with D the hidden width,
+    e.g. 1024 (original), clamped to L - 1 here so it stays defined.
+  * Merging: attention-weighted averages, a center weighted by its own a too,
+    so merged tokens stay in the feature distribution (intent, the paper's
+    "weighted") vs x_c + sum_j a_j x_j and sum_j a_j x_j (original, PruMerge's
+    unnormalised sums).
+  Not reproduced because they change nothing or are limitations: padding the
+  text to an unset length (CLIP pools at EOS under a causal mask, so the
+  embedding is the same) and batch size 1 only (we run any batch).
+
+Other deliberate choices:
+  * LOF needs n_neighbors < n; on tiny inputs it uses n - 1 neighbours. At least
+    one patch is kept visually even when LOF finds no outlier (flat attention).
+  * Budgets. 'auto' is the method's own rule. A fixed count T (or a ratio) scales
+    the three stages proportionally: the auto rule first sizes (n_vis, n_txt,
+    n_ctr); then one slot goes to the extra token and T - 1 is split over the
+    three stages in proportion to those sizes (largest remainder, n_vis >= 1),
+    and the stages select with these counts. T = N returns every patch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from sklearn.neighbors import LocalOutlierFactor
+
+from .base import AttentionSpec, Budget, Method, Origin, Selection, Signal, Signals, VTCError, register
+
+LOF_NEIGHBOURS = 20
+MERGE_NEIGHBOURS = 32
+TEXT_WEIGHT = 50.0
+
+
+def lof_outlier_fraction(scores: torch.Tensor, n_neighbors: int = LOF_NEIGHBOURS) -> float:
+    """Fraction of 1-D scores that Local Outlier Factor (contamination 'auto') flags as outliers."""
+    n = scores.numel()
+    if n < 3:
+        return 0.0
+    lof = LocalOutlierFactor(n_neighbors=min(n_neighbors, n - 1), contamination="auto")
+    with warnings.catch_warnings():  # ties (e.g. the masked text scores) trigger sklearn's duplicate warning
+        warnings.simplefilter("ignore", UserWarning)
+        labels = lof.fit_predict(scores.detach().double().cpu().numpy().reshape(-1, 1))
+    return float((labels == -1).mean())
+
+
+def split_proportionally(total: int, sizes: list[int], minimum_first: int = 1) -> list[int]:
+    """Split ``total`` over stages in proportion to ``sizes`` (largest remainder); the first stage gets >= 1."""
+    weight = sum(sizes)
+    if weight == 0:
+        return [total] + [0] * (len(sizes) - 1)
+    raw = [total * s / weight for s in sizes]
+    counts = [int(r) for r in raw]
+    order = sorted(range(len(sizes)), key=lambda i: raw[i] - counts[i], reverse=True)
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    if counts[0] < minimum_first:
+        donor = max(range(1, len(counts)), key=lambda i: counts[i])
+        counts[donor] -= minimum_first - counts[0]
+        counts[0] = minimum_first
+    return counts
+
+
+def top_among(scores: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` candidates with the highest scores."""
+    if count <= 0 or candidates.numel() == 0:
+        return candidates[:0]
+    return candidates[scores[candidates].topk(min(count, candidates.numel())).indices]
+
+
+def complement(n: int, taken: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[taken] = False
+    return mask.nonzero().squeeze(1)
+
+
+def recover_by_text(text_sim: torch.Tensor, kept: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, float]:
+    """Step 4: patches the question points at, among those not kept. ``count=None`` sizes it with LOF.
+
+    Returns (recovered indices, r_t).
+    """
+    n = text_sim.numel()
+    masked = text_sim.clone()
+    masked[kept] = text_sim.min()
+    r_t = lof_outlier_fraction(masked)
+    if count is None:
+        count = int((n - kept.numel()) * r_t)
+    return top_among(text_sim, complement(n, kept), count), r_t
+
+
+def merge_leftovers(
+    features: torch.Tensor,
+    keys: torch.Tensor,
+    attn: torch.Tensor,
+    text_sim: torch.Tensor,
+    leftovers: torch.Tensor,
+    centers: torch.Tensor,
+    original: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """Step 5: each center absorbs its nearest leftovers; one extra token sums up the non-centers.
+
+    Returns (merged tokens, their source patch lists, their anchor patches).
+    """
+    tokens, sources, anchors = [], [], []
+    if centers.numel():
+        # Original code: leftover-relative positions used to index the full key array.
+        cand_keys = keys[: leftovers.numel()] if original else keys[leftovers]
+        unit_cand = torch.nn.functional.normalize(cand_keys, dim=-1)
+        unit_ctr = torch.nn.functional.normalize(keys[centers], dim=-1)
+        nearness = unit_ctr @ unit_cand.T + TEXT_WEIGHT * text_sim[leftovers][None, :]  # (C, L)
+        nearness[leftovers[None, :] == centers[:, None]] = -float("inf")  # not its own neighbour
+        m = min(MERGE_NEIGHBOURS, leftovers.numel() - 1)
+        nbrs = leftovers[nearness.topk(m, dim=-1).indices]  # (C, m) patch indices
+        for c, group in zip(centers.tolist(), nbrs):
+            weights = attn[group]
+            if original:
+                token = features[c] + (weights[:, None] * features[group]).sum(0)
+            else:
+                members = torch.cat([torch.tensor([c]), group])
+                token = weighted_mean(features[members], attn[members])
+            tokens.append(token)
+            sources.append(torch.cat([torch.tensor([c]), group]))
+            anchors.append(c)
+    rest = leftovers[~torch.isin(leftovers, centers)]
+    if rest.numel():
+        if original:
+            token = (attn[rest, None] * features[rest]).sum(0)
+        else:
+            token = weighted_mean(features[rest], attn[rest])
+        tokens.append(token)
+        sources.append(rest)
+        anchors.append(-1)
+    stacked = torch.stack(tokens) if tokens else features[:0]
+    return stacked, sources, anchors
+
+
+def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    weights = weights.clamp_min(0)
+    total = weights.sum()
+    if total <= 0:
+        return x.mean(0)
+    return (weights[:, None] * x).sum(0) / total
+
+
+@register("recoverable")
+class RecoverableCompression(Method):
+    """Recoverable Compression: visual keep + text-guided recovery + merge (LOF-sized, text-aware)."""
+
+    needs = frozenset({Signal.FEATURES, Signal.CLS_ATTN, Signal.KEYS, Signal.TEXT_SIM})
+    attention = AttentionSpec(layer=-1, heads="single", keys="full")
+    supports_auto = True
+    paper = "Recoverable Compression: vision token recovery guided by text"
+    code = "published with the paper; see the module docstring for where vtc differs"
+
+    def __init__(self, compat: str = "intent", recover: bool = True, merge: bool = True):
+        if compat not in ("intent", "original"):
+            raise VTCError(f"recoverable: compat must be 'intent' or 'original', got {compat!r}")
+        self.compat = compat
+        self.recover = recover
+        self.merge = merge
+        self.text_source = "prompt_first_line" if compat == "original" else "question"
+        if not recover:
+            self.needs = self.needs - {Signal.TEXT_SIM}
+
+    @property
+    def original(self) -> bool:
+        return self.compat == "original"
+
+    def stage_sizes(self, attn: torch.Tensor, text: torch.Tensor | None, width: int) -> tuple[int, int, int, dict]:
+        """The auto rule's stage sizes (n_vis, n_txt, n_ctr) and the LOF fractions behind them."""
+        n = attn.numel()
+        r_v = lof_outlier_fraction(attn)
+        n_vis = max(1, int(n * r_v))
+        kept = attn.topk(n_vis).indices
+        n_txt, r_t = 0, 0.0
+        if self.recover:
+            recovered, r_t = recover_by_text(text, kept)
+            n_txt = recovered.numel()
+            kept = torch.cat([kept, recovered])
+        leftovers = complement(n, kept)
+        n_ctr, r_c = 0, 0.0
+        if self.merge and leftovers.numel() > 1:
+            r_c = lof_outlier_fraction(attn[leftovers])
+            n_ctr = min(int((width if self.original else leftovers.numel()) * r_c), leftovers.numel() - 1)
+        return n_vis, n_txt, n_ctr, {"r_v": r_v, "r_t": r_t, "r_c": r_c}
+
+    def select_one(self, signals: Signals, budget: Budget) -> Selection:
+        feats, attn, keys = signals.features[0], signals.cls_attn[0], signals.keys[0]
+        text = signals.text_sim[0] if self.recover else None
+        n = feats.shape[0]
+        if not budget.is_auto and budget.tokens(n) == n:
+            return Selection.build(feats, torch.arange(n), info={"note": "budget equals N: nothing to compress"})
+        n_vis, n_txt, n_ctr, info = self.stage_sizes(attn, text, feats.shape[1])
+        info.update(auto_sizes=(n_vis, n_txt, n_ctr))
+        with_extra = self.merge
+        if not budget.is_auto:
+            total = budget.tokens(n)
+            with_extra = self.merge and total > 1
+            n_vis, n_txt, n_ctr = split_proportionally(total - int(with_extra), [n_vis, n_txt, n_ctr])
+            if not self.merge:
+                n_vis, n_txt = n_vis + n_ctr, n_txt
+                n_ctr = 0
+
+        visual = attn.topk(n_vis).indices
+        recovered = top_among(text, complement(n, visual), n_txt) if self.recover else visual[:0]
+        kept = torch.cat([visual, recovered])
+        order = kept.argsort()
+        origin = torch.cat([torch.full((visual.numel(),), int(Origin.KEPT)), torch.full((recovered.numel(),), int(Origin.RECOVERED))])
+        kept, origin = kept[order], origin[order]
+
+        merged, sources, anchors = feats[:0], [], []
+        if self.merge:
+            leftovers = complement(n, kept)
+            centers = top_among(attn, leftovers, n_ctr).sort().values
+            merged, sources, anchors = merge_leftovers(
+                feats, keys, attn, text if text is not None else torch.zeros_like(attn), leftovers, centers, self.original
+            )
+            if not with_extra and len(sources) > centers.numel():  # fixed budget of 1: no room for the extra token
+                merged, sources, anchors = merged[:-1], sources[:-1], anchors[:-1]
+        return Selection.build(feats, kept, origin, merged, sources, anchors, info=info)
+
+
+class WithTextRecovery(Method):
+    """Any pruning method followed by Recoverable Compression's text recovery (step 4).
+
+    ``get("random+text")`` or ``WithTextRecovery(get("fastervlm"))``: the base
+    method picks its tokens, then the patches the question points at are added
+    among those it dropped. 'auto' sizes the recovery with LOF as step 4 does
+    (the base must support 'auto'). A fixed budget T is shared: the recovery
+    count is LOF-sized against the base's T-token choice (at most T - 1), then
+    the base runs again with the remaining slots, so the total is exactly T.
+    Kept and recovered patches go back in raster order; the base's merged tokens follow.
+    """
+
+    def __init__(self, base: Method):
+        self.base = base
+        self.name = f"{base.name}+text"
+        self.needs = base.needs | {Signal.TEXT_SIM}
+        self.attention = base.attention
+        self.supports_auto = base.supports_auto
+        self.text_source = base.text_source
+
+    def select_one(self, signals: Signals, budget: Budget) -> Selection:
+        feats, text = signals.features[0], signals.text_sim[0]
+        n = feats.shape[0]
+        first = self.base.select_one(signals, budget)
+        dropped = (first.owner < 0).nonzero().squeeze(1)
+        if first.num_tokens < n and dropped.numel() == 0:
+            raise VTCError(f"'{self.name}': the base method merges every patch, so no dropped patch is left to recover")
+        if budget.is_auto:
+            base_sel = first
+            recovered, r_t = recover_by_text(text, complement(n, dropped))
+        else:
+            total = budget.tokens(n)
+            _, r_t = recover_by_text(text, complement(n, dropped), count=0)
+            n_txt = min(int((n - total) * r_t), total - 1)
+            base_sel = self.base.select_one(signals, Budget("count", total - n_txt)) if n_txt else first
+            dropped = (base_sel.owner < 0).nonzero().squeeze(1)
+            recovered = top_among(text, dropped, n_txt)
+        single = base_sel.origin != Origin.MERGED
+        kept = torch.cat([base_sel.kept_indices(), recovered])
+        origin = torch.cat([base_sel.origin[single], torch.full((recovered.numel(),), int(Origin.RECOVERED))])
+        order = kept.argsort()
+        merged_idx = (~single).nonzero().squeeze(1).tolist()
+        return Selection.build(
+            feats,
+            kept[order],
+            origin[order],
+            base_sel.tokens[merged_idx] if merged_idx else None,
+            [base_sel.sources[i] for i in merged_idx],
+            [int(base_sel.sources[i][0]) if len(base_sel.sources[i]) == 1 else -1 for i in merged_idx],
+            info={**base_sel.info, "r_t": r_t, "recovered": int(recovered.numel())},
+        )

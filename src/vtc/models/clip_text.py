@@ -1,0 +1,90 @@
+"""The CLIP pieces Recoverable Compression needs besides the LLaVA vision tower.
+
+LLaVA checkpoints carry only CLIP's vision tower, without the text tower and
+without the visual projection; text-to-patch similarity needs all three. The
+user points vtc at the CLIP checkpoint the LLaVA tower came from (for LLaVA-1.5:
+openai/clip-vit-large-patch14-336); we load its text tower with projection,
+its tokenizer, and its visual projection + post-layernorm (small tensors read
+straight from the safetensors files, so the vision tower is not loaded twice).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..methods.base import VTCError
+
+_VISUAL_KEYS = {
+    "visual_projection.weight": "projection",
+    "vision_model.post_layernorm.weight": "ln_weight",
+    "vision_model.post_layernorm.bias": "ln_bias",
+}
+
+
+class ClipTextScorer(torch.nn.Module):
+    """cosine(text embedding of a query, projected final patch states) for every patch."""
+
+    def __init__(self, text_model, tokenizer, projection: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float):
+        super().__init__()
+        self.text_model = text_model.eval()
+        self.tokenizer = tokenizer
+        self.projection = torch.nn.Parameter(projection, requires_grad=False)
+        self.post_layernorm = torch.nn.LayerNorm(ln_weight.shape[0], eps=eps)
+        self.post_layernorm.weight.data.copy_(ln_weight)
+        self.post_layernorm.bias.data.copy_(ln_bias)
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "ClipTextScorer":
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        path = Path(path)
+        if not path.is_dir():
+            raise VTCError(f"CLIP checkpoint '{path}' is not a directory")
+        from transformers.utils import logging as hf_logging
+
+        try:
+            # A full CLIPModel checkpoint also holds the vision tower: loading only the text side
+            # reports every vision weight as unexpected, which is expected here.
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                text_model = CLIPTextModelWithProjection.from_pretrained(path, dtype=dtype)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise VTCError(f"CLIP checkpoint '{path}' could not be loaded as a CLIP model with a tokenizer: {exc}") from exc
+        tensors = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key, name in _VISUAL_KEYS.items():
+                    if key in f.keys():
+                        tensors[name] = f.get_tensor(key).to(dtype)
+        missing = [k for k, name in _VISUAL_KEYS.items() if name not in tensors]
+        if missing:
+            raise VTCError(f"CLIP checkpoint '{path}' lacks {missing}: save the full CLIPModel (both towers)")
+        return cls(text_model, tokenizer, eps=text_model.config.layer_norm_eps, **tensors)
+
+    @torch.no_grad()
+    def embed_text(self, queries: list[str]) -> torch.Tensor:
+        """(B, P) unit text embeddings; queries longer than CLIP's context are truncated."""
+        max_len = self.text_model.config.max_position_embeddings
+        batch = self.tokenizer(queries, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        batch = {k: v.to(self.projection.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        return torch.nn.functional.normalize(self.text_model(**batch).text_embeds, dim=-1)
+
+    @torch.no_grad()
+    def similarity(self, final_patch_states: torch.Tensor, queries: list[str]) -> torch.Tensor:
+        """(B, N) cosine similarity of each query with each patch of its image."""
+        if final_patch_states.shape[-1] != self.post_layernorm.weight.shape[0]:
+            raise VTCError(
+                f"CLIP checkpoint's vision width {self.post_layernorm.weight.shape[0]} does not match the LLaVA "
+                f"vision tower's {final_patch_states.shape[-1]}: use the CLIP the tower came from"
+            )
+        patches = self.post_layernorm(final_patch_states.to(self.projection.dtype)) @ self.projection.T
+        text = self.embed_text(queries)
+        return torch.einsum("bnp,bp->bn", torch.nn.functional.normalize(patches, dim=-1), text)

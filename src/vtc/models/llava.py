@@ -1,0 +1,194 @@
+"""LLaVA-1.5 glue: compute a method's signals in one vision-tower forward, splice K tokens back in.
+
+Works on a stock ``transformers`` ``LlavaForConditionalGeneration`` with a CLIP
+vision tower. The vision tower runs with its configured attention (SDPA by
+default); the CLS attention row and the keys of the one layer a method reads
+are computed from that layer's q/k projections captured with forward hooks, so
+no N x N attention matrix is ever built and eager attention is never needed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..methods.base import AttentionSpec, Selection, Signal, Signals, VTCError
+from .clip_text import ClipTextScorer
+
+
+def check_supported(model) -> None:
+    """Refuse, with a clear message, anything this adapter cannot serve."""
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise VTCError(
+            f"model of class {type(model).__name__} is not supported: vtc's LLaVA adapter needs a "
+            "transformers LlavaForConditionalGeneration (LLaVA-1.5 family)"
+        )
+    tower = model.model.vision_tower
+    if not isinstance(tower, CLIPVisionModel):
+        raise VTCError(f"LLaVA vision tower {type(tower).__name__} is not supported; vtc needs a CLIP vision tower")
+    cfg = model.config
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise VTCError(f"vision_feature_layer={cfg.vision_feature_layer}: multi-layer features are not supported")
+    if cfg.vision_feature_select_strategy != "default":
+        raise VTCError(
+            f"vision_feature_select_strategy='{cfg.vision_feature_select_strategy}' is not supported: "
+            "vtc compresses the patch tokens of the 'default' strategy (CLS dropped)"
+        )
+
+
+@dataclass
+class _Capture:
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+
+
+def cls_attention_row(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, heads: str) -> torch.Tensor:
+    """The CLS query's attention over all 1+N tokens, CLS column dropped -> (B, N).
+
+    q_cls (B, D), keys (B, 1+N, D) are raw q_proj / k_proj outputs. ``single`` treats
+    the full width as one head (scale 1/sqrt(D)); ``mean``/``sum`` reduce the model's heads.
+    """
+    b, t, d = keys.shape
+    if heads == "single":
+        logits = torch.einsum("bd,btd->bt", q_cls, keys) / d**0.5
+        return logits.softmax(-1)[:, 1:]
+    hd = d // num_heads
+    logits = torch.einsum("bhd,bthd->bht", q_cls.view(b, num_heads, hd), keys.view(b, t, num_heads, hd)) / hd**0.5
+    probs = logits.softmax(-1)[:, :, 1:]
+    return probs.mean(1) if heads == "mean" else probs.sum(1)
+
+
+class LlavaAdapter:
+    """Signals from, and token splicing into, a stock HF LLaVA-1.5 model."""
+
+    def __init__(self, model, text_scorer: ClipTextScorer | None = None):
+        check_supported(model)
+        self.model = model
+        self.tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.text_scorer = text_scorer
+        self.image_token_id = model.config.image_token_id
+        vcfg = self.tower.config
+        self.num_layers = vcfg.num_hidden_layers
+        self.num_heads = vcfg.num_attention_heads
+        side = vcfg.image_size // vcfg.patch_size
+        self.grid = (side, side)
+        self.num_patches = side * side
+        # hidden_states[i] is the input of encoder layer i; LLaVA reads hidden_states[vision_feature_layer].
+        self.feature_index = model.config.vision_feature_layer % (self.num_layers + 1)
+
+    # ------------------------------------------------------------------ signals
+
+    def layer_index(self, spec: AttentionSpec) -> int:
+        index = spec.layer % self.num_layers if spec.layer < 0 else spec.layer
+        if not 0 <= index < self.num_layers:
+            raise VTCError(f"attention layer {spec.layer} does not exist in a {self.num_layers}-layer vision tower")
+        return index
+
+    @contextmanager
+    def _capture_qk(self, layer: int, capture: _Capture):
+        attn = self.tower.encoder.layers[layer].self_attn
+
+        def keep_q(module, args, output):
+            capture.q = output[:, 0]  # only the CLS query row is ever used
+
+        def keep_k(module, args, output):
+            capture.k = output
+
+        handles = [attn.q_proj.register_forward_hook(keep_q), attn.k_proj.register_forward_hook(keep_k)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def signals(
+        self, pixel_values: torch.Tensor, needs: frozenset[str], attention: AttentionSpec, text_queries: list[str] | None = None
+    ) -> Signals:
+        """Run the vision tower once, only as deep as needed, and compute the declared signals."""
+        if not torch.isfinite(pixel_values).all():
+            raise VTCError("pixel_values contain NaN or inf")
+        needs_attn = bool(needs & {Signal.CLS_ATTN, Signal.KEYS})
+        needs_text = Signal.TEXT_SIM in needs
+        if needs_text and self.text_scorer is None:
+            raise VTCError("this method needs the question's CLIP text embedding: pass a CLIP checkpoint (--clip PATH)")
+        if needs_text and (text_queries is None or len(text_queries) != pixel_values.shape[0]):
+            raise VTCError("text-guided methods need one question per image")
+        attn_layer = self.layer_index(attention) if needs_attn else -1
+        depth = max(self.feature_index, attn_layer + 1, self.num_layers if needs_text else 0)
+
+        capture = _Capture()
+        dtype = self.tower.embeddings.patch_embedding.weight.dtype
+        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values.to(dtype)))
+        features = hidden if self.feature_index == 0 else None
+        with self._capture_qk(attn_layer, capture) if needs_attn else _nothing():
+            for i, layer in enumerate(self.tower.encoder.layers[:depth]):
+                hidden = layer(hidden, None)
+                if i + 1 == self.feature_index:
+                    features = hidden
+
+        out = Signals(features=features[:, 1:], grid=self.grid)
+        if Signal.CLS_ATTN in needs:
+            out.cls_attn = cls_attention_row(capture.q, capture.k, self.num_heads, attention.heads)
+        if Signal.KEYS in needs:
+            keys = capture.k[:, 1:]
+            if attention.keys == "head_mean":
+                keys = keys.reshape(*keys.shape[:2], self.num_heads, -1).mean(2)
+            out.keys = keys
+        if needs_text:
+            out.text_sim = self.text_scorer.similarity(hidden[:, 1:], text_queries)
+        if Signal.PROJECTED in needs:
+            out.projected = self.projector(out.features)
+        out.validate()
+        return out
+
+    # ------------------------------------------------------------------ splice
+
+    @torch.no_grad()
+    def project(self, selections: list[Selection]) -> list[torch.Tensor]:
+        """The projector on each image's K output tokens (a token-wise MLP, so selecting first is exact)."""
+        counts = [s.num_tokens for s in selections]
+        projected = self.projector(torch.cat([s.tokens for s in selections]).unsqueeze(0)).squeeze(0)
+        return list(projected.split(counts))
+
+    def splice_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: list[int], pad_token_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rebuild input_ids / attention_mask with ``counts[b]`` image placeholders in sample b, left-padded."""
+        rows = []
+        for b, k in enumerate(counts):
+            ids = input_ids[b][attention_mask[b].bool()]
+            positions = (ids == self.image_token_id).nonzero().squeeze(1)
+            if positions.numel() != self.num_patches:
+                raise VTCError(
+                    f"sample {b} has {positions.numel()} image placeholder tokens, expected {self.num_patches} "
+                    "(exactly one image per prompt, expanded by the LLaVA processor)"
+                )
+            start, end = int(positions[0]), int(positions[-1]) + 1
+            if end - start != self.num_patches:
+                raise VTCError(f"sample {b}: the image placeholder tokens are not contiguous")
+            image = torch.full((k,), self.image_token_id, dtype=ids.dtype)
+            rows.append(torch.cat([ids[:start], image, ids[end:]]))
+        width = max(r.numel() for r in rows)
+        new_ids = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype)
+        new_mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype)
+        for b, row in enumerate(rows):
+            new_ids[b, width - row.numel() :] = row
+            new_mask[b, width - row.numel() :] = 1
+        return new_ids.to(input_ids.device), new_mask.to(input_ids.device)
+
+    @staticmethod
+    def image_inputs(projected: list[torch.Tensor]) -> dict:
+        """The ``mm_encoder_outputs`` argument that makes stock forward/generate use our tokens."""
+        return {"image": BaseModelOutputWithPooling(pooler_output=projected)}
+
+
+@contextmanager
+def _nothing():
+    yield

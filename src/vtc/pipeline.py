@@ -1,0 +1,226 @@
+"""Compress + generate: images and questions in, answers and per-image provenance out.
+
+>>> pipe = Pipeline.from_pretrained("path/to/llava", clip="path/to/clip")
+>>> [r] = pipe(["cat.png"], ["What is on the mat?"], method="recoverable", budget="auto")
+>>> r.text, r.tokens_before, r.tokens_after
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .io import check_question, load_image
+from .methods import Budget, Method, Selection, VTCError, get
+from .models.clip_text import ClipTextScorer
+from .models.llava import LlavaAdapter
+
+LLAVA15_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+
+
+@dataclass
+class Result:
+    """One answer with what it cost."""
+
+    text: str
+    method: str
+    budget: str
+    tokens_before: int
+    tokens_after: int
+    selection: Selection
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "method": self.method,
+            "budget": self.budget,
+            "tokens_before": self.tokens_before,
+            "tokens_after": self.tokens_after,
+            "provenance": self.selection.counts(),
+            **{k: round(v, 3) for k, v in self.timings.items()},
+            **({"info": _jsonable(self.selection.info)} if self.selection.info else {}),
+        }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+class _StepClock:
+    """A generate() streamer that only records when the prompt and each new token arrive."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        self.stamps.append(time.perf_counter())
+
+
+class Pipeline:
+    """A LLaVA model, its processor, an optional CLIP text scorer, and the compress-then-generate loop."""
+
+    def __init__(self, model, processor, text_scorer: ClipTextScorer | None = None):
+        self.adapter = LlavaAdapter(model, text_scorer)
+        self.model = model.eval()
+        self.processor = processor
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        tokenizer.padding_side = "left"
+
+    @classmethod
+    def from_pretrained(
+        cls, model_path: str | Path, clip: str | Path | None = None, dtype: torch.dtype = torch.float32
+    ) -> "Pipeline":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        path = Path(model_path)
+        if not path.is_dir():
+            raise VTCError(f"model '{model_path}' is not a directory with a saved checkpoint")
+        try:
+            config_type = _model_type(path)
+        except (OSError, ValueError) as exc:
+            raise VTCError(f"model '{model_path}': no readable config.json ({exc})") from None
+        if config_type != "llava":
+            raise VTCError(f"model '{model_path}' is of type '{config_type}'; vtc supports LLaVA-1.5 ('llava') models")
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(path, backend="pil")  # torchvision-free image processing
+        scorer = ClipTextScorer.from_pretrained(clip, dtype=dtype) if clip is not None else None
+        return cls(model, processor, scorer)
+
+    # ------------------------------------------------------------------ inputs
+
+    def prompt(self, question: str) -> str:
+        """The checkpoint's chat template around one image and the question (LLaVA-1.5's format if it has none)."""
+        if getattr(self.processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return LLAVA15_PROMPT.format(question=question)
+
+    def prepare(self, images: Sequence, questions: Sequence[str]):
+        if len(images) != len(questions):
+            raise VTCError(f"{len(images)} images but {len(questions)} questions: give one question per image")
+        if not images:
+            raise VTCError("no images given")
+        pil = [load_image(img, name=str(img) if isinstance(img, (str, Path)) else f"image {i}") for i, img in enumerate(images)]
+        texts = [self.prompt(check_question(q, i)) for i, q in enumerate(questions)]
+        return self.processor(images=pil, text=texts, return_tensors="pt", padding=True)
+
+    # ------------------------------------------------------------------ run
+
+    def __call__(
+        self,
+        images: Sequence,
+        questions: Sequence[str],
+        method: str | Method = "recoverable",
+        budget: Budget | int | float | str = "auto",
+        max_new_tokens: int = 32,
+        **method_options,
+    ) -> list[Result]:
+        inputs = self.prepare(images, questions)
+        return self.generate(inputs, [q.strip() for q in questions], method, budget, max_new_tokens, **method_options)
+
+    @torch.no_grad()
+    def compress(self, inputs, questions: Sequence[str], method: Method, budget: Budget) -> tuple[list[Selection], dict]:
+        """Signals + selection for a batch of processor inputs; returns selections and their timings (ms)."""
+        text_queries = None
+        if "text_sim" in method.needs:
+            text_queries = list(questions) if method.text_source == "question" else self.first_prompt_lines(inputs)
+        t0 = time.perf_counter()
+        signals = self.adapter.signals(inputs["pixel_values"], method.needs, method.attention, text_queries)
+        t1 = time.perf_counter()
+        selections = method.select(signals, budget)
+        t2 = time.perf_counter()
+        return selections, {"signals_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3}
+
+    def first_prompt_lines(self, inputs) -> list[str]:
+        """compat='original' of Recoverable Compression: the first line of each formatted prompt."""
+        texts = self.processor.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
+        return [next((line for line in t.splitlines() if line.strip()), t).strip() for t in texts]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs,
+        questions: Sequence[str],
+        method: str | Method = "recoverable",
+        budget: Budget | int | float | str = "auto",
+        max_new_tokens: int = 32,
+        **method_options,
+    ) -> list[Result]:
+        """Compress and generate from ready processor inputs (pixel_values, input_ids, attention_mask)."""
+        method = get(method, **method_options)
+        budget = Budget.parse(budget)
+        if max_new_tokens < 1:
+            raise VTCError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        selections, timings = self.compress(inputs, questions, method, budget)
+        t0 = time.perf_counter()
+        projected = self.adapter.project(selections)
+        counts = [s.num_tokens for s in selections]
+        input_ids, attention_mask = self.adapter.splice_ids(
+            inputs["input_ids"], inputs["attention_mask"], counts, self.pad_token_id
+        )
+        timings["project_ms"] = (time.perf_counter() - t0) * 1e3
+        self.check_length(input_ids.shape[1] + max_new_tokens)
+
+        clock = _StepClock()
+        start = time.perf_counter()
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_encoder_outputs=self.adapter.image_inputs(projected),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_token_id,
+            streamer=clock,
+        )
+        timings.update(_generation_times(start, clock.stamps))
+        new_tokens = out[:, input_ids.shape[1] :]
+        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [
+            Result(t.strip(), method.name, str(budget), self.adapter.num_patches, s.num_tokens, s, dict(timings))
+            for t, s in zip(texts, selections)
+        ]
+
+    def check_length(self, total: int) -> None:
+        limit = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        if limit is not None and total > limit:
+            raise VTCError(
+                f"prompt plus max_new_tokens is {total} tokens, over the language model's {limit}: "
+                "shorten the question or lower max_new_tokens"
+            )
+
+
+def _generation_times(start: float, stamps: list[float]) -> dict[str, float]:
+    """prefill = start of generate -> first new token; decode = the rest, per token too."""
+    # stamps: [prompt put, token 1, token 2, ..., end]
+    if len(stamps) < 3:
+        return {"prefill_ms": (stamps[-1] - start) * 1e3 if stamps else 0.0, "decode_ms": 0.0}
+    first = stamps[1]
+    steps = len(stamps) - 3  # new tokens after the first
+    decode = stamps[-2] - first
+    return {
+        "prefill_ms": (first - start) * 1e3,
+        "decode_ms": decode * 1e3,
+        "decode_ms_per_token": decode * 1e3 / steps if steps else 0.0,
+    }
+
+
+def _model_type(path: Path) -> str:
+    import json
+
+    with open(path / "config.json") as f:
+        return json.load(f).get("model_type", "unknown")

@@ -1,0 +1,110 @@
+"""Tiny random LLaVA / CLIP checkpoints built from configs, for tests and benchmarks.
+
+They are saved with ``save_pretrained`` and meant to be loaded back with
+``from_pretrained``, so that the real loading path is what gets exercised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "what is the color shape of small large object left right there a an in image how many red green blue yellow "
+    "circle square triangle yes no one two three four describe picture"
+).split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
+def word_tokenizer(words=WORDS, model_max_length: int = 512):
+    """A word-level fast tokenizer (no downloads): specials + a small vocabulary + punctuation."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + ["USER:", "ASSISTANT:", "?", ".", ",", ":"] + list(words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=model_max_length,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def clip_configs(image_size=32, patch_size=8, hidden=32, layers=3, heads=4, projection=16, vocab=64):
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    vision = CLIPVisionConfig(
+        image_size=image_size, patch_size=patch_size, hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, projection_dim=projection,
+    )
+    text = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        num_attention_heads=heads, max_position_embeddings=32, projection_dim=projection,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection), vision
+
+
+def save_tiny_llava(out: str | Path, seed: int = 0, image_size=32, patch_size=8, vision_layers=3, text_layers=2) -> Path:
+    """A random LLaVA-1.5-shaped model + processor + chat template, saved to ``out``."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    _, vision = clip_configs(image_size=image_size, patch_size=patch_size, layers=vision_layers)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def save_tiny_clip(out: str | Path, seed: int = 1, image_size=32, patch_size=8, vision_layers=3) -> Path:
+    """A random CLIPModel (both towers) + its tokenizer, saved to ``out``; matches ``save_tiny_llava``'s tower shape."""
+    from transformers import CLIPModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(model_max_length=32)
+    config, _ = clip_configs(image_size=image_size, patch_size=patch_size, layers=vision_layers, vocab=len(tokenizer))
+    CLIPModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
