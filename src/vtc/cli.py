@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .methods import VTCError, available, get
+from .methods import Budget, VTCError, available, get
 
 app = typer.Typer(help="vtc: training-free visual token compression for vision-language models.", no_args_is_help=True)
 console = Console()
@@ -69,7 +69,8 @@ def run_cmd(
     from .pipeline import Pipeline
 
     try:
-        get(method)  # fail on an unknown name before loading anything
+        get(method)  # fail on an unknown name or budget before loading anything
+        Budget.parse(budget)
         pipe = Pipeline.from_pretrained(model, clip=clip)
         [result] = pipe([image], [question], method=method, budget=budget, max_new_tokens=max_new_tokens)
     except VTCError as exc:

@@ -60,7 +60,8 @@ class Budget:
                 raise VTCError(
                     f"budget {budget!r}: expected a token count (64), a ratio (0.111), a percentage (11%) or 'auto'"
                 ) from None
-            return cls.parse(int(number) if number.is_integer() and number >= 1 and "." not in text else number)
+            whole = number.is_integer() and not any(c in text for c in ".e")  # "64" is a count, "1.0" a ratio
+            return cls.parse(int(number) if whole else number)
         if isinstance(budget, int):
             if budget <= 0:
                 raise VTCError(f"budget {budget}: a token count must be at least 1")

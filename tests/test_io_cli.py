@@ -1,0 +1,101 @@
+"""Image/question checks and the CLI end to end on the tiny checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vtc.cli import app
+from vtc.io import check_question, load_image
+from vtc.methods import VTCError, available
+
+runner = CliRunner()
+
+
+def test_modes_are_converted_to_rgb(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red -> white background
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
+    assert load_image(half).getpixel((0, 0)) == (127, 127, 127)
+    palette = Image.new("P", (8, 8), 3)
+    palette.putpalette([0, 0, 0, 10, 10, 10, 20, 20, 20, 200, 100, 50] + [0] * 756)
+    assert load_image(palette).getpixel((1, 1)) == (200, 100, 50)
+    deep = Image.fromarray(np.array([[1000, 3000], [5000, 65535]], dtype=np.uint16))
+    assert deep.mode.startswith("I;16")
+    out = load_image(deep)
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((1, 1)) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
+    assert load_image(cmyk).getpixel((0, 0)) == (255, 0, 0)
+    grey = Image.new("L", (4, 4), 9)
+    assert load_image(grey).getpixel((0, 0)) == (9, 9, 9)
+
+
+def test_unreadable_truncated_and_tiny_images(tmp_path):
+    with pytest.raises(VTCError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(VTCError, match="cannot be read"):
+        load_image(tmp_path / "notes.png")
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VTCError, match="truncated"):
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(VTCError, match="1x1"):
+        load_image(Image.new("RGB", (1, 1)))
+    with pytest.raises(VTCError, match="PIL image"):
+        load_image(42)
+
+
+def test_questions():
+    assert check_question("  what?  ") == "what?"
+    for bad, match in [("", "empty"), ("\n\t", "empty"), (None, "expected text"), ("x" * 5000, "at most")]:
+        with pytest.raises(VTCError, match=match):
+            check_question(bad)
+
+
+def test_methods_command_lists_every_method_with_signals():
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == available()
+    assert {"features", "cls_attn", "keys", "text_sim"} == set(next(r for r in rows if r["name"] == "recoverable")["needs"])
+
+
+def test_run_json(tiny_dirs, tmp_path):
+    llava, clip = tiny_dirs
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    args = ["run", "--model", str(llava), "--clip", str(clip), "--image", str(tmp_path / "red.png"),
+            "--question", "what is the color ?", "--method", "recoverable", "--budget", "auto", "--json",
+            "--max-new-tokens", "3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"text", "method", "budget", "tokens_before", "tokens_after", "prefill_ms"} <= set(record)
+    assert record["method"] == "recoverable" and record["tokens_before"] == 16
+    assert 1 <= record["tokens_after"] <= 16
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--budget", "0"], "at least 1"),
+        (["--budget", "999"], "more than the image's 16"),
+        (["--question", ""], "question 0 is empty"),
+        (["--image", "/nonexistent.png"], "no such file"),
+    ],
+)
+def test_run_bad_input_gives_clear_errors(tiny_dirs, tmp_path, extra, message):
+    llava, _ = tiny_dirs
+    Image.new("RGB", (50, 40)).save(tmp_path / "img.png")
+    base = {"--model": str(llava), "--image": str(tmp_path / "img.png"), "--question": "what ?", "--method": "pool", "--budget": "4"}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        base[flag] = value
+    args = ["run"] + [x for kv in base.items() for x in kv]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output

@@ -1,0 +1,152 @@
+"""PruMerge(+), pool, random, none against naive re-computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from vtc.methods import Budget, Origin, Signals, VTCError, get
+from vtc.methods.prumerge import NEIGHBOURS
+
+N, D = 64, 6
+
+
+def signals(seed=0, batch=1, n=N, grid=(8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, n, generator=g) * 1.5
+    attn = logits.exp() / (1 + logits.exp().sum(-1, keepdim=True))
+    return Signals(torch.randn(batch, n, D, generator=g), grid, attn, torch.randn(batch, n, 5, generator=g))
+
+
+def test_iqr_count_matches_numpy_percentiles():
+    s = signals(seed=1)
+    a = s.cls_attn[0].numpy()
+    q1, q3 = np.percentile(a, [25, 75])
+    k = int((a > q3 + 1.5 * (q3 - q1)).sum())
+    [sel] = get("prumerge").select(s, "auto")
+    assert sel.info["kept_before_merge"] == max(1, k)
+    assert sel.num_tokens == max(1, k) + 1  # plus the extra token
+
+
+def naive_prumerge(s, kept):
+    x, keys, a = s.features[0], s.keys[0], s.cls_attn[0]
+    out = []
+    for i in kept:
+        sims = []
+        for j in range(N):
+            if j != i:
+                sims.append((float(torch.nn.functional.cosine_similarity(keys[i], keys[j], dim=0)), j))
+        nbrs = [j for _, j in sorted(sims, reverse=True)[:NEIGHBOURS]]
+        tok = x[i].clone()
+        for j in nbrs:
+            tok += a[j] * x[j]
+        out.append(tok)
+    pruned = [j for j in range(N) if j not in set(kept)]
+    out.append(sum(a[j] * x[j] for j in pruned))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("budget", ["auto", 10])
+def test_merge_equals_naive_loop(budget):
+    s = signals(seed=2)
+    [sel] = get("prumerge").select(s, budget)
+    k = sel.info["kept_before_merge"]
+    kept = s.cls_attn[0].argsort(descending=True)[:k].tolist()  # descending score order, as the official code
+    assert [int(src[0]) for src in sel.sources[:k]] == kept
+    torch.testing.assert_close(sel.tokens, naive_prumerge(s, kept), rtol=1e-5, atol=1e-6)
+    assert (sel.owner >= 0).all()
+
+
+def test_raster_order_option():
+    s = signals(seed=2)
+    [sel] = get("prumerge", order="raster").select(s, 10)
+    anchors = [int(src[0]) for src in sel.sources[:9]]
+    assert anchors == sorted(anchors)
+
+
+def test_prumerge_plus_adds_uniform_patches():
+    s = signals(seed=3, n=576, grid=(24, 24))
+    a = s.cls_attn[0]
+    [plain] = get("prumerge").select(s, "auto")
+    [plus] = get("prumerge+").select(s, "auto")
+    k = plain.info["kept_before_merge"]
+    top = a.argsort(descending=True)[:k]
+    stride = max(1, (576 // k) // 3)
+    uniform = [i for i in range(0, 575, stride) if i not in set(top.tolist())]
+    assert plus.info["kept_before_merge"] == k + len(uniform)
+    assert [int(src[0]) for src in plus.sources[k:-1]] == uniform
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
+@pytest.mark.parametrize("budget", [1, 2, 16, 40, 0.3])
+def test_fixed_budgets_exact(name, budget):
+    for sel in get(name).select(signals(seed=4, batch=2), budget):
+        assert sel.num_tokens == Budget.parse(budget).tokens(N)
+        assert len(set(int(src[0]) for src in sel.sources[: sel.info["kept_before_merge"]])) == sel.info["kept_before_merge"]
+
+
+def test_pool_equals_adaptive_avg_pool_when_the_grid_factors():
+    s = signals(n=576, grid=(24, 24))
+    [sel] = get("pool").select(s, 64)
+    grid = s.features[0].T.reshape(1, D, 24, 24)
+    expected = torch.nn.functional.adaptive_avg_pool2d(grid, (8, 8)).reshape(D, 64).T
+    torch.testing.assert_close(sel.tokens, expected)
+    assert all(len(src) == 9 for src in sel.sources)
+    assert sorted(torch.cat(sel.sources).tolist()) == list(range(576))  # a partition
+    assert (sel.origin == Origin.MERGED).all()
+
+
+@pytest.mark.parametrize("budget", [1, 7, 13, 31, 63])
+def test_pool_honours_awkward_budgets_with_means_of_its_sources(budget):
+    s = signals()
+    [sel] = get("pool").select(s, budget)
+    assert sel.num_tokens == budget
+    for token, src in zip(sel.tokens, sel.sources):
+        torch.testing.assert_close(token, s.features[0][src].mean(0))
+    assert (sel.owner >= 0).all()
+
+
+def test_random_is_seeded_sorted_and_differs_per_image():
+    s = signals(batch=2)
+    a = get("random").select(s, 10)
+    b = get("random").select(s, 10)
+    assert [x.kept_indices().tolist() for x in a] == [x.kept_indices().tolist() for x in b]
+    assert a[0].kept_indices().tolist() != a[1].kept_indices().tolist()
+    assert a[0].kept_indices().tolist() == sorted(a[0].kept_indices().tolist())
+    assert get("random", seed=5).select(s, 10)[0].kept_indices().tolist() != a[0].kept_indices().tolist()
+    assert (a[0].owner >= 0).sum() == 10
+
+
+def test_none_keeps_everything_and_refuses_smaller_budgets():
+    s = signals()
+    [sel] = get("none").select(s, "auto")
+    torch.testing.assert_close(sel.tokens, s.features[0])
+    assert get("none").select(s, 1.0)[0].num_tokens == N
+    with pytest.raises(VTCError, match="keeps all"):
+        get("none").select(s, 10)
+
+
+def test_auto_refused_where_there_is_no_dynamic_rule():
+    for name in ("random", "pool"):
+        with pytest.raises(VTCError, match="auto"):
+            get(name).select(signals(), "auto")
+
+
+def test_unknown_method_and_bad_options():
+    with pytest.raises(VTCError, match="unknown method 'fastest'"):
+        get("fastest")
+    with pytest.raises(VTCError, match="does not take options"):
+        get("random", speed=3)
+
+
+def test_text_recovery_composes_with_any_pruning_method():
+    s = signals(seed=6)
+    s.text_sim = torch.zeros(1, N)
+    s.text_sim[0, [5, 6, 13]] = 1.0
+    [sel] = get("random+text").select(s, 12)
+    assert sel.num_tokens == 12
+    kept = sel.kept_indices().tolist()
+    assert kept == sorted(kept)
+    recovered = [i for i, o in zip(kept, sel.origin.tolist()) if o == Origin.RECOVERED]
+    assert set(recovered) <= {5, 6, 13} and recovered
+    with pytest.raises(VTCError, match="merges every patch"):
+        get("pool+text").select(s, 12)

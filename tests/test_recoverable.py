@@ -1,0 +1,198 @@
+"""Recoverable Compression against hand-built cases and naive re-computations of each step."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import LocalOutlierFactor
+
+from vtc.methods import Budget, Origin, Signals, VTCError, get
+from vtc.methods.recoverable import MERGE_NEIGHBOURS, TEXT_WEIGHT, lof_outlier_fraction, split_proportionally
+
+N, D, GRID = 100, 12, (10, 10)
+
+
+def make_signals(seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, N, generator=g)
+    logits[:, [3, 17, 42]] += 6.0  # three visually salient patches
+    attn = logits.exp() / (1 + logits.exp().sum(-1, keepdim=True))  # softmax over 1+N, CLS column dropped
+    text = 0.1 * torch.rand(batch, N, generator=g)
+    text[:, [76, 77, 86, 87]] = torch.tensor([0.8, 0.9, 0.8, 0.8])  # the question points at a small object ...
+    attn[:, [76, 77, 86, 87]] = attn.min()  # ... that is visually the least salient
+    return Signals(
+        features=torch.randn(batch, N, D, generator=g),
+        grid=GRID,
+        cls_attn=attn,
+        keys=torch.randn(batch, N, 8, generator=g),
+        text_sim=text,
+    )
+
+
+def sklearn_fraction(values):
+    x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
+    labels = LocalOutlierFactor(n_neighbors=min(20, len(x) - 1), contamination="auto").fit_predict(x)
+    return float((labels == -1).mean())
+
+
+def test_low_salience_patch_named_by_text_is_recovered():
+    signals = make_signals()
+    [sel] = get("recoverable").select(signals, "auto")
+    kept = sel.kept_indices().tolist()
+    origin = dict(zip(kept, sel.origin[: len(kept)].tolist()))
+    assert origin.get(77) == Origin.RECOVERED
+    assert all(origin.get(i) == Origin.KEPT for i in (3, 17, 42))
+    assert kept == sorted(kept)  # kept + recovered go back in raster order
+
+
+def test_visual_only_variant_loses_that_patch():
+    signals = make_signals()
+    [sel] = get("recoverable", recover=False).select(signals, "auto")
+    assert 77 not in sel.kept_indices().tolist()
+
+
+def test_lof_sized_counts_match_sklearn():
+    signals = make_signals(seed=3)
+    attn, text = signals.cls_attn[0], signals.text_sim[0]
+    [sel] = get("recoverable").select(signals, "auto")
+    n_vis, n_txt, n_ctr = sel.info["auto_sizes"]
+
+    r_v = sklearn_fraction(attn.numpy())
+    assert math.isclose(sel.info["r_v"], r_v)
+    assert n_vis == max(1, int(N * r_v))
+    visual = np.argsort(-attn.numpy())[:n_vis]
+
+    masked = text.numpy().copy()
+    masked[visual] = masked.min()
+    r_t = sklearn_fraction(masked)
+    assert n_txt == int((N - n_vis) * r_t)
+
+    left_mask = np.ones(N, bool)
+    left_mask[visual] = False
+    order = [i for i in np.argsort(-text.numpy()) if left_mask[i]][:n_txt]
+    left_mask[order] = False
+    r_c = sklearn_fraction(attn.numpy()[left_mask])
+    assert n_ctr == min(int(left_mask.sum() * r_c), left_mask.sum() - 1)
+    counts = sel.counts()
+    assert (counts["kept"], counts["recovered"]) == (n_vis, n_txt)
+    assert counts["merged"] == n_ctr + 1
+
+
+def naive_merge(signals, kept, centers, original=False):
+    """Step 5 by explicit loops over the published formula."""
+    x, k, a, t = (signals.features[0], signals.keys[0], signals.cls_attn[0], signals.text_sim[0])
+    leftovers = [i for i in range(N) if i not in set(kept)]
+    tokens = []
+    for c in centers:
+        scored = []
+        for pos, j in enumerate(leftovers):
+            if j == c:
+                continue
+            kj = k[pos] if original else k[j]
+            cos = float(torch.dot(k[c], kj) / (k[c].norm() * kj.norm()))
+            scored.append((cos + TEXT_WEIGHT * float(t[j]), j))
+        nbrs = [j for _, j in sorted(scored, reverse=True)[:MERGE_NEIGHBOURS]]
+        if original:
+            tok = x[c].clone()
+            for j in nbrs:
+                tok += a[j] * x[j]
+        else:
+            members = [c] + nbrs
+            tok = sum(a[m] * x[m] for m in members) / sum(a[m] for m in members)
+        tokens.append(tok)
+    rest = [j for j in leftovers if j not in set(centers)]
+    if original:
+        tokens.append(sum(a[j] * x[j] for j in rest))
+    else:
+        tokens.append(sum(a[j] * x[j] for j in rest) / sum(a[j] for j in rest))
+    return torch.stack(tokens)
+
+
+@pytest.mark.parametrize("compat", ["intent", "original"])
+def test_merged_tokens_equal_naive_loop(compat):
+    signals = make_signals(seed=5)
+    [sel] = get("recoverable", compat=compat).select(signals, 30)
+    kept = sel.kept_indices().tolist()
+    merged_rows = (sel.origin == Origin.MERGED).nonzero().squeeze(1)
+    centers = [int(sel.sources[i][0]) for i in merged_rows[:-1]]
+    assert centers == sorted(centers) and len(centers) > 0
+    # centers are the top leftovers by CLS attention
+    a = signals.cls_attn[0]
+    leftovers = [i for i in range(N) if i not in set(kept)]
+    expected_centers = sorted(sorted(leftovers, key=lambda i: -float(a[i]))[: len(centers)])
+    assert centers == expected_centers
+    expected = naive_merge(signals, kept, centers, original=compat == "original")
+    torch.testing.assert_close(sel.tokens[merged_rows], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3, 10, 37, 64, 99, 0.05, 0.5])
+def test_fixed_budgets_are_exact_and_cover_every_patch(budget):
+    signals = make_signals(seed=1, batch=2)
+    for sel in get("recoverable").select(signals, budget):
+        assert sel.num_tokens == Budget.parse(budget).tokens(N)
+        if sel.num_tokens > 1:
+            assert (sel.owner >= 0).all()  # every patch has exactly one owner ...
+            assert set(torch.cat(sel.sources).tolist()) == set(range(N))  # ... and appears among the sources
+        assert int(sel.owner.max()) < sel.num_tokens
+        for token, src in enumerate(sel.sources):  # an owner always draws on the patch it owns
+            owned = (sel.owner == token).nonzero().squeeze(1)
+            assert set(owned.tolist()) <= set(src.tolist())
+
+
+def test_full_budget_returns_every_patch():
+    [sel] = get("recoverable").select(make_signals(), N)
+    torch.testing.assert_close(sel.tokens, make_signals().features[0])
+
+
+def test_fixed_budget_scales_stages_proportionally():
+    signals = make_signals(seed=2)
+    [auto] = get("recoverable").select(signals, "auto")
+    n_vis, n_txt, n_ctr = auto.info["auto_sizes"]
+    [fixed] = get("recoverable").select(signals, 41)
+    expected = split_proportionally(40, [n_vis, n_txt, n_ctr])
+    counts = fixed.counts()
+    assert [counts["kept"], counts["recovered"], counts["merged"] - 1] == expected
+
+
+def test_split_proportionally_largest_remainder():
+    assert split_proportionally(10, [5, 3, 2]) == [5, 3, 2]
+    assert split_proportionally(7, [1, 1, 1]) == [3, 2, 2]
+    assert split_proportionally(5, [0, 4, 4]) == [1, 2, 2]  # the visual stage keeps at least one
+    assert sum(split_proportionally(63, [9, 4, 7])) == 63
+
+
+def test_original_compat_sizes_centers_with_hidden_width():
+    signals = make_signals(seed=4)
+    [orig] = get("recoverable", compat="original").select(signals, "auto")
+    [intent] = get("recoverable").select(signals, "auto")
+    assert orig.info["r_c"] == intent.info["r_c"]
+    n_vis, n_txt, _ = orig.info["auto_sizes"]
+    leftovers = N - n_vis - n_txt
+    assert orig.info["auto_sizes"][2] == min(int(D * orig.info["r_c"]), leftovers - 1)
+    assert get("recoverable", compat="original").text_source == "prompt_first_line"
+
+
+def test_lof_fraction_handles_tiny_and_flat_inputs():
+    assert lof_outlier_fraction(torch.tensor([1.0, 2.0])) == 0.0
+    flat = lof_outlier_fraction(torch.ones(50))
+    assert flat == 0.0
+    [sel] = get("recoverable").select(
+        Signals(torch.randn(1, 16, 4), (4, 4), torch.full((1, 16), 1 / 17), torch.randn(1, 16, 4), torch.zeros(1, 16)),
+        "auto",
+    )
+    assert sel.counts()["kept"] >= 1  # at least one patch even when nothing stands out
+
+
+def test_bad_inputs_are_named():
+    signals = make_signals()
+    with pytest.raises(VTCError, match="compat"):
+        get("recoverable", compat="paper")
+    with pytest.raises(VTCError, match="text_sim"):
+        get("recoverable").select(Signals(signals.features, GRID, signals.cls_attn, signals.keys), "auto")
+    nan = make_signals()
+    nan.cls_attn[0, 5] = float("nan")
+    with pytest.raises(VTCError, match="NaN"):
+        get("recoverable").select(nan, "auto")
+    with pytest.raises(VTCError, match="more than"):
+        get("recoverable").select(signals, N + 1)
