@@ -86,6 +86,20 @@ def run_cmd(
     )
 
 
+@app.command("demo")
+def demo_cmd(
+    limit: int = typer.Option(300, "--limit", min=1, help="Number of synthetic test questions."),
+    out: Path = typer.Option(Path("vtc-demo-out"), "--out", help="Where the token-map PNG and JSON go."),
+) -> None:
+    """Run the shipped tiny LLaVA on the synthetic benchmark with several compressors at about 10% of tokens."""
+    from .demo.run import run_demo
+
+    try:
+        run_demo(limit=limit, out=out, console=console)
+    except (VTCError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

@@ -24,14 +24,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def word_tokenizer(words=WORDS, model_max_length: int = 512):
-    """A word-level fast tokenizer (no downloads): specials + a small vocabulary + punctuation."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def word_tokenizer(words=WORDS, model_max_length: int = 512, add_eos: bool = False):
+    """A word-level fast tokenizer (no downloads): specials + a small vocabulary + punctuation.
+
+    ``add_eos`` appends </s> to every text, as CLIP's tokenizer appends its end token
+    (CLIP's text tower pools at the end token).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + ["USER:", "ASSISTANT:", "?", ".", ",", ":"] + list(words))}
+    tokens = list(dict.fromkeys(SPECIALS + ["USER", "ASSISTANT", "?", ".", ",", ":"] + list(words)))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    if add_eos:
+        core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",
@@ -103,7 +110,7 @@ def save_tiny_clip(out: str | Path, seed: int = 1, image_size=32, patch_size=8, 
 
     out = Path(out)
     torch.manual_seed(seed)
-    tokenizer = word_tokenizer(model_max_length=32)
+    tokenizer = word_tokenizer(model_max_length=32, add_eos=True)
     config, _ = clip_configs(image_size=image_size, patch_size=patch_size, layers=vision_layers, vocab=len(tokenizer))
     CLIPModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,0 +1,77 @@
+"""`vtc demo`: the shipped tiny LLaVA, several compressors at about 10% of tokens, a table and token maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .evaluate import CHECKPOINT, run_method, test_samples
+
+# (label, method, budget): Recoverable Compression at its own dynamic budget and at the peers' fixed one.
+DEMO_RUNS = [
+    ("none", "none", "auto"),
+    ("recoverable", "recoverable", "auto"),
+    ("recoverable@10%", "recoverable", 0.1),
+    ("prumerge@10%", "prumerge", 0.1),
+    ("random@10%", "random", 0.1),
+    ("pool@10%", "pool", 0.1),
+]
+
+
+def run_demo(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Path = CHECKPOINT, console: Console | None = None) -> dict:
+    from ..pipeline import Pipeline
+
+    console = console or Console()
+    if not (checkpoint / "llava" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no demo checkpoint at {checkpoint}; train one with `python -m vtc.demo.train --out {checkpoint}`"
+        )
+    pipe = Pipeline.from_pretrained(checkpoint / "llava", clip=checkpoint / "clip")
+    samples = test_samples(limit)
+    out.mkdir(parents=True, exist_ok=True)
+    scores, examples = {}, {}
+    with Progress(console=console) as progress:
+        for label, method, budget in DEMO_RUNS:
+            task = progress.add_task(label, total=len(samples))
+            keep = []
+            scores[label] = run_method(pipe, samples, method, budget, progress=progress, task=task, keep=keep).summary()
+            examples[label] = keep
+
+    full_prefill = scores["none"]["prefill_ms"]
+    table = Table(title=f"vtc demo: {len(samples)} synthetic test questions, {pipe.adapter.num_patches} image tokens each")
+    for col in ("method", "mean tokens", "accuracy", "small-target acc.", "prefill vs full"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for label, s in scores.items():
+        table.add_row(
+            label, f"{s['mean_tokens']:.1f}", f"{s['accuracy']:.1f}%", f"{s['small_target_accuracy']:.1f}%",
+            f"{s['prefill_ms'] / full_prefill:.2f}x",
+        )
+    console.print(table)
+
+    picture = out / "token_maps.png"
+    write_token_maps(examples, pipe.adapter.grid, picture)
+    (out / "demo_results.json").write_text(json.dumps(scores, indent=2))
+    console.print(f"token maps: {picture}   results: {out / 'demo_results.json'}")
+    return scores
+
+
+def write_token_maps(examples: dict, grid, path: Path, count: int = 4) -> None:
+    """Token maps of the first few small-target questions, one column per compressed method."""
+    from ..viz import token_map, token_map_figure
+
+    labels = [label for label in examples if label != "none"]
+    first = examples[labels[0]]
+    picks = [i for i, (s, _) in enumerate(first) if s.small_target][:count]
+    rows = []
+    for i in picks:
+        sample = first[i][0]
+        maps = []
+        for label in labels:
+            _, result = examples[label][i]
+            maps.append((f"{label}: '{result.text}' ({result.tokens_after} tok)", token_map(sample.image, result.selection, grid)))
+        rows.append((f"Q: {sample.question}  A: {sample.answer}", sample.image, maps))
+    token_map_figure(rows, path)

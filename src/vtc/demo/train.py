@@ -1,0 +1,345 @@
+"""Train the embedded demo model: a tiny CLIP, then a tiny LLaVA on the synthetic benchmark.
+
+    PYTHONPATH=src python -m vtc.demo.train --out src/vtc/demo/checkpoint --seed 0
+
+Stages (the LLaVA recipe, scaled down to 2 CPU cores):
+  1. CLIP (vision 4x128, text 2x128): in-batch contrastive loss on (image, caption
+     of a large object) plus a dense loss that makes cosine(text embedding,
+     projected final patch state) peak on the patches of the object a caption
+     or question names; this is what Recoverable Compression's text score reads.
+  2. Feature cache: the frozen tower's layer -2 patch states, computed once.
+  3. Projector alignment: only the projector learns, on "what is there ?" ->
+     the scene's object list.
+  4. Instruction tuning: projector + Llama learn the VQA questions. Half of the
+     batches see a random raster-ordered subset of 10-100 image tokens (a quarter
+     of those also one attention-free mean token of the dropped ones), so the
+     language model has seen short image sequences. This is method-agnostic: no
+     compression method's choice is used in training.
+Everything is seeded; the result is saved with save_pretrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+
+from ..testing import CHAT_TEMPLATE, word_tokenizer
+from .scenes import GRID, QTYPES, SIZE, caption, cells_of, make_question, make_scene, split_seeds, VOCAB
+
+console = Console()
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+EXTRA_WORDS = ["USER:", "ASSISTANT:", "<image>"]
+
+
+def pixels(images) -> torch.Tensor:
+    """CLIP normalisation, identical to CLIPImageProcessorPil on 224x224 RGB input."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    return torch.from_numpy(((arr - MEAN) / STD).transpose(0, 3, 1, 2).copy())
+
+
+def scenes(seeds):
+    out = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        image, objects = make_scene(rng)
+        out.append((image, objects, rng))
+    return out
+
+
+def warmup_cosine(opt, steps: int, warmup: float):
+    """Linear warm-up, then cosine decay to 5% of the peak rate."""
+    warm = max(1, int(steps * warmup))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, steps - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+def build_clip(tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=16, projection_dim=128,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=SIZE, patch_size=16, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+            num_attention_heads=4, projection_dim=128,
+        ),
+        projection_dim=128,
+    )
+    return CLIPModel(config)
+
+
+def text_batch(tokenizer, texts):
+    enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")  # the tokenizer appends </s>
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def dense_queries(objects, rng):
+    """(text, cells) pairs naming one object: a caption and a question about the small one."""
+    small = objects[-1]
+    obj = rng.choice(objects)
+    pairs = [(caption(obj), cells_of(obj.box))]
+    qtype = rng.choice(["small_color", "small_shape", "small_exists"])
+    q, a, target = make_question(objects, qtype, rng)
+    if not (qtype == "small_exists" and a == "no"):
+        pairs.append((q, cells_of(small.box)))
+    return pairs
+
+
+def train_clip(clip, tokenizer, steps, batch, seed, progress):
+    clip.train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = warmup_cosine(opt, steps, warmup=0.1)
+    task = progress.add_task("CLIP", total=steps)
+    train_seeds = split_seeds("train")
+    rng = random.Random(seed)
+    for step in range(steps):
+        seeds = [train_seeds[rng.randrange(300_000)] for _ in range(batch)]
+        data = scenes(seeds)
+        px = pixels([d[0] for d in data])
+        vis = clip.vision_model(pixel_values=px)
+        patch = F.normalize(clip.visual_projection(clip.vision_model.post_layernorm(vis.last_hidden_state[:, 1:])), dim=-1)
+        image_emb = F.normalize(clip.visual_projection(vis.pooler_output), dim=-1)
+
+        captions = [caption(rng.choice(d[1][:-1])) for d in data]  # a large (salient) object
+        queries, owners, targets = [], [], []
+        for b, (_, objects, srng) in enumerate(data):
+            for text, cells in dense_queries(objects, srng):
+                queries.append(text), owners.append(b), targets.append(cells)
+        ids, mask = text_batch(tokenizer, captions + queries)
+        text_emb = F.normalize(clip.text_projection(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output), dim=-1)
+        cap_emb, q_emb = text_emb[:batch], text_emb[batch:]
+
+        scale = clip.logit_scale.exp().clamp(max=100)
+        logits = scale * image_emb @ cap_emb.T
+        labels = torch.arange(batch)
+        contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+        dense_logits = 20.0 * torch.einsum("qd,qnd->qn", q_emb, patch[owners])
+        target = torch.zeros_like(dense_logits)
+        for i, cells in enumerate(targets):
+            target[i, cells] = 1.0 / len(cells)
+        dense = -(target * dense_logits.log_softmax(-1)).sum(-1).mean()
+
+        loss = contrastive + dense
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress.update(task, advance=1, description=f"CLIP loss {contrastive.item():.2f}+{dense.item():.2f}")
+    clip.eval()
+
+
+# ----------------------------------------------------------------------------- LLaVA
+
+
+def build_llava(clip, tokenizer):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=clip.config.vision_config.to_dict(), text_config=text.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    llava = LlavaForConditionalGeneration(config)
+    tower_state = {k[len("vision_model."):]: v for k, v in clip.state_dict().items() if k.startswith("vision_model.")}
+    llava.model.vision_tower.load_state_dict(tower_state)
+    llava.model.vision_tower.requires_grad_(False)
+    return llava
+
+
+@torch.no_grad()
+def cache_features(llava, seeds, batch, progress):
+    tower = llava.model.vision_tower.eval()
+    feats, objects = [], []
+    task = progress.add_task("feature cache", total=len(seeds))
+    for i in range(0, len(seeds), batch):
+        data = scenes(seeds[i : i + batch])
+        out = tower(pixel_values=pixels([d[0] for d in data]), output_hidden_states=True)
+        feats.append(out.hidden_states[-2][:, 1:].clone())
+        objects.extend(d[1] for d in data)
+        progress.update(task, advance=len(data))
+    return torch.cat(feats), objects
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    return tokenizer(f"USER: <image>\n{question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+
+
+def make_batch(llava, tokenizer, feats, pairs, keep: int | None, add_mean: bool, rng: torch.Generator):
+    """inputs_embeds / attention_mask / labels for (feature row, question, answer) pairs."""
+    image_id = llava.config.image_token_id
+    embed = llava.model.language_model.embed_tokens
+    n = feats.shape[1]
+    rows, labels = [], []
+    for idx, question, answer in pairs:
+        f = feats[idx]
+        if keep is not None:
+            chosen = torch.randperm(n, generator=rng)[:keep].sort().values
+            dropped = torch.ones(n, dtype=torch.bool)
+            dropped[chosen] = False
+            f = torch.cat([f[chosen], f[dropped].mean(0, keepdim=True)]) if add_mean else f[chosen]
+        img = llava.model.multi_modal_projector(f)
+        ids = prompt_ids(tokenizer, question)
+        at = ids.index(image_id)
+        ans = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        before = embed(torch.tensor(ids[:at]))
+        after = embed(torch.tensor(ids[at + 1 :] + ans))
+        rows.append(torch.cat([before, img, after]))
+        labels.append([-100] * (at + img.shape[0] + len(ids) - at - 1) + ans)
+    width = max(r.shape[0] for r in rows)
+    x = torch.zeros(len(rows), width, rows[0].shape[1])
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    y = torch.full((len(rows), width), -100)
+    for b, (r, lab) in enumerate(zip(rows, labels)):
+        x[b, : r.shape[0]], mask[b, : r.shape[0]], y[b, : len(lab)] = r, 1, torch.tensor(lab)
+    return x, mask, y
+
+
+def lm_loss(llava, x, mask, y):
+    hidden = llava.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    logits = llava.lm_head(hidden[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def describe(objects) -> str:
+    return " ".join(caption(o) for o in objects)
+
+
+def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch, seed, progress):
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    n_img = feats.shape[0]
+    projector, lm = llava.model.multi_modal_projector, llava.model.language_model
+
+    def run(steps, params, label, sample_pair, lr):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = warmup_cosine(opt, steps, warmup=0.05)
+        task = progress.add_task(label, total=steps)
+        for step in range(steps):
+            pairs = [sample_pair() for _ in range(batch)]
+            short = label == "instruction tuning" and rng.random() < 0.5
+            keep = rng.randint(10, 100) if short else None
+            x, mask, y = make_batch(llava, tokenizer, feats, pairs, keep, short and rng.random() < 0.25, gen)
+            loss = lm_loss(llava, x, mask, y)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
+
+    def caption_pair():
+        i = rng.randrange(n_img)
+        return i, "what is there ?", describe(objects[i])
+
+    def vqa_pair():
+        i = rng.randrange(n_img)
+        qtype = rng.choices(QTYPES, weights=(3, 3, 2, 1, 1))[0]
+        q, a, _ = make_question(objects[i], qtype, rng)
+        return i, q, a
+
+    llava.train()
+    lm.requires_grad_(False)
+    llava.lm_head.requires_grad_(False)
+    run(align_steps, list(projector.parameters()), "projector alignment", caption_pair, 2e-3)
+    lm.requires_grad_(True)
+    llava.lm_head.requires_grad_(True)
+    params = list(projector.parameters()) + list(lm.parameters()) + list(llava.lm_head.parameters())
+    run(tune_steps, params, "instruction tuning", vqa_pair, 1e-3)
+    llava.eval()
+
+
+# ----------------------------------------------------------------------------- save + report
+
+
+def save(llava, clip, tokenizer, clip_tokenizer, out: Path):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    (out / "llava").mkdir(parents=True, exist_ok=True)
+    llava.save_pretrained(out / "llava")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}),
+        tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out / "llava")
+    clip.save_pretrained(out / "clip")
+    clip_tokenizer.save_pretrained(out / "clip")
+
+
+def size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip-steps", type=int, default=1200)
+    parser.add_argument("--images", type=int, default=12000, help="training images for the LLaVA stages")
+    parser.add_argument("--align-steps", type=int, default=150)
+    parser.add_argument("--tune-steps", type=int, default=2200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--eval", type=int, default=500)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
+    torch.set_num_threads(2)
+    tokenizer = word_tokenizer(words=VOCAB)
+    clip_tokenizer = word_tokenizer(words=VOCAB, model_max_length=16, add_eos=True)
+    times = {}
+    with Progress(console=console) as progress:
+        t = time.perf_counter()
+        clip = build_clip(clip_tokenizer)
+        train_clip(clip, clip_tokenizer, args.clip_steps, args.batch, args.seed, progress)
+        times["clip_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        llava = build_llava(clip, tokenizer)
+        seeds = list(split_seeds("train")[500_000 : 500_000 + args.images])
+        feats, objects = cache_features(llava, seeds, 64, progress)
+        times["cache_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        train_llava(llava, tokenizer, feats, objects, args.align_steps, args.tune_steps, args.batch, args.seed, progress)
+        times["llava_s"] = time.perf_counter() - t
+    save(llava, clip, tokenizer, clip_tokenizer, args.out)
+    report = {"seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}, "train_seconds": times,
+              "checkpoint_mb": round(size_mb(args.out), 2)}
+    if args.eval:
+        from .evaluate import evaluate_checkpoint
+
+        report.update(evaluate_checkpoint(args.out, limit=args.eval))
+    (args.out / "train_report.json").write_text(json.dumps(report, indent=2))
+    console.print_json(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The synthetic benchmark generator and the shipped demo checkpoint."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vtc.demo.scenes import COLORS, GRID, PATCH, SPLITS, cells_of, make_sample, split_seeds
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "src" / "vtc" / "demo" / "checkpoint"
+
+
+def test_generator_is_deterministic():
+    a, b = make_sample(123), make_sample(123)
+    assert (a.question, a.answer, a.answer_cells) == (b.question, b.answer, b.answer_cells)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert make_sample(124).question != a.question or not np.array_equal(np.asarray(make_sample(124).image), np.asarray(a.image))
+
+
+def test_splits_are_disjoint():
+    for i, x in enumerate(SPLITS.values()):
+        for y in list(SPLITS.values())[i + 1 :]:
+            assert x.stop <= y.start or y.stop <= x.start
+    with pytest.raises(ValueError, match="unknown split"):
+        split_seeds("dev")
+
+
+@pytest.mark.parametrize("seed", range(2_000_000, 2_000_040))
+def test_answer_cells_cover_the_drawn_object_and_answers_match_the_scene(seed):
+    s = make_sample(seed)
+    pixels = np.asarray(s.image)
+    small = s.objects[-1]
+    x0, y0, x1, y1 = small.box
+    cy, cx = (y0 + 2 * y1) // 3, (x0 + x1) // 2  # inside every shape (triangle: lower middle)
+    assert tuple(pixels[cy, cx]) == COLORS[small.color]
+    if s.small_target:
+        assert (cy // PATCH) * GRID + cx // PATCH in s.answer_cells
+        assert set(s.answer_cells) == set(cells_of(small.box))
+    if s.qtype == "small_color":
+        assert s.answer == small.color and small.shape in s.question
+    elif s.qtype == "small_shape":
+        assert s.answer == small.shape and small.color in s.question
+    elif s.qtype == "small_exists":
+        named = f"{small.color} {small.shape}" in s.question
+        assert s.answer == ("yes" if named else "no")
+    elif s.qtype == "big_count":
+        assert s.answer == ["zero", "one", "two", "three"][len(s.objects) - 1]
+
+
+def test_small_target_questions_are_the_majority():
+    samples = [make_sample(s) for s in split_seeds("test")[:300]]
+    assert sum(s.small_target for s in samples) / len(samples) >= 0.5
+
+
+needs_checkpoint = pytest.mark.skipif(not (CHECKPOINT / "llava" / "config.json").is_file(), reason="no demo checkpoint")
+
+
+@needs_checkpoint
+def test_shipped_checkpoint_answers_with_all_tokens():
+    from vtc.demo.evaluate import run_method, test_samples
+    from vtc.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(CHECKPOINT / "llava", clip=CHECKPOINT / "clip")
+    score = run_method(pipe, test_samples(48), "none", "auto").summary()
+    assert score["accuracy"] >= 80.0, score
+
+
+@needs_checkpoint
+def test_demo_runs_and_writes_pictures(tmp_path):
+    from vtc.demo.run import DEMO_RUNS, run_demo
+
+    scores = run_demo(limit=6, out=tmp_path)
+    assert set(scores) == {label for label, _, _ in DEMO_RUNS}
+    assert scores["none"]["mean_tokens"] == 196
+    assert scores["random@10%"]["mean_tokens"] == round(0.1 * 196)
+    assert (tmp_path / "token_maps.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "demo_results.json").read_text())["none"]["n"] == 6
