@@ -1,7 +1,7 @@
 """Synthetic scenes and questions whose answers hide in small, non-salient objects.
 
 Every scene: a plain light background, two or three LARGE shapes (the visually
-salient distractors) and one SMALL shape of 20-26 px (about 2x2 of the 16 px patches). Most questions
+salient distractors) and one SMALL shape of 14-20 px (one to four 16 px patches). Most questions
 ask about the small object, so a compressor that keeps only the salient tokens
 loses the answer, while the question's words ("small", its colour or shape)
 point at it. Everything is a pure function of the seed; splits are seed ranges.
@@ -98,7 +98,7 @@ def make_scene(rng: random.Random) -> tuple[Image.Image, list[Shape]]:
     for _ in range(rng.randint(2, 3)):
         box = _place(rng, rng.randint(56, 84), [o.box for o in objects])
         objects.append(Shape(rng.choice(list(COLORS)), rng.choice(SHAPES), box, small=False))
-    box = _place(rng, rng.randint(20, 26), [o.box for o in objects])
+    box = _place(rng, rng.randint(14, 20), [o.box for o in objects])
     objects.append(Shape(rng.choice(list(COLORS)), rng.choice(SHAPES), box, small=True))
     for obj in objects:
         draw_shape(draw, obj)
