@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vtc.methods import AttentionSpec, Method, Selection, Signal, VTCError, get
+from vtc.methods import AttentionSpec, Budget, Method, Selection, Signal, VTCError, get
 from vtc.models.llava import LlavaAdapter
 
 from conftest import random_image
@@ -75,7 +75,7 @@ def test_stock_forward_logits_match_with_spliced_tokens(tiny_pipe):
     """With method none, our splice yields the same logits as stock forward with pixel_values."""
     inputs = tiny_pipe.prepare([random_image(3)], [QUESTIONS[0]])
     method = get("none")
-    sels, _ = tiny_pipe.compress(inputs, [QUESTIONS[0]], method, method_budget := __import__("vtc").Budget.parse("auto"))
+    sels, _ = tiny_pipe.compress(inputs, [QUESTIONS[0]], method, Budget.parse("auto"))
     projected = tiny_pipe.adapter.project(sels)
     ids, mask = tiny_pipe.adapter.splice_ids(inputs["input_ids"], inputs["attention_mask"], [16], tiny_pipe.pad_token_id)
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_batch_with_different_k_matches_single_runs(tiny_pipe, method, budget):
 
 def test_kv_cache_holds_k_image_tokens(tiny_pipe, images):
     inputs = tiny_pipe.prepare(images[:1], QUESTIONS[:1])
-    sels, _ = tiny_pipe.compress(inputs, QUESTIONS[:1], get("pool"), __import__("vtc").Budget.parse(4))
+    sels, _ = tiny_pipe.compress(inputs, QUESTIONS[:1], get("pool"), Budget.parse(4))
     ids, mask = tiny_pipe.adapter.splice_ids(inputs["input_ids"], inputs["attention_mask"], [4], tiny_pipe.pad_token_id)
     with torch.no_grad():
         out = tiny_pipe.model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=tiny_pipe.adapter.image_inputs(tiny_pipe.adapter.project(sels)), use_cache=True)

@@ -227,9 +227,8 @@ class RecoverableCompression(Method):
             total = budget.tokens(n)
             with_extra = self.merge and total > 1
             n_vis, n_txt, n_ctr = split_proportionally(total - int(with_extra), [n_vis, n_txt, n_ctr])
-            if not self.merge:
-                n_vis, n_txt = n_vis + n_ctr, n_txt
-                n_ctr = 0
+            if not self.merge:  # no merge stage: its share goes to the visual keep
+                n_vis, n_ctr = n_vis + n_ctr, 0
 
         visual = attn.topk(n_vis).indices
         recovered = top_among(text, complement(n, visual), n_txt) if self.recover else visual[:0]
