@@ -140,7 +140,8 @@ class Pipeline:
         if "text_sim" in method.needs:
             text_queries = list(questions) if method.text_source == "question" else self.first_prompt_lines(inputs)
         t0 = time.perf_counter()
-        signals = self.adapter.signals(inputs["pixel_values"], method.needs, method.attention, text_queries)
+        grid = method.input_grid(budget, self.adapter.grid)
+        signals = self.adapter.signals(inputs["pixel_values"], method.needs, method.attention, text_queries, grid=grid)
         t1 = time.perf_counter()
         selections = method.select(signals, budget)
         t2 = time.perf_counter()

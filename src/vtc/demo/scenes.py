@@ -1,7 +1,7 @@
 """Synthetic scenes and questions whose answers hide in small, non-salient objects.
 
-Every scene: a plain light background, two or three LARGE shapes (the visually
-salient distractors) and one SMALL shape of 14-20 px (one to four 16 px patches). Most questions
+Every scene: a plain light background, two or three LARGE shapes of distinct
+kinds (the visually salient distractors) and one SMALL shape of 14-20 px (one to four 16 px patches). Most questions
 ask about the small object, so a compressor that keeps only the salient tokens
 loses the answer, while the question's words ("small", its colour or shape)
 point at it. Everything is a pure function of the seed; splits are seed ranges.
@@ -66,9 +66,9 @@ def cells_of(box: tuple[int, int, int, int]) -> list[int]:
     return [r * GRID + c for r in rows for c in cols]
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, obj: Shape) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, obj: Shape, fill=None) -> None:
     x0, y0, x1, y1 = obj.box
-    fill = COLORS[obj.color]
+    fill = COLORS[obj.color] if fill is None else fill
     if obj.shape == "circle":
         draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
     elif obj.shape == "square":
@@ -95,9 +95,9 @@ def make_scene(rng: random.Random) -> tuple[Image.Image, list[Shape]]:
     image = Image.new("RGB", (SIZE, SIZE), background)
     draw = ImageDraw.Draw(image)
     objects: list[Shape] = []
-    for _ in range(rng.randint(2, 3)):
+    for shape in rng.sample(SHAPES, rng.randint(2, 3)):  # distinct shapes: "the big circle" is unambiguous
         box = _place(rng, rng.randint(56, 84), [o.box for o in objects])
-        objects.append(Shape(rng.choice(list(COLORS)), rng.choice(SHAPES), box, small=False))
+        objects.append(Shape(rng.choice(list(COLORS)), shape, box, small=False))
     box = _place(rng, rng.randint(14, 20), [o.box for o in objects])
     objects.append(Shape(rng.choice(list(COLORS)), rng.choice(SHAPES), box, small=True))
     for obj in objects:
@@ -121,8 +121,7 @@ def make_question(objects: list[Shape], qtype: str, rng: random.Random) -> tuple
         return f"is there a small {color} {shape} ?", answer, [small]
     if qtype == "big_color":
         big = rng.choice(bigs)
-        first = next(b for b in bigs if b.shape == big.shape)  # "the big circle": the first one drawn
-        return f"what color is the big {big.shape} ?", first.color, [first]
+        return f"what color is the big {big.shape} ?", big.color, [big]
     if qtype == "big_count":
         return "how many big shapes are there ?", ["zero", "one", "two", "three"][len(bigs)], bigs
     raise ValueError(f"unknown question type '{qtype}'")

@@ -20,7 +20,7 @@ from .base import (
     register,
     register_factory,
 )
-from . import baselines, prumerge, recoverable  # noqa: F401  (registers the methods)
+from . import baselines, divprune, downsample, evit, fastervlm, fopru, prumerge, recoverable, todre, tome, visionzip  # noqa: F401,E501  (registers the methods)
 from .recoverable import WithTextRecovery
 
 __all__ = [

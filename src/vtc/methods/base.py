@@ -101,8 +101,11 @@ class Signal:
     KEYS = "keys"  # (B, N, Dk) patch keys at ``attention.layer``
     TEXT_SIM = "text_sim"  # (B, N) cosine(question's CLIP text embedding, projected final patch states)
     PROJECTED = "projected"  # (B, N, Dllm) patch features after the multimodal projector
+    RECEIVED_ATTN = "received_attn"  # (B, N) attention each patch receives, averaged over the patch queries
+    CLS_FEATURE = "cls_feature"  # (B, D) the CLS token's state at the feature layer (not a patch)
 
-    ALL = (FEATURES, CLS_ATTN, KEYS, TEXT_SIM, PROJECTED)
+    PER_PATCH = (FEATURES, CLS_ATTN, KEYS, TEXT_SIM, PROJECTED, RECEIVED_ATTN)
+    ALL = PER_PATCH + (CLS_FEATURE,)
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,11 @@ class Signals:
     keys: torch.Tensor | None = None
     text_sim: torch.Tensor | None = None
     projected: torch.Tensor | None = None
+    received_attn: torch.Tensor | None = None
+    cls_feature: torch.Tensor | None = None
     index: int = 0  # position of the first image in the caller's batch (seeds per-image randomness)
+    # The full-resolution patch grid when the tower ran on a downsampled image (else None: same as ``grid``).
+    source_grid: tuple[int, int] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -139,6 +146,12 @@ class Signals:
     @property
     def num_patches(self) -> int:
         return self.features.shape[1]
+
+    @property
+    def source_patches(self) -> int:
+        """Patch count of the full-resolution image (what budgets and provenance refer to)."""
+        h, w = self.source_grid or self.grid
+        return h * w
 
     def require(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
@@ -157,8 +170,9 @@ class Signals:
             value = getattr(self, name)
             if value is None:
                 continue
-            if value.shape[:2] != (b, n):
-                raise VTCError(f"signal '{name}' has shape {tuple(value.shape)}, expected ({b}, {n}, ...)")
+            expected = (b,) if name == Signal.CLS_FEATURE else (b, n)
+            if value.shape[: len(expected)] != expected:
+                raise VTCError(f"signal '{name}' has shape {tuple(value.shape)}, expected {expected + ('...',)}")
             if not torch.isfinite(value).all():
                 raise VTCError(f"signal '{name}' contains NaN or inf values")
 
@@ -172,7 +186,10 @@ class Signals:
             keys=pick(self.keys),
             text_sim=pick(self.text_sim),
             projected=pick(self.projected),
+            received_attn=pick(self.received_attn),
+            cls_feature=pick(self.cls_feature),
             index=self.index + b,
+            source_grid=self.source_grid,
         )
 
 
@@ -185,6 +202,7 @@ class Origin(IntEnum):
     KEPT = 0  # a patch kept for visual salience (or by a query-agnostic rule)
     RECOVERED = 1  # a patch recovered because the question's text points at it
     MERGED = 2  # a new token merged from several patches
+    GLOBAL = 3  # a token tied to no patch (e.g. the CLS token VisionZip keeps)
 
 
 @dataclass
@@ -217,7 +235,7 @@ class Selection:
 
     def kept_indices(self) -> torch.Tensor:
         """Patch indices kept as they are (visual or recovered), in output order."""
-        single = [int(s[0]) for s, o in zip(self.sources, self.origin.tolist()) if o != Origin.MERGED]
+        single = [int(s[0]) for s, o in zip(self.sources, self.origin.tolist()) if o in (Origin.KEPT, Origin.RECOVERED)]
         return torch.tensor(single, dtype=torch.long)
 
     def counts(self) -> dict[str, int]:
@@ -233,6 +251,7 @@ class Selection:
         merged_sources: list[torch.Tensor] | None = None,
         merged_anchors: list[int] | None = None,
         info: dict[str, Any] | None = None,
+        global_tokens: torch.Tensor | None = None,
     ) -> "Selection":
         """Assemble a Selection from kept patch indices and optional merged tokens.
 
@@ -246,24 +265,36 @@ class Selection:
         if isinstance(kept_origin, int):
             kept_origin = torch.full((kept.numel(),), int(kept_origin), dtype=torch.long)
         merged_sources = merged_sources or []
-        parts = [features[kept]]
+        g = 0 if global_tokens is None else global_tokens.shape[0]
+        parts = [features[kept]] if g == 0 else [global_tokens.to(features.dtype), features[kept]]
         if merged_tokens is not None and merged_tokens.shape[0] > 0:
             parts.append(merged_tokens.to(features.dtype))
         tokens = torch.cat(parts, dim=0)
-        origin = torch.cat([kept_origin.to(torch.long), torch.full((len(merged_sources),), int(Origin.MERGED))])
-        sources = [kept[i : i + 1] for i in range(kept.numel())] + [s.to(torch.long) for s in merged_sources]
+        origin = torch.cat(
+            [
+                torch.full((g,), int(Origin.GLOBAL)),
+                kept_origin.to(torch.long),
+                torch.full((len(merged_sources),), int(Origin.MERGED)),
+            ]
+        )
+        sources = (
+            [torch.empty(0, dtype=torch.long)] * g
+            + [kept[i : i + 1] for i in range(kept.numel())]
+            + [s.to(torch.long) for s in merged_sources]
+        )
         if tokens.shape[0] != len(sources):
             raise AssertionError("every output token needs a source list")
         owner = torch.full((n,), -1, dtype=torch.long)
-        owner[kept] = torch.arange(kept.numel())
+        owner[kept] = g + torch.arange(kept.numel())
+        first_merged = g + kept.numel()
         anchors = merged_anchors or [-1] * len(merged_sources)
         for j, anchor in enumerate(anchors):
             if anchor >= 0 and owner[anchor] < 0:
-                owner[anchor] = kept.numel() + j
+                owner[anchor] = first_merged + j
         for j, src in enumerate(merged_sources):
             src = src.to(torch.long)
             src = src[owner[src] < 0]
-            owner[src] = kept.numel() + j
+            owner[src] = first_merged + j
         return cls(tokens=tokens, origin=origin, sources=sources, owner=owner, info=dict(info or {}))
 
 
@@ -286,7 +317,7 @@ class Method:
     def select(self, signals: Signals, budget: Budget) -> list[Selection]:
         """Compress every image of the batch; returns one Selection per image."""
         budget = Budget.parse(budget)
-        self.check_budget(budget, signals.num_patches)
+        self.check_budget(budget, signals.source_patches)
         for name in self.needs:
             signals.require(name)
         signals.validate()
@@ -294,6 +325,10 @@ class Method:
 
     def select_one(self, signals: Signals, budget: Budget) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def input_grid(self, budget: Budget, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The patch grid to run the vision tower at, for methods that shrink the input image (else None)."""
+        return None
 
     def check_budget(self, budget: Budget, n: int) -> None:
         if budget.is_auto and not self.supports_auto:

@@ -67,6 +67,17 @@ def pooling_layout(tokens: int, grid: tuple[int, int]) -> list[int]:
     return [base + (1 if r in wide else 0) for r in range(rows)]
 
 
+def pooled_regions(total: int, grid: tuple[int, int]) -> list[torch.Tensor]:
+    """``total`` groups of raster cells of ``grid``: row bands cut into adaptive-pooling column bins."""
+    h, w = grid
+    layout = pooling_layout(total, grid)
+    regions = []
+    for (r0, r1), cols in zip(_bins(h, len(layout)), layout):
+        for c0, c1 in _bins(w, cols):
+            regions.append((torch.arange(r0, r1)[:, None] * w + torch.arange(c0, c1)[None, :]).reshape(-1))
+    return regions
+
+
 @register("pool")
 class SpatialPool(Method):
     """Average pooling of the patch grid to exactly the budget's token count.
@@ -88,11 +99,6 @@ class SpatialPool(Method):
         feats = signals.features[0]
         if total == n:  # nothing to pool
             return Selection.build(feats, torch.arange(n))
-        sources = []
-        layout = pooling_layout(total, (h, w))
-        for (r0, r1), cols in zip(_bins(h, len(layout)), layout):
-            for c0, c1 in _bins(w, cols):
-                cells = torch.arange(r0, r1)[:, None] * w + torch.arange(c0, c1)[None, :]
-                sources.append(cells.reshape(-1))
+        sources = pooled_regions(total, (h, w))
         pooled = torch.stack([feats[src].mean(0) for src in sources])
         return Selection.build(feats, torch.empty(0, dtype=torch.long), merged_tokens=pooled, merged_sources=sources)

@@ -262,6 +262,8 @@ class WithTextRecovery(Method):
     """
 
     def __init__(self, base: Method):
+        if type(base).input_grid is not Method.input_grid:
+            raise VTCError(f"'{base.name}+text': '{base.name}' changes the input resolution, so no full-resolution patch is left to recover")
         self.base = base
         self.name = f"{base.name}+text"
         self.needs = base.needs | {Signal.TEXT_SIM}
@@ -286,11 +288,12 @@ class WithTextRecovery(Method):
             base_sel = self.base.select_one(signals, Budget("count", total - n_txt)) if n_txt else first
             dropped = (base_sel.owner < 0).nonzero().squeeze(1)
             recovered = top_among(text, dropped, n_txt)
-        single = base_sel.origin != Origin.MERGED
+        single = (base_sel.origin == Origin.KEPT) | (base_sel.origin == Origin.RECOVERED)
         kept = torch.cat([base_sel.kept_indices(), recovered])
         origin = torch.cat([base_sel.origin[single], torch.full((recovered.numel(),), int(Origin.RECOVERED))])
         order = kept.argsort()
-        merged_idx = (~single).nonzero().squeeze(1).tolist()
+        merged_idx = (base_sel.origin == Origin.MERGED).nonzero().squeeze(1).tolist()
+        global_idx = (base_sel.origin == Origin.GLOBAL).nonzero().squeeze(1)
         return Selection.build(
             feats,
             kept[order],
@@ -299,4 +302,5 @@ class WithTextRecovery(Method):
             [base_sel.sources[i] for i in merged_idx],
             [int(base_sel.sources[i][0]) if len(base_sel.sources[i]) == 1 else -1 for i in merged_idx],
             info={**base_sel.info, "r_t": r_t, "recovered": int(recovered.numel())},
+            global_tokens=base_sel.tokens[global_idx] if global_idx.numel() else None,
         )

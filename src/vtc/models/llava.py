@@ -45,6 +45,7 @@ def check_supported(model) -> None:
 class _Capture:
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
+    all_queries: bool = False  # keep every query row (received attention), not just the CLS row
 
 
 def cls_attention_row(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, heads: str) -> torch.Tensor:
@@ -61,6 +62,27 @@ def cls_attention_row(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, h
     logits = torch.einsum("bhd,bthd->bht", q_cls.view(b, num_heads, hd), keys.view(b, t, num_heads, hd)) / hd**0.5
     probs = logits.softmax(-1)[:, :, 1:]
     return probs.mean(1) if heads == "mean" else probs.sum(1)
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, heads: str, chunk: int = 64) -> torch.Tensor:
+    """Attention each patch receives, averaged over the N patch queries -> (B, N).
+
+    queries / keys (B, 1+N, D) are raw q_proj / k_proj outputs; the softmax runs over
+    all 1+N keys (as in the model), then the CLS row and column are dropped. Query
+    rows are processed ``chunk`` at a time, so at most (B, heads, chunk, 1+N) is held,
+    never the N x N map. ``heads`` as in ``cls_attention_row``.
+    """
+    b, t, d = keys.shape
+    h = 1 if heads == "single" else num_heads
+    hd = d // h
+    k = keys.view(b, t, h, hd).transpose(1, 2)  # B, h, T, hd
+    total = torch.zeros(b, h, t - 1, dtype=torch.float32, device=keys.device)
+    for start in range(1, t, chunk):
+        q = queries[:, start : start + chunk].reshape(b, -1, h, hd).transpose(1, 2)  # B, h, c, hd
+        probs = (q @ k.transpose(-1, -2) / hd**0.5).float().softmax(-1)
+        total += probs[..., 1:].sum(2)
+    per_head = total / (t - 1)
+    return per_head.sum(1) if heads == "sum" else per_head.mean(1)
 
 
 class LlavaAdapter:
@@ -95,7 +117,7 @@ class LlavaAdapter:
         attn = self.tower.encoder.layers[layer].self_attn
 
         def keep_q(module, args, output):
-            capture.q = output[:, 0]  # only the CLS query row is ever used
+            capture.q = output if capture.all_queries else output[:, 0]
 
         def keep_k(module, args, output):
             capture.k = output
@@ -107,14 +129,34 @@ class LlavaAdapter:
             for handle in handles:
                 handle.remove()
 
+    def downsample(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The image at a lower resolution giving ``grid`` patches (antialiased bilinear; commutes with normalisation)."""
+        if any(g < 1 for g in grid) or grid[0] > self.grid[0] or grid[1] > self.grid[1]:
+            raise VTCError(f"input grid {grid} must be between 1x1 and the tower's {self.grid[0]}x{self.grid[1]}")
+        p = self.tower.config.patch_size
+        size = (grid[0] * p, grid[1] * p)
+        return torch.nn.functional.interpolate(pixel_values.float(), size=size, mode="bilinear", antialias=True).to(pixel_values.dtype)
+
     @torch.no_grad()
     def signals(
-        self, pixel_values: torch.Tensor, needs: frozenset[str], attention: AttentionSpec, text_queries: list[str] | None = None
+        self,
+        pixel_values: torch.Tensor,
+        needs: frozenset[str],
+        attention: AttentionSpec,
+        text_queries: list[str] | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> Signals:
-        """Run the vision tower once, only as deep as needed, and compute the declared signals."""
+        """Run the vision tower once, only as deep as needed, and compute the declared signals.
+
+        ``grid``: run the tower on the image downsampled to that patch grid (position
+        embeddings interpolated), for methods that shrink the input.
+        """
         if not torch.isfinite(pixel_values).all():
             raise VTCError("pixel_values contain NaN or inf")
-        needs_attn = bool(needs & {Signal.CLS_ATTN, Signal.KEYS})
+        resized = grid is not None and tuple(grid) != self.grid
+        if resized:
+            pixel_values = self.downsample(pixel_values, tuple(grid))
+        needs_attn = bool(needs & {Signal.CLS_ATTN, Signal.KEYS, Signal.RECEIVED_ATTN})
         needs_text = Signal.TEXT_SIM in needs
         if needs_text and self.text_scorer is None:
             raise VTCError("this method needs the question's CLIP text embedding: pass a CLIP checkpoint (--clip PATH)")
@@ -123,9 +165,9 @@ class LlavaAdapter:
         attn_layer = self.layer_index(attention) if needs_attn else -1
         depth = max(self.feature_index, attn_layer + 1, self.num_layers if needs_text else 0)
 
-        capture = _Capture()
+        capture = _Capture(all_queries=Signal.RECEIVED_ATTN in needs)
         dtype = self.tower.embeddings.patch_embedding.weight.dtype
-        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values.to(dtype)))
+        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=resized))
         features = hidden if self.feature_index == 0 else None
         with self._capture_qk(attn_layer, capture) if needs_attn else _nothing():
             for i, layer in enumerate(self.tower.encoder.layers[:depth]):
@@ -133,9 +175,16 @@ class LlavaAdapter:
                 if i + 1 == self.feature_index:
                     features = hidden
 
-        out = Signals(features=features[:, 1:], grid=self.grid)
+        out = Signals(features=features[:, 1:], grid=tuple(grid) if resized else self.grid)
+        if resized:
+            out.source_grid = self.grid
+        if Signal.CLS_FEATURE in needs:
+            out.cls_feature = features[:, 0]
         if Signal.CLS_ATTN in needs:
-            out.cls_attn = cls_attention_row(capture.q, capture.k, self.num_heads, attention.heads)
+            q_cls = capture.q[:, 0] if capture.all_queries else capture.q
+            out.cls_attn = cls_attention_row(q_cls, capture.k, self.num_heads, attention.heads)
+        if Signal.RECEIVED_ATTN in needs:
+            out.received_attn = received_attention(capture.q, capture.k, self.num_heads, attention.heads)
         if Signal.KEYS in needs:
             keys = capture.k[:, 1:]
             if attention.keys == "head_mean":

@@ -1,0 +1,280 @@
+"""Vision-side method zoo: every method against a naive loop over its formula, plus shared invariants."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from vtc.methods import AttentionSpec, Budget, Origin, Signal, Signals, VTCError, get
+from vtc.methods.divprune import divprune_indices
+
+from conftest import random_image
+
+ZOO = ["fastervlm", "visionzip", "divprune", "fopru-rank", "fopru-row", "tome", "evit", "todre"]
+QUESTIONS = ["what color is the small circle ?", "is there a red square ?", "how many shapes ?"]
+
+
+def fake_signals(batch=2, n=36, d=8, seed=0, grid=(6, 6)):
+    g = torch.Generator().manual_seed(seed)
+    return Signals(
+        features=torch.randn(batch, n, d, generator=g),
+        grid=grid,
+        cls_attn=torch.rand(batch, n, generator=g).softmax(-1),
+        keys=torch.randn(batch, n, 4, generator=g),
+        projected=torch.randn(batch, n, 12, generator=g),
+        received_attn=torch.rand(batch, n, generator=g),
+        cls_feature=torch.randn(batch, d, generator=g),
+    )
+
+
+def cos_dist(a, b):
+    return 1.0 - float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+# ----------------------------------------------------------------------------- shared invariants
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("budget", [1, 7, 18, 0.25, 36])
+def test_every_budget_is_exact_and_every_patch_owned_once(name, budget):
+    sig = fake_signals()
+    for sel in get(name).select(sig, budget):
+        assert sel.num_tokens == Budget.parse(budget).tokens(36)
+        assert len(sel.sources) == sel.num_tokens == sel.origin.numel()
+        for j, src in enumerate(sel.sources):  # a patch owned by token j is one of j's sources
+            owned = (sel.owner == j).nonzero().squeeze(1)
+            assert set(owned.tolist()) <= set(src.tolist())
+        drawn = torch.cat([torch.empty(0, dtype=torch.long)] + list(sel.sources))
+        assert set((sel.owner >= 0).nonzero().squeeze(1).tolist()) == set(drawn.tolist())
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_kept_tokens_are_the_patch_features(name):
+    sig = fake_signals(batch=1)
+    [sel] = get(name).select(sig, 9)
+    for j, o in enumerate(sel.origin.tolist()):
+        if o == Origin.KEPT:
+            torch.testing.assert_close(sel.tokens[j], sig.features[0, int(sel.sources[j][0])])
+
+
+@pytest.mark.parametrize("name", ZOO + ["downsample"])
+def test_budget_larger_than_n_and_auto_are_refused(name):
+    sig = fake_signals(batch=1)
+    with pytest.raises(VTCError, match="more than"):
+        get(name).select(sig, 37)
+    with pytest.raises(VTCError, match="auto"):
+        get(name).select(sig, "auto")
+
+
+@pytest.mark.parametrize("name, bad", [("visionzip", {"contextual": "sum"}), ("divprune", {"space": "pixels"}), ("tome", {"metric": "x"}), ("evit", {"order": "x"}), ("todre", {"objective": "x"})])
+def test_bad_options_are_named(name, bad):
+    with pytest.raises(VTCError, match=name):
+        get(name, **bad)
+
+
+# ----------------------------------------------------------------------------- per-method formulas
+
+
+def naive_top(scores, k):
+    ranked = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(ranked[:k])
+
+
+def test_fastervlm_keeps_top_cls_attention_in_raster_order():
+    sig = fake_signals()
+    for b, sel in enumerate(get("fastervlm").select(sig, 10)):
+        assert sel.kept_indices().tolist() == naive_top(sig.cls_attn[b], 10)
+
+
+def test_fopru_rank_and_row_follow_the_received_attention():
+    sig = fake_signals(batch=1)
+    s = sig.received_attn[0]
+    [rank] = get("fopru-rank").select(sig, 10)
+    assert rank.kept_indices().tolist() == naive_top(s, 10)
+    [row] = get("fopru-row").select(sig, 15)  # 6 columns: 2 whole rows + the 3 best patches of the 3rd best row
+    row_sums = [float(s[r * 6 : r * 6 + 6].sum()) for r in range(6)]
+    rows = sorted(range(6), key=lambda r: -row_sums[r])
+    expected = [r * 6 + c for r in rows[:2] for c in range(6)]
+    expected += [rows[2] * 6 + c for c in naive_top(s[rows[2] * 6 : rows[2] * 6 + 6], 3)]
+    assert row.kept_indices().tolist() == sorted(expected)
+
+
+def test_visionzip_matches_a_loop_over_the_official_steps():
+    sig = fake_signals(batch=1, n=36)
+    x, a, k = sig.features[0], sig.cls_attn[0], sig.keys[0]
+    [sel] = get("visionzip").select(sig, 16)
+    dominant = round(16 * 54 / 64)  # 14: CLS + 13 patches; 2 contextual
+    kept = naive_top(a, dominant - 1)
+    remaining = [i for i in range(36) if i not in kept]
+    step = max(1, len(remaining) // 2)
+    targets = [remaining[p] for p in range(0, len(remaining), step)][:2]
+    members = {t: [] for t in targets}
+    for i in remaining:
+        if i not in targets:
+            sims = [float(torch.nn.functional.cosine_similarity(k[i], k[t], dim=0)) for t in targets]
+            members[targets[sims.index(max(sims))]].append(i)
+    expected = [sig.cls_feature[0]] + [x[i] for i in kept]
+    expected += [x[t] + (sum(x[m] for m in members[t]) / max(1, len(members[t]))) for t in targets]
+    torch.testing.assert_close(sel.tokens, torch.stack(expected))
+    assert sel.origin[0] == Origin.GLOBAL and sel.counts()["merged"] == 2
+    assert sel.info == {"dominant": 14, "contextual": 2}
+    for budget, split in [(64, (54, 10)), (128, (108, 20)), (192, (162, 30))]:  # the paper's settings
+        from vtc.methods.visionzip import split_budget
+
+        assert split_budget(budget) == split
+
+
+def naive_greedy_maxmin(vectors, k, first):
+    n = len(vectors)
+    chosen = [first]
+    while len(chosen) < k:
+        best, best_d = None, -1.0
+        for j in range(n):
+            if j in chosen:
+                continue
+            d = min(cos_dist(vectors[j], vectors[s]) for s in chosen)
+            if d > best_d + 1e-9:
+                best, best_d = j, d
+        chosen.append(best)
+    return sorted(chosen)
+
+
+def test_divprune_matches_a_naive_greedy_loop():
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(12, 5, generator=g)
+    nn_dist = [min(cos_dist(v[j], v[i]) for i in range(12) if i != j) for j in range(12)]
+    first = max(range(12), key=lambda j: nn_dist[j])
+    for k in (1, 3, 6, 11):
+        assert divprune_indices(v, k).tolist() == naive_greedy_maxmin(v, k, first)
+
+
+def test_divprune_finds_the_brute_force_optimum_on_clustered_tokens():
+    # four tight clusters of three tokens: the best 4-subset takes one per cluster
+    centers = torch.eye(4, 6) * 3
+    g = torch.Generator().manual_seed(0)
+    v = torch.cat([c + 0.05 * torch.randn(3, 6, generator=g) for c in centers])
+    picks = divprune_indices(v, 4).tolist()
+    min_d = lambda s: min(cos_dist(v[i], v[j]) for i, j in itertools.combinations(s, 2))  # noqa: E731
+    best = max(itertools.combinations(range(12), 4), key=min_d)
+    assert math.isclose(min_d(picks), min_d(best), rel_tol=1e-6)
+    assert sorted(p // 3 for p in picks) == [0, 1, 2, 3]
+
+
+def test_divprune_reads_projected_tokens_by_default():
+    sig = fake_signals(batch=1)
+    [sel] = get("divprune").select(sig, 8)
+    assert sel.kept_indices().tolist() == divprune_indices(sig.projected[0], 8).tolist()
+    [sel_f] = get("divprune", space="features").select(sig, 8)
+    assert sel_f.kept_indices().tolist() == divprune_indices(sig.features[0], 8).tolist()
+
+
+def test_todre_greedy_starts_at_the_top_cls_patch():
+    sig = fake_signals(batch=1)
+    x, seed = sig.features[0], int(sig.cls_attn[0].argmax())
+    [sel] = get("todre").select(sig, 7)
+    assert sel.kept_indices().tolist() == naive_greedy_maxmin(x, 7, seed)
+    [sel_sum] = get("todre", objective="maxsum").select(sig, 5)
+    chosen = [seed]
+    while len(chosen) < 5:
+        rest = [j for j in range(36) if j not in chosen]
+        chosen.append(max(rest, key=lambda j: (sum(cos_dist(x[j], x[s]) for s in chosen), -j)))
+    assert sel_sum.kept_indices().tolist() == sorted(chosen)
+
+
+def test_evit_fuses_the_rest_weighted_by_attention():
+    sig = fake_signals(batch=1)
+    x, a = sig.features[0], sig.cls_attn[0]
+    [sel] = get("evit").select(sig, 6)
+    kept = naive_top(a, 5)
+    rest = [i for i in range(36) if i not in kept]
+    fused = sum(float(a[i]) * x[i] for i in rest)
+    torch.testing.assert_close(sel.tokens, torch.stack([x[i] for i in kept] + [fused]))
+    [by_score] = get("evit", order="score").select(sig, 6)
+    assert by_score.kept_indices().tolist() == sorted(kept, key=lambda i: -float(a[i]))
+
+
+def naive_tome_round(x, m, size, groups, r):
+    """One bipartite round written as loops over the alternating sets."""
+    A, B = list(range(0, len(x), 2)), list(range(1, len(x), 2))
+    best = {}
+    for i in A:
+        sims = [float(torch.nn.functional.cosine_similarity(m[i], m[j], dim=0)) for j in B]
+        best[i] = (max(sims), B[sims.index(max(sims))])
+    src = sorted(A, key=lambda i: -best[i][0])[:r]
+    out_x, out_m, out_s, out_g = {}, {}, {}, {}
+    for j in B:
+        pair = [j] + [i for i in src if best[i][1] == j]
+        total = sum(size[p] for p in pair)
+        out_x[j] = sum(x[p] * size[p] for p in pair) / total
+        out_m[j] = sum(m[p] * size[p] for p in pair) / total
+        out_s[j], out_g[j] = total, sorted(sum((groups[p] for p in pair), []))
+    unm = [i for i in sorted(A, key=lambda i: -best[i][0]) if i not in src]
+    order_x = [x[i] for i in unm] + [out_x[j] for j in B]
+    order_m = [m[i] for i in unm] + [out_m[j] for j in B]
+    return order_x, order_m, [size[i] for i in unm] + [out_s[j] for j in B], [groups[i] for i in unm] + [out_g[j] for j in B]
+
+
+def test_tome_matches_looped_bipartite_rounds_and_size_weighted_means():
+    sig = fake_signals(batch=1, n=20, grid=(4, 5))
+    x, k = sig.features[0], sig.keys[0]
+    [sel] = get("tome").select(sig, 6)  # rounds: 20 -> 10 -> 6
+    xs, ms, sizes, groups = list(x), list(k), [1.0] * 20, [[i] for i in range(20)]
+    while len(xs) > 6:
+        xs, ms, sizes, groups = naive_tome_round(xs, ms, sizes, groups, min(len(xs) - 6, len(xs) // 2))
+    expected = {tuple(g): v for g, v in zip(groups, xs)}
+    got = {tuple(sorted(s.tolist())): t for s, t in zip(sel.sources, sel.tokens)}
+    assert got.keys() == expected.keys()
+    for g, v in got.items():
+        torch.testing.assert_close(v, expected[g])
+        torch.testing.assert_close(v, x[list(g)].mean(0))  # size-weighted averaging = mean of the original patches
+
+
+# ----------------------------------------------------------------------------- on the model
+
+
+def test_received_attention_and_cls_feature_match_eager(tiny_pipe, tiny_dirs):
+    from transformers import LlavaForConditionalGeneration
+
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0], attn_implementation="eager").eval()
+    pixels = tiny_pipe.prepare([random_image(i) for i in range(2)], QUESTIONS[:2])["pixel_values"]
+    for heads in ("mean", "sum"):
+        sig = tiny_pipe.adapter.signals(
+            pixels, frozenset({Signal.FEATURES, Signal.RECEIVED_ATTN, Signal.CLS_ATTN, Signal.CLS_FEATURE}), AttentionSpec(layer=-2, heads=heads)
+        )
+        with torch.no_grad():
+            out = eager.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+        probs = out.attentions[-2][:, :, 1:, 1:]  # patch queries x patch keys, softmax over all keys
+        expected = probs.mean(2)
+        expected = expected.mean(1) if heads == "mean" else expected.sum(1)
+        torch.testing.assert_close(sig.received_attn, expected, atol=1e-5, rtol=1e-5)
+        cls_row = out.attentions[-2][:, :, 0, 1:]
+        torch.testing.assert_close(sig.cls_attn, cls_row.mean(1) if heads == "mean" else cls_row.sum(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sig.cls_feature, out.hidden_states[-2][:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_downsample_features_equal_the_stock_tower_on_the_smaller_image(tiny_pipe):
+    pixels = tiny_pipe.prepare([random_image(4)], QUESTIONS[:1])["pixel_values"]  # 4x4 patch grid
+    method = get("downsample")
+    assert method.input_grid(Budget.parse(4), (4, 4)) == (2, 2)
+    assert method.input_grid(Budget.parse(5), (4, 4)) == (3, 3)
+    sig = tiny_pipe.adapter.signals(pixels, method.needs, method.attention, grid=(2, 2))
+    small = torch.nn.functional.interpolate(pixels, size=(16, 16), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        out = tiny_pipe.model.model.vision_tower(small, interpolate_pos_encoding=True, output_hidden_states=True)
+    torch.testing.assert_close(sig.features, out.hidden_states[-2][:, 1:], atol=1e-5, rtol=1e-5)
+    [sel] = method.select(sig, 4)
+    torch.testing.assert_close(sel.tokens, sig.features[0])
+    # each small cell covers a 2x2 block of the full 4x4 grid
+    assert [s.tolist() for s in sel.sources] == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    with pytest.raises(VTCError, match="resolution"):
+        get("downsample+text")
+
+
+@pytest.mark.parametrize("name", ZOO + ["downsample", "fastervlm+text"])
+def test_runs_end_to_end_on_a_batch(tiny_pipe, name):
+    imgs = [random_image(i + 20) for i in range(3)]
+    for budget in (5, 0.5):
+        results = tiny_pipe(imgs, QUESTIONS, method=name, budget=budget, max_new_tokens=2)
+        assert [r.tokens_after for r in results] == [Budget.parse(budget).tokens(16)] * 3
+        assert all(r.selection.num_patches == 16 for r in results)
