@@ -2,10 +2,9 @@
 
     python scripts/bench_overhead.py [--reps 5] [--budget 64]
 
-Random weights built from configs: LLaVA-1.5's vision tower (24 layers, d=1024,
-16 heads, 336 px, patch 14: 576 patches), a 1-layer stand-in LLM (the language
-model plays no part here), and CLIP ViT-L/14's text tower (12 layers, d=768)
-for the text score. The baseline is the stock tower forward LLaVA runs anyway
+Random weights built from configs (vtc.shapes): LLaVA-1.5's vision tower (24 layers,
+d=1024, 16 heads, 336 px, patch 14: 576 patches), one decoder layer of the LLM (it
+plays no part here), and CLIP ViT-L/14's text tower (12 layers, d=768) for the text score. The baseline is the stock tower forward LLaVA runs anyway
 (SDPA, hidden states kept). A method's overhead is what it adds: signal
 extraction beyond that forward (negative when a method lets the tower stop
 early) + the CLIP text tower where needed + selection. Timings are medians over
@@ -21,33 +20,8 @@ import time
 import torch
 
 from vtc.methods import Budget, available, get
-from vtc.models.clip_text import ClipTextScorer
 from vtc.models.llava import LlavaAdapter
-from vtc.testing import word_tokenizer
-
-
-def real_shape_llava():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-        num_attention_heads=16, projection_dim=768,
-    )
-    text = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4)
-    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=4)
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def real_shape_text_scorer():
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    tokenizer = word_tokenizer(model_max_length=77, add_eos=True)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, projection_dim=768, eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
-    )
-    text = CLIPTextModelWithProjection(config).eval()
-    return ClipTextScorer(text, tokenizer, torch.randn(768, 1024) * 0.02, torch.ones(1024), torch.zeros(1024), 1e-5)
+from vtc.shapes import build_llava15, clip_text_scorer_vit_l
 
 
 def timed(fn) -> float:
@@ -62,8 +36,8 @@ def main() -> None:
     parser.add_argument("--budget", default="64")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = real_shape_llava()
-    adapter = LlavaAdapter(model, real_shape_text_scorer())
+    model = build_llava15(llm_layers=1)  # the language model plays no part here
+    adapter = LlavaAdapter(model, clip_text_scorer_vit_l())
     pixels = torch.randn(1, 3, 336, 336)
     question = ["what color is the small triangle on the left ?"]
     methods = [get(name) for name in available()]
@@ -76,11 +50,12 @@ def main() -> None:
             tower.append(timed(lambda: model.model.vision_tower(pixels, output_hidden_states=True)))
             for m in methods:
                 holder = {}
-                signal_ms[m.name].append(
-                    timed(lambda: holder.setdefault("s", adapter.signals(pixels, m.needs, m.attention, question)))
-                )
                 b = budget if (not budget.is_auto or m.supports_auto) else Budget.parse(64)
                 b = Budget.parse("auto") if m.name == "none" else b
+                grid = m.input_grid(b, adapter.grid)
+                signal_ms[m.name].append(
+                    timed(lambda: holder.setdefault("s", adapter.signals(pixels, m.needs, m.attention, question, grid=grid)))
+                )
                 select_ms[m.name].append(timed(lambda: m.select(holder["s"], b)))
 
     base = statistics.median(tower)

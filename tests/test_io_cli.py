@@ -62,6 +62,12 @@ def test_methods_command_lists_every_method_with_signals():
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows] == available()
     assert {"features", "cls_attn", "keys", "text_sim"} == set(next(r for r in rows if r["name"] == "recoverable")["needs"])
+    by_name = {r["name"]: r for r in rows}
+    for name in ("fastervlm", "visionzip", "divprune", "fopru-rank", "fopru-row", "tome", "evit", "todre", "downsample"):
+        assert "arXiv" in by_name[name]["paper"], name  # every zoo method cites its paper
+    assert by_name["visionzip"]["code"] == "https://github.com/dvlab-research/VisionZip"
+    assert "received_attn" in by_name["fopru-rank"]["needs"] and by_name["fopru-rank"]["attention"].startswith("layer -2")
+    assert by_name["divprune"]["token_pairs"] and not by_name["fastervlm"]["token_pairs"]
 
 
 def test_run_json(tiny_dirs, tmp_path):

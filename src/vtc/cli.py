@@ -31,7 +31,9 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         method = get(name)
         att = method.attention
         needs = sorted(method.needs)
-        where = f"layer {att.layer}, heads={att.heads}" if {"cls_attn", "keys"} & set(needs) else ""
+        where = f"layer {att.layer}, heads={att.heads}" if {"cls_attn", "keys", "received_attn"} & set(needs) else ""
+        if "keys" in needs:
+            where += f", keys={att.keys}"
         rows.append(
             {
                 "name": name,
@@ -39,6 +41,8 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
                 "attention": where,
                 "auto": method.supports_auto,
                 "paper": method.paper,
+                "code": method.code,
+                "token_pairs": method.pairwise,
                 "summary": method.describe(),
             }
         )
@@ -46,11 +50,14 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="vtc methods")
-    for col in ("method", "signals", "from", "auto", "paper"):
+    for col in ("method", "signals", "from", "auto", "N x N", "paper"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["needs"]), r["attention"], "yes" if r["auto"] else "", r["paper"])
+        table.add_row(
+            r["name"], ", ".join(r["needs"]), r["attention"], "yes" if r["auto"] else "", "yes" if r["token_pairs"] else "", r["paper"]
+        )
     console.print(table)
+    console.print("N x N: the method builds token-token distances by design. Code links: `vtc methods --json`.")
     console.print("Any pruning method + text recovery: append '+text' (e.g. random+text).")
 
 

@@ -28,6 +28,8 @@ COLORS = {
     "white": (250, 250, 250),
 }
 SHAPES = ("circle", "square", "triangle")
+SMALL_SIDE = (14, 20)  # px: one to four 16 px patches
+BIG_SIDE = (56, 84)
 SPLITS = {"train": range(0, 1_000_000), "val": range(1_000_000, 1_100_000), "test": range(2_000_000, 2_100_000)}
 QTYPES = ("small_color", "small_shape", "small_exists", "big_color", "big_count")
 
@@ -96,9 +98,9 @@ def make_scene(rng: random.Random) -> tuple[Image.Image, list[Shape]]:
     draw = ImageDraw.Draw(image)
     objects: list[Shape] = []
     for shape in rng.sample(SHAPES, rng.randint(2, 3)):  # distinct shapes: "the big circle" is unambiguous
-        box = _place(rng, rng.randint(56, 84), [o.box for o in objects])
+        box = _place(rng, rng.randint(*BIG_SIDE), [o.box for o in objects])
         objects.append(Shape(rng.choice(list(COLORS)), shape, box, small=False))
-    box = _place(rng, rng.randint(14, 20), [o.box for o in objects])
+    box = _place(rng, rng.randint(*SMALL_SIDE), [o.box for o in objects])
     objects.append(Shape(rng.choice(list(COLORS)), rng.choice(SHAPES), box, small=True))
     for obj in objects:
         draw_shape(draw, obj)

@@ -311,6 +311,8 @@ class Method:
     supports_auto: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     code: ClassVar[str] = ""
+    # True when the algorithm needs token-token similarity and so builds an N x N matrix (e.g. DivPrune).
+    pairwise: ClassVar[bool] = False
     # Where the question's text for TEXT_SIM comes from: the question itself, or (compat) the prompt's first line.
     text_source: str = "question"
 

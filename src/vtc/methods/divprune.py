@@ -52,6 +52,7 @@ class DivPrune(Method):
     """DivPrune: greedy max-min diversity over the projected visual tokens (Alvar et al. 2025)."""
 
     paper = "arXiv:2503.02175 (CVPR 2025)"
+    pairwise = True
     code = "https://github.com/vbdi/divprune"
 
     def __init__(self, space: Literal["projected", "features"] = "projected"):

@@ -35,6 +35,7 @@ class ToDRE(Method):
     needs = frozenset({Signal.FEATURES, Signal.CLS_ATTN})
     attention = AttentionSpec(layer=-2, heads="mean")
     paper = "arXiv:2505.18757"
+    pairwise = True
     code = "no official code"
 
     def __init__(self, objective: Literal["maxmin", "maxsum"] = "maxmin"):

@@ -84,6 +84,7 @@ class ToMe(Method):
 
     attention = AttentionSpec(layer=-2, heads="mean", keys="head_mean")
     paper = "arXiv:2210.09461 (ICLR 2023)"
+    pairwise = True  # bipartite scores: (N/2) x (N/2) similarities per round
     code = "https://github.com/facebookresearch/ToMe"
 
     def __init__(self, metric: Literal["keys", "features"] = "keys"):
