@@ -1,0 +1,101 @@
+"""Analytical cost model: FLOPs of the vision tower, projector and LLM prefill/decode, and KV-cache bytes.
+
+Conventions (those of FastV and of the Recoverable Compression paper, whose 8.5T FLOPs
+for LLaVA-1.5-7B at 576 image tokens this reproduces): FLOPs = 2 x multiply-adds;
+attention scores and weighted sums count the full n x n (no causal halving); Llama's
+gated MLP counts its three matrices; norms, softmax, RoPE and biases are ignored (< 1%).
+The LM head runs on the last position only (``generate`` keeps one logit row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions the cost model needs, read from a LLaVA config."""
+
+    vision_width: int
+    vision_mlp: int
+    vision_layers: int
+    patch_size: int
+    image_size: int
+    llm_width: int
+    llm_mlp: int
+    llm_layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config, llm_layers: int | None = None) -> "Shape":
+        v, t = config.vision_config, config.text_config
+        return cls(
+            vision_width=v.hidden_size, vision_mlp=v.intermediate_size, vision_layers=v.num_hidden_layers,
+            patch_size=v.patch_size, image_size=v.image_size,
+            llm_width=t.hidden_size, llm_mlp=t.intermediate_size, llm_layers=llm_layers or t.num_hidden_layers,
+            heads=t.num_attention_heads, kv_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
+            vocab=t.vocab_size,
+        )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def kv_width(self) -> int:
+        return self.llm_width // self.heads * self.kv_heads
+
+
+def vision_flops(s: Shape, layers: int | None = None) -> float:
+    """Patch embedding + ``layers`` (default all) CLIP encoder layers on 1 + N tokens."""
+    n, d = s.num_patches + 1, s.vision_width
+    embed = s.num_patches * 3 * s.patch_size**2 * d
+    per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * s.vision_mlp
+    return 2.0 * (embed + (s.vision_layers if layers is None else layers) * per_layer)
+
+
+def projector_flops(s: Shape, tokens: int) -> float:
+    """LLaVA's two-layer MLP projector on ``tokens`` image tokens."""
+    return 2.0 * tokens * (s.vision_width * s.llm_width + s.llm_width * s.llm_width)
+
+
+def llm_layer_macs(s: Shape, n: int, context: int | None = None) -> float:
+    """Multiply-adds of one decoder layer for ``n`` new tokens attending to ``context`` positions (default n)."""
+    d, ctx = s.llm_width, n if context is None else context
+    projections = n * (2 * d * d + 2 * d * s.kv_width)  # q, o and k, v
+    attention = 2 * n * ctx * d  # scores + weighted sum
+    mlp = 3 * n * d * s.llm_mlp
+    return projections + attention + mlp
+
+
+def prefill_flops(s: Shape, tokens: int) -> float:
+    """LLM prefill over a prompt of ``tokens`` positions (text + image), LM head on the last one."""
+    return 2.0 * (s.llm_layers * llm_layer_macs(s, tokens) + s.llm_width * s.vocab)
+
+
+def decode_flops(s: Shape, context: int) -> float:
+    """One decoded token with ``context`` cached positions."""
+    return 2.0 * (s.llm_layers * llm_layer_macs(s, 1, context + 1) + s.llm_width * s.vocab)
+
+
+def kv_cache_bytes(s: Shape, tokens: int, bytes_per_value: int = 2) -> int:
+    """Keys and values of every layer for ``tokens`` positions (fp16 by default)."""
+    return 2 * s.llm_layers * tokens * s.kv_width * bytes_per_value
+
+
+def request_cost(s: Shape, image_tokens: int, text_tokens: int, bytes_per_value: int = 2, vision_layers: int | None = None) -> dict:
+    """Costs of one request: vision tower on N patches, projector and prefill on the kept image tokens."""
+    tokens = image_tokens + text_tokens
+    vision = vision_flops(s, vision_layers)
+    projector = projector_flops(s, image_tokens)
+    prefill = prefill_flops(s, tokens)
+    return {
+        "vision_flops": vision,
+        "projector_flops": projector,
+        "prefill_flops": prefill,
+        "total_prefill_flops": vision + projector + prefill,
+        "decode_flops_per_token": decode_flops(s, tokens),
+        "kv_cache_bytes": kv_cache_bytes(s, tokens, bytes_per_value),
+    }
