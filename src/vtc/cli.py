@@ -107,6 +107,49 @@ def demo_cmd(
         _fail(str(exc))
 
 
+ZOO = "fastervlm,visionzip,divprune,fopru-rank,fopru-row,tome,evit,todre,downsample,pool,random,prumerge,prumerge+,recoverable"
+
+
+@app.command("speed")
+def speed_cmd(
+    methods: str = typer.Option(ZOO, "--methods", help="Comma-separated methods to time against full tokens."),
+    budgets: str = typer.Option("64,128,192,auto", "--budgets", help="Comma-separated budgets ('auto' only for methods that have one)."),
+    llm_layers: int = typer.Option(2, "--llm-layers", help="Decoder layers to build (Llama-7B has 32; figures are extrapolated to 32)."),
+    reps: int = typer.Option(3, "--reps", min=1, help="Interleaved repetitions; medians are reported."),
+    text_tokens: int = typer.Option(64, "--text-tokens", help="Text positions in the prompt besides the image."),
+    decode_tokens: int = typer.Option(8, "--decode-tokens", min=1, help="Tokens decoded to time the per-token cost."),
+    out: Path = typer.Option(Path("vtc-speed-out"), "--out", help="Where speed.json and speed.png go."),
+) -> None:
+    """Time every method on the real LLaVA-1.5-7B shape (random weights): prefill speed-up vs the FLOPs ratio."""
+    from rich.progress import Progress
+
+    from .speed import FULL_DEPTH, run_speed, write_outputs
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        for name in names:
+            get(name)
+        budget_list = [str(Budget.parse(b.strip())) for b in budgets.split(",") if b.strip()]
+        with Progress(console=console) as progress:
+            bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress)
+    except VTCError as exc:
+        _fail(str(exc))
+    meta = {"llm_layers_built": llm_layers, "extrapolated_to_layers": FULL_DEPTH, "reps": reps, "text_tokens": text_tokens,
+            "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", "")}
+    write_outputs(results, meta, out)
+    table = Table(title=f"LLaVA-1.5-7B shape, {llm_layers} decoder layers built, prefill extrapolated to {FULL_DEPTH} ({meta['device']}, {meta['dtype']})")
+    for col in ("method", "budget", "tokens", "e2e prefill ms", "speed-up", "FLOPs ratio", "speed-up / FLOPs", "own overhead", "decode ms/tok", "KV MB (fp16)"):
+        table.add_column(col, justify="right" if col not in ("method", "budget") else "left")
+    for r in results:
+        table.add_row(
+            r["method"], r["budget"], f"{r['tokens']:.0f}", f"{r['e2e_prefill_ms_32_layers']:.0f}", f"{r['speedup']:.2f}x",
+            f"{r['flops_ratio']:.2f}x", f"{r['speedup_vs_flops']:.2f}", f"{100 * r['overhead_share_of_full_prefill']:.2f}%",
+            f"{r['decode_ms_per_token_32_layers']:.0f}", f"{r['kv_bytes_32_layers_fp16'] / 1e6:.0f}",
+        )
+    console.print(table)
+    console.print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

@@ -1,7 +1,8 @@
 """Synthetic scenes and questions whose answers hide in small, non-salient objects.
 
 Every scene: a plain light background, two or three LARGE shapes of distinct
-kinds (the visually salient distractors) and one SMALL shape of 14-20 px (one to four 16 px patches). Most questions
+kinds (the visually salient distractors) and one SMALL shape of 11-15 px drawn
+inside a single 16 px patch cell (its answer lives in one image token). Most questions
 ask about the small object, so a compressor that keeps only the salient tokens
 loses the answer, while the question's words ("small", its colour or shape)
 point at it. Everything is a pure function of the seed; splits are seed ranges.
@@ -28,7 +29,7 @@ COLORS = {
     "white": (250, 250, 250),
 }
 SHAPES = ("circle", "square", "triangle")
-SMALL_SIDE = (14, 20)  # px: one to four 16 px patches
+SMALL_SIDE = (11, 15)  # px, drawn inside a single 16 px patch cell
 BIG_SIDE = (56, 84)
 SPLITS = {"train": range(0, 1_000_000), "val": range(1_000_000, 1_100_000), "test": range(2_000_000, 2_100_000)}
 QTYPES = ("small_color", "small_shape", "small_exists", "big_color", "big_count")
@@ -92,6 +93,17 @@ def _place(rng: random.Random, side: int, taken: list) -> tuple[int, int, int, i
     return box
 
 
+def _place_in_cell(rng: random.Random, side: int, taken: list) -> tuple[int, int, int, int]:
+    """A box of ``side`` px inside one patch cell (at a random offset), clear of the ``taken`` boxes."""
+    for _ in range(400):
+        cx, cy = rng.randrange(GRID), rng.randrange(GRID)
+        x, y = cx * PATCH + rng.randint(0, PATCH - side), cy * PATCH + rng.randint(0, PATCH - side)
+        box = (x, y, x + side, y + side)
+        if not any(_overlaps(box, t) for t in taken):
+            return box
+    return box
+
+
 def make_scene(rng: random.Random) -> tuple[Image.Image, list[Shape]]:
     background = tuple(rng.randint(170, 215) for _ in range(3))
     image = Image.new("RGB", (SIZE, SIZE), background)
@@ -100,7 +112,7 @@ def make_scene(rng: random.Random) -> tuple[Image.Image, list[Shape]]:
     for shape in rng.sample(SHAPES, rng.randint(2, 3)):  # distinct shapes: "the big circle" is unambiguous
         box = _place(rng, rng.randint(*BIG_SIDE), [o.box for o in objects])
         objects.append(Shape(rng.choice(list(COLORS)), shape, box, small=False))
-    box = _place(rng, rng.randint(*SMALL_SIDE), [o.box for o in objects])
+    box = _place_in_cell(rng, rng.randint(*SMALL_SIDE), [o.box for o in objects])
     objects.append(Shape(rng.choice(list(COLORS)), rng.choice(SHAPES), box, small=True))
     for obj in objects:
         draw_shape(draw, obj)

@@ -1,0 +1,312 @@
+"""`vtc speed`: wall-clock savings of every method on the real LLaVA-1.5-7B shape (random weights).
+
+For each method and budget, in one process, interleaved with the full-token run and
+repeated: the vision tower (with the method's signal extraction), the method's own
+selection, the projector, the LLM prefill, the time per decoded token, the KV-cache
+bytes and the peak memory of the prefill. ``llm_layers`` builds fewer decoder layers
+than the 32 of Llama-7B; decoder layers are timed one by one (forward hooks), and the
+32-layer figures are extrapolated as (measured prefill - measured layers) + mean layer
+time x 32. Every extrapolated figure says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cost import Shape, request_cost
+from .methods import Budget, Method, VTCError, get
+from .models.llava import LlavaAdapter
+from .shapes import build_llava15, clip_text_scorer_vit_l
+
+FULL_DEPTH = 32
+QUESTION = "what is the color of the small triangle left of the red car ?"
+
+
+@dataclass
+class Sample:
+    """One timed run of one method at one budget (milliseconds, bytes)."""
+
+    tower_ms: float  # the stock vision tower forward (LLaVA pays it with or without compression)
+    signals_ms: float  # our tower run, including the method's signal extraction
+    select_ms: float
+    project_ms: float
+    prefill_ms: float
+    layers_ms: float  # the decoder layers' share of prefill_ms
+    decode_ms_per_token: float
+    decode_layers_ms: float
+    kv_bytes: int
+    peak_bytes: int
+    tokens: int
+
+
+@dataclass
+class Row:
+    method: str
+    budget: str
+    samples: list[Sample] = field(default_factory=list)
+
+
+class _LayerClock:
+    """Sums the wall time spent inside the decoder layers (forward pre/post hooks)."""
+
+    def __init__(self, layers):
+        self.total, self._start, self._handles = 0.0, 0.0, []
+        for layer in layers:
+            self._handles.append(layer.register_forward_pre_hook(self._pre))
+            self._handles.append(layer.register_forward_hook(self._post))
+
+    def _pre(self, module, args):
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self.total += time.perf_counter() - self._start
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Peak extra memory of the block: CUDA allocator peak, or sampled process RSS on CPU."""
+    box = {"peak": 0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield box
+        box["peak"] = torch.cuda.max_memory_allocated(device) - base
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, stop = rss(), threading.Event()
+    peak = [base]
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        stop.set()
+        thread.join()
+        box["peak"] = max(0, max(peak[0], rss()) - base)
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SpeedBench:
+    """The model, inputs and timers of one `vtc speed` run."""
+
+    def __init__(self, llm_layers: int = 2, text_tokens: int = 64, decode_tokens: int = 8, device: str = "auto", model=None, text_scorer=None):
+        """``model`` / ``text_scorer`` default to the LLaVA-1.5-7B shape with ``llm_layers`` decoder layers (tests pass tiny ones)."""
+        if llm_layers < 1 or llm_layers > FULL_DEPTH:
+            raise VTCError(f"--llm-layers must be between 1 and {FULL_DEPTH}, got {llm_layers}")
+        if text_tokens < 2:
+            raise VTCError(f"--text-tokens must be at least 2, got {text_tokens}")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.model = (model if model is not None else build_llava15(llm_layers, self.dtype)).to(self.device)
+        scorer = text_scorer if text_scorer is not None else clip_text_scorer_vit_l()
+        self.adapter = LlavaAdapter(self.model, scorer.to(self.device, self.dtype))
+        self.layers = self.model.model.language_model.layers
+        self.llm_layers, self.decode_tokens, self.text_tokens = len(self.layers), decode_tokens, text_tokens
+        self.shape = Shape.from_config(self.model.config, llm_layers=FULL_DEPTH)
+        g = torch.Generator().manual_seed(0)
+        size = self.adapter.tower.config.image_size
+        self.pixels = torch.randn(1, 3, size, size, generator=g).to(self.device, self.dtype)
+        image_id = self.model.config.image_token_id
+        vocab = self.model.config.text_config.vocab_size
+        text = torch.randint(2, min(vocab, image_id), (text_tokens,), generator=g)
+        image = torch.full((self.adapter.num_patches,), image_id)
+        half = text_tokens // 3  # system prompt before the image, question after it
+        self.input_ids = torch.cat([text[:half], image, text[half:]])[None].to(self.device)
+        self.attention_mask = torch.ones_like(self.input_ids)
+
+    @torch.no_grad()
+    def run_once(self, method: Method, budget: Budget) -> Sample:
+        d = self.device
+        _sync(d)
+        t = time.perf_counter()
+        self.model.model.vision_tower(self.pixels, output_hidden_states=True)
+        _sync(d)
+        tower = _ms(t)
+
+        t = time.perf_counter()
+        grid = method.input_grid(budget, self.adapter.grid)
+        signals = self.adapter.signals(self.pixels, method.needs, method.attention, [QUESTION], grid=grid)
+        _sync(d)
+        signals_ms = _ms(t)
+        t = time.perf_counter()
+        selections = method.select(signals, budget)
+        _sync(d)
+        select_ms = _ms(t)
+        t = time.perf_counter()
+        projected = self.adapter.project(selections)
+        ids, mask = self.adapter.splice_ids(self.input_ids, self.attention_mask, [selections[0].num_tokens], 0)
+        _sync(d)
+        project_ms = _ms(t)
+
+        clock = _LayerClock(self.layers)
+        try:
+            with peak_memory(d) as peak:
+                t = time.perf_counter()
+                out = self.model(
+                    input_ids=ids, attention_mask=mask, mm_encoder_outputs=self.adapter.image_inputs(projected),
+                    use_cache=True, logits_to_keep=1,
+                )
+                _sync(d)
+                prefill_ms = _ms(t)
+            layers_ms, clock.total = clock.total * 1e3, 0.0
+            cache = out.cache
+            kv_bytes = _cache_bytes(cache)
+            token = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(self.decode_tokens):
+                mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+                step = self.model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+                cache, token = step.cache, step.logits[:, -1:].argmax(-1)
+            _sync(d)
+            decode = _ms(t) / self.decode_tokens
+            decode_layers = clock.total * 1e3 / self.decode_tokens
+        finally:
+            clock.remove()
+        return Sample(tower, signals_ms, select_ms, project_ms, prefill_ms, layers_ms, decode, decode_layers, kv_bytes, peak["peak"], selections[0].num_tokens)
+
+    def to_full_depth(self, measured_ms: float, layers_ms: float) -> float:
+        """Extrapolate a timing with ``llm_layers`` decoder layers to Llama-7B's 32."""
+        return measured_ms - layers_ms + layers_ms / self.llm_layers * FULL_DEPTH
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
+    """Medians (and spread) per method/budget, extrapolated to 32 layers, next to the analytical FLOPs ratio."""
+    med = statistics.median
+    full = rows[0]
+    assert full.method == "none"
+
+    def e2e(s: Sample) -> float:
+        return s.signals_ms + s.select_ms + s.project_ms + bench.to_full_depth(s.prefill_ms, s.layers_ms)
+
+    full_e2e = med(e2e(s) for s in full.samples)
+    full_tokens = full.samples[0].tokens
+    full_flops = request_cost(bench.shape, full_tokens, bench.text_tokens)["total_prefill_flops"]
+    out = []
+    for row in rows:
+        s = row.samples
+        tokens = med(x.tokens for x in s)
+        e2e_all = [e2e(x) for x in s]
+        own = [x.signals_ms - x.tower_ms + x.select_ms for x in s]  # what the method adds to the stock tower
+        cost = request_cost(bench.shape, round(tokens), bench.text_tokens)
+        out.append(
+            {
+                "method": row.method,
+                "budget": row.budget,
+                "tokens": tokens,
+                "tower_ms": round(med(x.tower_ms for x in s), 1),
+                "signals_ms": round(med(x.signals_ms for x in s), 1),
+                "select_ms": round(med(x.select_ms for x in s), 2),
+                "project_ms": round(med(x.project_ms for x in s), 2),
+                "prefill_ms_measured": round(med(x.prefill_ms for x in s), 1),
+                "prefill_ms_32_layers": round(med(bench.to_full_depth(x.prefill_ms, x.layers_ms) for x in s), 1),
+                "e2e_prefill_ms_32_layers": round(med(e2e_all), 1),
+                "e2e_spread_ms": round(max(e2e_all) - min(e2e_all), 1),
+                "decode_ms_per_token_32_layers": round(med(bench.to_full_depth(x.decode_ms_per_token, x.decode_layers_ms) for x in s), 1),
+                "kv_bytes_measured": int(med(x.kv_bytes for x in s)),
+                "kv_bytes_32_layers_fp16": int(cost["kv_cache_bytes"]),
+                "peak_prefill_bytes": int(med(x.peak_bytes for x in s)),
+                "method_overhead_ms": round(med(own), 1),
+                "overhead_share_of_full_prefill": round(med(own) / full_e2e, 4),
+                "speedup": round(full_e2e / med(e2e_all), 3),
+                "flops_ratio": round(full_flops / cost["total_prefill_flops"], 3),
+            }
+        )
+    for r in out:
+        r["speedup_vs_flops"] = round(r["speedup"] / r["flops_ratio"], 3)
+    return out
+
+
+def run_speed(
+    methods: list[str], budgets: list[str], llm_layers: int, reps: int, text_tokens: int, decode_tokens: int, progress=None, bench=None
+) -> tuple[SpeedBench, list[dict]]:
+    """Measure every (method, budget) against full tokens, interleaved, ``reps`` times."""
+    bench = bench or SpeedBench(llm_layers, text_tokens, decode_tokens)
+    plan = [("none", Budget.parse("auto"))]
+    for name in methods:
+        method = get(name)
+        for b in budgets:
+            budget = Budget.parse(b)
+            if budget.is_auto and not method.supports_auto:
+                continue
+            plan.append((name, budget))
+    instances = {name: get(name) for name, _ in plan}
+    rows = [Row(name, str(b)) for name, b in plan]
+    bench.run_once(instances["none"], plan[0][1])  # warm-up
+    task = progress.add_task("speed", total=reps * len(plan)) if progress else None
+    for _ in range(reps):
+        for row, (name, budget) in zip(rows, plan):
+            row.samples.append(bench.run_once(instances[name], budget))
+            if progress:
+                progress.update(task, advance=1, description=f"speed {name}@{budget}")
+    return bench, summarise(bench, rows)
+
+
+def speed_plot(results: list[dict], path: Path) -> None:
+    """Speed-up vs tokens kept, one marker set per method, with the analytical FLOPs-ratio curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    flops = sorted({(r["tokens"], r["flops_ratio"]) for r in results})
+    ax.plot([t for t, _ in flops], [f for _, f in flops], "k--", label="analytical FLOPs ratio")
+    for name in dict.fromkeys(r["method"] for r in results if r["method"] != "none"):
+        pts = sorted((r["tokens"], r["speedup"]) for r in results if r["method"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, alpha=0.8)
+    ax.set_xlabel("image tokens sent to the LLM")
+    ax.set_ylabel("end-to-end prefill speed-up vs 576 tokens")
+    ax.set_title("LLaVA-1.5-7B shape (32 LLM layers, extrapolated)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    speed_plot(results, out / "speed.png")
