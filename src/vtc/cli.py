@@ -107,6 +107,65 @@ def demo_cmd(
         _fail(str(exc))
 
 
+@app.command("bench")
+def bench_cmd(
+    model: Path = typer.Option(None, "--model", help="LLaVA-1.5 checkpoint directory (default: the shipped demo model)."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP checkpoint with the text tower (default: the demo's, with the demo model)."),
+    tasks: str = typer.Option("synthetic", "--tasks", help="Comma-separated tasks: synthetic, or NAME=DATA_DIR (vqav2, gqa, textvqa, pope, mme, scienceqa_img, mmbench)."),
+    methods: str = typer.Option("none,recoverable,prumerge,fastervlm,visionzip,random,pool", "--methods", help="Comma-separated methods."),
+    budgets: str = typer.Option("20,40,auto", "--budgets", help="Comma-separated budgets: counts, ratios or auto."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N samples of each task."),
+    out: Path = typer.Option(Path("vtc-bench-out"), "--out", help="Result store directory (resumes when it exists)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+) -> None:
+    """Evaluate methods x budgets x tasks; every sample is stored durably, a re-run resumes. Data-parallel under `accelerate launch`."""
+    from rich.progress import Progress
+
+    from .bench.runner import BenchRunner, make_plan, process_info
+    from .demo.evaluate import CHECKPOINT
+    from .pipeline import Pipeline
+
+    rank, world, state = process_info()
+    if model is None:
+        model, clip = CHECKPOINT / "llava", clip or CHECKPOINT / "clip"
+    try:
+        pipe = Pipeline.from_pretrained(model, clip=clip)
+        plan = make_plan(pipe, [t for t in tasks.split(",") if t.strip()], [m.strip() for m in methods.split(",") if m.strip()],
+                         [b.strip() for b in budgets.split(",") if b.strip()], limit)
+    except (VTCError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for note in plan.skipped:
+        console.print(f"[yellow]skipped[/] {note}")
+    runner = BenchRunner(pipe, out, batch_size, rank, world)
+    with Progress(console=console, disable=rank != 0) as progress:
+        written = runner.run(plan, progress)
+    state.wait_for_everyone()
+    console.print(f"process {rank}/{world}: {written} new results in {out}")
+    if rank == 0:
+        from .bench.report import write_report
+
+        rows = write_report(out)
+        table = Table(title="vtc bench")
+        for col in ("task", "method", "budget", "score", "relative", "tokens", "tflops", "total_ms"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*(str(r[c]) for c in ("task", "method", "budget", "score", "relative", "tokens", "tflops", "total_ms")))
+        console.print(table)
+        console.print(f"report: {out / 'report.md'}, {out / 'pareto.png'}, {out / 'report.html'}")
+
+
+@app.command("report")
+def report_cmd(directory: Path = typer.Argument(..., help="A `vtc bench --out` directory.")) -> None:
+    """Write report.md / report.csv / pareto.png / report.html from a bench result store."""
+    from .bench.report import write_report
+
+    try:
+        rows = write_report(directory)
+    except VTCError as exc:
+        _fail(str(exc))
+    console.print(f"{len(rows)} rows -> {directory / 'report.md'}, {directory / 'pareto.png'}, {directory / 'report.html'}")
+
+
 ZOO = "fastervlm,visionzip,divprune,fopru-rank,fopru-row,tome,evit,todre,downsample,pool,random,prumerge,prumerge+,recoverable"
 
 

@@ -1,0 +1,1 @@
+"""Evaluation harness: tasks with official metrics, a durable resumable runner, reports."""

@@ -1,0 +1,162 @@
+"""`vtc bench`: methods x budgets x tasks on one model, data-parallel, resumable, every sample stored durably.
+
+Determinism: batches are cut from each task's sample list in a fixed order and dealt
+round-robin to the processes, so every batch (and so every result) is the same whether
+one process or several run it. On resume, a batch with any missing sample runs again as
+a whole (the same batch as before) and only the missing records are appended.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cost import Shape, request_cost
+from ..methods import Budget, VTCError, get
+from ..speed import peak_memory
+from .store import ResultStore, done_keys, record_key
+from .tasks import Task, TaskSample, load_task
+
+
+@dataclass
+class Plan:
+    tasks: list[Task]
+    combos: list[tuple[str, Budget]]  # (method, budget)
+    skipped: list[str]  # combos that cannot run (e.g. 'auto' for a method without a dynamic rule)
+
+
+def make_plan(pipe, task_specs: list[str], methods: list[str], budgets: list[str], limit: int | None) -> Plan:
+    """Validate everything before the first sample runs: unknown names and impossible budgets fail here."""
+    n = pipe.adapter.num_patches
+    parsed = [Budget.parse(b) for b in budgets]
+    for b in parsed:
+        if not b.is_auto:
+            try:
+                b.tokens(n)
+            except VTCError as exc:
+                raise VTCError(f"budget {b}: {exc} (this model has {n} patch tokens per image)") from None
+    combos, skipped = [], []
+    for name in methods:
+        method = get(name)
+        if name == "none":  # the full-token reference runs once, whatever the budgets
+            combos.append(("none", Budget.parse("auto")))
+            continue
+        for b in parsed:
+            if b.is_auto and not method.supports_auto:
+                skipped.append(f"{name}@auto (no dynamic rule)")
+            else:
+                combos.append((name, b))
+    tasks = [load_task(spec, limit) for spec in task_specs]
+    return Plan(tasks, combos, skipped)
+
+
+def _batches(samples: list[TaskSample], size: int) -> list[list[TaskSample]]:
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def _base_record(task: Task, sample: TaskSample, method: str, budget: Budget) -> dict:
+    return {"task": task.name, "sample_id": sample.id, "method": method, "budget": str(budget),
+            "answer": sample.answer, "meta": sample.meta, "error": None}
+
+
+class BenchRunner:
+    def __init__(self, pipe, out: Path, batch_size: int = 8, process_index: int = 0, num_processes: int = 1):
+        self.pipe, self.out, self.batch_size = pipe, Path(out), batch_size
+        self.rank, self.world = process_index, num_processes
+        self.shape = Shape.from_config(pipe.model.config)
+        self.store = ResultStore(self.out, shard=process_index)
+        self.maps = self.out / "maps"
+
+    def _save_map(self, task: Task, method: str, budget: Budget, image, result) -> None:
+        """One token-map picture per task/method/budget (the first sample process 0 runs), for the HTML report."""
+        from ..viz import token_map
+
+        path = self.maps / f"{task.name}__{method}__{budget}.png".replace("/", "_")
+        if self.rank == 0 and not path.exists():
+            self.maps.mkdir(parents=True, exist_ok=True)
+            token_map(image, result.selection, self.pipe.adapter.grid).save(path)
+
+    def run(self, plan: Plan, progress=None) -> int:
+        """Run this process's share of the plan; returns the number of records written now."""
+        done = done_keys(self.out)
+        written = 0
+        for task in plan.tasks:
+            for method, budget in plan.combos:
+                mine = _batches(task.samples, self.batch_size)[self.rank :: self.world]
+                bar = progress.add_task(f"{task.name} {method}@{budget}", total=sum(map(len, mine))) if progress else None
+                for batch in mine:
+                    records = [_base_record(task, s, method, budget) for s in batch]
+                    missing = [r for r in records if record_key(r) not in done]
+                    if missing:
+                        self._run_batch(task, batch, records, method, budget)
+                        for r in records:
+                            if record_key(r) not in done:
+                                self.store.append(r)
+                                done.add(record_key(r))
+                                written += 1
+                    if progress:
+                        progress.update(bar, advance=len(batch))
+        self.store.close()
+        return written
+
+    def _run_batch(self, task: Task, batch: list[TaskSample], records: list[dict], method: str, budget: Budget) -> None:
+        """Fill ``records`` in place: predictions and scores, or a per-sample error."""
+        ready, images = [], []
+        for sample, record in zip(batch, records):
+            if sample.error:
+                record["error"] = sample.error
+                continue
+            try:
+                images.append(sample.load_image())
+                ready.append((sample, record))
+            except (VTCError, OSError) as exc:
+                record["error"] = f"image: {exc}"
+        if not ready:
+            return
+        try:
+            self._generate(task, ready, images, method, budget)
+        except VTCError:
+            if len(ready) == 1:
+                raise
+            for pair, image in zip(ready, images):  # find the one sample at fault; the others still count
+                try:
+                    self._generate(task, [pair], [image], method, budget)
+                except VTCError as exc:
+                    pair[1]["error"] = str(exc)
+
+    def _generate(self, task: Task, pairs, images, method: str, budget: Budget) -> None:
+        questions = [s.question for s, _ in pairs]
+        inputs = self.pipe.prepare(images, questions)
+        with peak_memory(self.pipe.model.device) as peak:
+            start = time.perf_counter()
+            results = self.pipe.generate(inputs, questions, method, budget, max_new_tokens=task.max_new_tokens)
+            total_ms = (time.perf_counter() - start) * 1e3
+        text_tokens = int(inputs["attention_mask"].sum(1).float().mean()) - self.pipe.adapter.num_patches
+        self._save_map(task, method, budget, images[0], results[0])
+        for (sample, record), result in zip(pairs, results):
+            cost = request_cost(self.shape, result.tokens_after, text_tokens, bytes_per_value=2)
+            record.update(
+                prediction=result.text,
+                score=task.score(result.text, sample),
+                tokens_before=result.tokens_before,
+                tokens_kept=result.tokens_after,
+                batch_size=len(pairs),
+                prefill_ms=round(result.timings["prefill_ms"] / len(pairs), 3),
+                decode_ms_per_token=round(result.timings.get("decode_ms_per_token", float("nan")), 3),
+                total_ms=round(total_ms / len(pairs), 3),
+                flops=cost["total_prefill_flops"],
+                llm_prefill_flops=cost["prefill_flops"],
+                kv_cache_bytes=cost["kv_cache_bytes"],
+                peak_bytes=int(peak["peak"]),
+            )
+
+
+def process_info() -> tuple[int, int, object]:
+    """(rank, world size, state) from accelerate (one process when not launched by it)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state
