@@ -228,3 +228,19 @@ def test_two_processes_give_the_same_results_as_one(tiny_dirs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert {p.name for p in (tmp_path / "two").glob("results.*.jsonl")} == {"results.0.jsonl", "results.1.jsonl"}
     assert _results(tmp_path / "two") == _results(tmp_path / "one")
+
+
+def test_lmms_eval_bridge(tiny_pipe):
+    from vtc.bench.lmms import answer_requests, register
+
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError:
+        with pytest.raises(VTCError, match=r"visual-token-compression\[lmms\]"):
+            register()
+    image = Image.new("RGB", (40, 40), (10, 200, 10))
+    [answer] = answer_requests(tiny_pipe, "random", "4", [("what color ?", {"max_new_tokens": 3}, [image])])
+    [direct] = tiny_pipe([image], ["what color ?"], method="random", budget="4", max_new_tokens=3)
+    assert answer == direct.text
+    with pytest.raises(VTCError, match="exactly one image"):
+        answer_requests(tiny_pipe, "random", "4", [("q", {}, [image, image])])
