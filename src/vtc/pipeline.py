@@ -162,9 +162,12 @@ class Pipeline:
         max_new_tokens: int = 32,
         **method_options,
     ) -> list[Result]:
-        """Compress and generate from ready processor inputs (pixel_values, input_ids, attention_mask)."""
-        method = get(method, **method_options)
-        budget = Budget.parse(budget)
+        """Compress and generate from ready processor inputs (pixel_values, input_ids, attention_mask).
+
+        ``method`` may chain a vision-side method and an in-LLM one: ``"recoverable>fastv"`` with
+        ``budget="auto>64"``; an in-LLM method alone (``"fastv"``) sees all image tokens.
+        """
+        method, budget, llm_method, llm_budget = resolve(method, budget, method_options)
         if max_new_tokens < 1:
             raise VTCError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         selections, timings = self.compress(inputs, questions, method, budget)
@@ -178,21 +181,33 @@ class Pipeline:
         self.check_length(input_ids.shape[1] + max_new_tokens)
 
         clock = _StepClock()
+        pruner = None
+        if llm_method is not None:
+            from .models.llm_prune import InLLMPruner
+
+            pruner = InLLMPruner(self.model.model.language_model, llm_method, llm_budget, input_ids, attention_mask, self.adapter.image_token_id)
         start = time.perf_counter()
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            mm_encoder_outputs=self.adapter.image_inputs(projected),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.pad_token_id,
-            streamer=clock,
-        )
+        with pruner if pruner is not None else _no_context():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                mm_encoder_outputs=self.adapter.image_inputs(projected),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_token_id,
+                streamer=clock,
+            )
         timings.update(_generation_times(start, clock.stamps))
+        if pruner is not None:
+            for b, s in enumerate(selections):
+                s.info = {**s.info, "llm_method": llm_method.name, "llm_kept": pruner.kept_counts()[b],
+                          "llm_average_tokens": round(pruner.average_tokens[b], 2), **pruner.infos[b]}
         new_tokens = out[:, input_ids.shape[1] :]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        name = method.name if llm_method is None else f"{method.name}>{llm_method.name}"
+        label = str(budget) if llm_method is None else f"{budget}>{llm_budget}"
         return [
-            Result(t.strip(), method.name, str(budget), self.adapter.num_patches, s.num_tokens, s, dict(timings))
+            Result(t.strip(), name, label, self.adapter.num_patches, s.num_tokens, s, dict(timings))
             for t, s in zip(texts, selections)
         ]
 
@@ -203,6 +218,41 @@ class Pipeline:
                 f"prompt plus max_new_tokens is {total} tokens, over the language model's {limit}: "
                 "shorten the question or lower max_new_tokens"
             )
+
+
+def resolve(method, budget, options: dict):
+    """(vision method, its budget, in-LLM method or None, its budget) from a one-line spec.
+
+    ``"recoverable>fastv"`` + ``"auto>64"``: Recoverable Compression before the LLM, FastV
+    keeping 64 of its tokens after layer 2. An in-LLM method alone gets the vision side 'none'.
+    Options go to the vision-side method, or to the in-LLM one when it is alone.
+    """
+    from .methods.llm_base import LLMMethod
+
+    if isinstance(method, str) and ">" in method:
+        vision_name, llm_name = (part.strip() for part in method.split(">", 1))
+        parts = str(budget).split(">", 1)
+        if len(parts) != 2:
+            raise VTCError(f"method '{method}' chains two methods: give two budgets, e.g. 'auto>64'")
+        llm = get(llm_name)
+        if not isinstance(llm, LLMMethod):
+            raise VTCError(f"'{llm_name}' acts before the LLM; after '>' give an in-LLM method (fastv, pyramiddrop, sparsevlm, feather, dart)")
+        vision = get(vision_name, **options)
+        if isinstance(vision, LLMMethod):
+            raise VTCError(f"'{vision_name}' is an in-LLM method; before '>' give a vision-side method")
+        return vision, Budget.parse(parts[0].strip()), llm, Budget.parse(parts[1].strip())
+    chosen = get(method, **options)
+    if isinstance(chosen, LLMMethod):
+        return get("none"), Budget.parse("auto"), chosen, Budget.parse(budget)
+    return chosen, Budget.parse(budget), None, None
+
+
+class _no_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _generation_times(start: float, stamps: list[float]) -> dict[str, float]:

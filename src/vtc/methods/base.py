@@ -375,12 +375,15 @@ def available() -> list[str]:
 
 def get(name: str | Method, **options: Any) -> Method:
     """A method instance by name (options go to its constructor); passes instances through."""
-    if isinstance(name, Method):
+    if not isinstance(name, str):  # an instance (vision-side Method or in-LLM method)
         return name
     if name not in _REGISTRY and name.endswith("+text") and name[: -len("+text")] in _REGISTRY:
         from .recoverable import WithTextRecovery  # composition: any pruning method + text recovery
 
-        return WithTextRecovery(get(name[: -len("+text")], **options))
+        base = get(name[: -len("+text")], **options)
+        if getattr(base, "in_llm", False):
+            raise VTCError(f"'{name}': text recovery composes with vision-side methods, not with in-LLM '{base.name}'")
+        return WithTextRecovery(base)
     if name not in _REGISTRY:
         raise VTCError(f"unknown method '{name}'; available: {', '.join(available())}")
     try:

@@ -1,0 +1,99 @@
+"""In-LLM methods: drop image tokens between decoder layers, scored from the language model's own states.
+
+An ``LLMMethod`` is pure selection logic. It says, for N image tokens entering the LLM
+and a budget, which layers it prunes before and how many image tokens survive each
+stage (``plan``), and, at each stage, which image rows to keep (``choose``) from what a
+``StageContext`` offers: the pruning layer's input, the previous layer's input, and
+attention rows of any layer computed from its q/k (never the full matrix, SDPA stays on).
+The mechanism that removes rows, keeps RoPE positions and shrinks the KV cache lives in
+``vtc.models.llm_prune``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from .base import AttentionSpec, Budget, VTCError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Before decoder layer ``layer`` runs, keep ``keep`` of the image tokens (per sample)."""
+
+    layer: int
+    keep: int
+
+
+class StageContext(Protocol):
+    """What a method can read at a stage (see vtc.models.llm_prune.PruneContext)."""
+
+    hidden: torch.Tensor  # (B, L, D) input of the pruning layer (current rows)
+    previous: torch.Tensor  # (B, L, D) input of the layer before it (same rows)
+    image_rows: list[torch.Tensor]  # per sample: row indices of its (current) image tokens, in order
+    text_rows: list[torch.Tensor]  # per sample: rows after the image (question + assistant prefix)
+    last_row: int  # the last prompt token (same row for every sample)
+
+    def attention(self, layer: int, states: torch.Tensor, queries: list[torch.Tensor], rope: bool = True,
+                  keys: list[torch.Tensor] | None = None) -> list[torch.Tensor]: ...
+
+    def keys(self, layer: int, states: torch.Tensor, rope: bool = True) -> torch.Tensor: ...
+
+    def final_norm(self, states: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Choice:
+    """Per sample: image rows to keep (current row indices) and optional merged tokens with their positions."""
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None  # (m, D) new hidden rows
+    merged_positions: torch.Tensor | None = None  # (m,) original sequence positions they take
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMMethod:
+    """Base class of in-LLM pruning methods."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    code: ClassVar[str] = ""
+    in_llm: ClassVar[bool] = True
+    supports_auto: ClassVar[bool] = False
+    pairwise: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset({"llm"})
+    attention: ClassVar[AttentionSpec] = AttentionSpec()
+    budget_meaning: ClassVar[str] = "image tokens kept after the pruning layer"
+
+    def plan(self, n_image: int, num_layers: int, budget: Budget) -> list[Stage]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def choose(self, index: int, stages: list[Stage], ctx: StageContext) -> list[Choice]:  # pragma: no cover - interface
+        """Stage ``index`` (per-sample ``stages``): one Choice per sample."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return (self.__doc__ or self.name).strip().splitlines()[0]
+
+    @staticmethod
+    def check_layers(layers: tuple[int, ...], num_layers: int, name: str) -> None:
+        if any(not 1 <= l < num_layers for l in layers) or list(layers) != sorted(set(layers)):
+            raise VTCError(f"{name}: pruning layers {list(layers)} must be increasing and within 1..{num_layers - 1} for a {num_layers}-layer LLM")
+
+
+def average_tokens(stages: list[Stage], n_image: int, num_layers: int) -> float:
+    """Image tokens per layer, averaged over all decoder layers (how multi-stage papers state budgets)."""
+    counts, current, prev = [], n_image, 0
+    for stage in stages:
+        counts += [current] * (stage.layer - prev)
+        current, prev = stage.keep, stage.layer
+    counts += [current] * (num_layers - prev)
+    return sum(counts) / num_layers
+
+
+def top_rows(scores: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` rows with the highest scores, back in sequence order (ties: earlier row first)."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return rows[order].sort().values

@@ -1,0 +1,244 @@
+"""Dropping image-token rows inside a stock Hugging Face Llama during prefill, with SDPA kept.
+
+How it works (no modelling file is forked; everything is forward pre-hooks on the stock
+decoder layers, so stock ``generate()`` drives prefill and decoding):
+
+* Prefill. Each pre-hook sees the hidden rows the previous layer produced and the
+  model's full-length keyword arguments. Once a stage has pruned, every later layer gets
+  the rotary (cos, sin) of its rows' ORIGINAL positions (RoPE positions are kept, as in
+  FastV) and a boolean mask built from those positions: causal by original position,
+  padding and dropped-slot columns hidden. The layers therefore write only the kept rows
+  into the KV cache: the cache of layers >= the first pruning layer is shorter.
+* Batches. Samples may keep different numbers of tokens: shorter ones are left-padded
+  with masked dummy rows (zeros), which no real token ever attends to.
+* Decoding. Positions come from the stock model (layer 0's full cache length, i.e. the
+  original positions continue); for pruned layers the hook swaps the mask for one that
+  matches that layer's shorter cache.
+* Scores. ``PruneContext.attention`` recomputes only the requested query rows from a
+  layer's input (its input_layernorm, q_proj, k_proj, RoPE as the model applies it, GQA
+  heads repeated), softmax in fp32, mean over heads. The N x N map is never built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..methods.base import Budget, VTCError
+from ..methods.llm_base import Choice, LLMMethod, Stage, average_tokens
+
+
+@dataclass
+class Rows:
+    """The current rows of the pruned sequence, per sample (B, L')."""
+
+    index: torch.Tensor  # original sequence position of each row
+    valid: torch.Tensor  # False for dummy (padding) rows
+    image: torch.Tensor  # True for image-token rows
+
+
+class PruneContext:
+    """What an LLMMethod reads at a stage: layer inputs and attention rows recomputed from q/k."""
+
+    def __init__(self, pruner: "InLLMPruner", hidden, previous, rope):
+        self.pruner, self.hidden, self.previous, self._rope = pruner, hidden, previous, rope
+        rows = pruner.rows or pruner.full
+        self.rows = rows
+        self.image_rows = [torch.nonzero(rows.image[b] & rows.valid[b]).squeeze(1) for b in range(hidden.shape[0])]
+        after = [rows.index[b] > pruner.image_end[b] for b in range(hidden.shape[0])]
+        self.text_rows = [torch.nonzero(after[b] & rows.valid[b]).squeeze(1) for b in range(hidden.shape[0])]
+        self.last_row = hidden.shape[1] - 1
+        self.embeds = pruner.embeds
+
+    def _project(self, layer: int, states: torch.Tensor, rope: bool):
+        attn = self.pruner.layers[layer].self_attn
+        h = self.pruner.layers[layer].input_layernorm(states)
+        b, length, _ = h.shape
+        q = attn.q_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        if rope:
+            cos, sin = self._rope
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, attn.scaling
+
+    def attention(self, layer, states, queries, rope=True, keys=None):
+        """Per sample b: (len(queries[b]), keys) head-mean softmax attention of ``layer`` computed on ``states``.
+
+        Keys are all current rows under the model's causal/padding mask, or, when ``keys``
+        is given, only those rows (softmax over them alone, as FEATHER scores).
+        """
+        q, k, scaling = self._project(layer, states, rope)
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        out = []
+        for b, qrows in enumerate(queries):
+            cols = torch.arange(k.shape[2]) if keys is None else keys[b]
+            logits = torch.einsum("hqd,hkd->hqk", q[b][:, qrows].float(), k[b][:, cols].float()) * scaling
+            if keys is None:
+                allowed = self.pruner.allowed(b, qrows, cols)
+                logits = logits.masked_fill(~allowed[None], float("-inf"))
+            out.append(logits.softmax(-1).mean(0))
+        return out
+
+    def positions(self, b: int) -> torch.Tensor:
+        """Original sequence positions of sample b's current rows."""
+        return self.rows.index[b]
+
+    def keys(self, layer, states, rope=True):
+        """(B, L', kv_heads * head_dim) keys of ``layer`` on ``states`` (after RoPE when ``rope``)."""
+        _, k, _ = self._project(layer, states, rope)
+        return k.transpose(1, 2).flatten(2)
+
+    def final_norm(self, states):
+        return self.pruner.norm(states)
+
+
+class InLLMPruner:
+    """Context manager: while active, prefill through ``language_model`` prunes image rows as ``method`` plans."""
+
+    def __init__(self, language_model, method: LLMMethod, budget: Budget, input_ids, attention_mask, image_token_id: int):
+        self.lm, self.method = language_model, method
+        self.layers, self.norm = language_model.layers, language_model.norm
+        self.num_layers = len(self.layers)
+        if budget.is_auto and not method.supports_auto:
+            raise VTCError(f"in-LLM method '{method.name}' has no default schedule for budget 'auto'; give a token count or ratio")
+        self.pad = attention_mask.bool()
+        image = (input_ids == image_token_id) & self.pad
+        counts = image.sum(1).tolist()
+        if min(counts) == 0:
+            raise VTCError("in-LLM pruning needs image tokens in every prompt")
+        self.image_end = [int(torch.nonzero(image[b]).max()) for b in range(image.shape[0])]
+        self.plans = [method.plan(n, self.num_layers, budget) for n in counts]
+        if len({tuple(s.layer for s in p) for p in self.plans}) != 1:
+            raise VTCError(f"{method.name}: samples of one batch must prune at the same layers")
+        self.stage_at = {s.layer: i for i, s in enumerate(self.plans[0])}
+        self.average_tokens = [average_tokens(p, n, self.num_layers) for p, n in zip(self.plans, counts)]
+        b, length = input_ids.shape
+        self.full = Rows(torch.arange(length).expand(b, length).clone(), self.pad.clone(), image)  # padding is not a real row
+        self.rows: Rows | None = None  # None until the first stage prunes
+        self.layer_rows: dict[int, Rows] = {}
+        self.prefilled, self.decode_step, self.embeds = False, 0, None
+        self.previous = None
+        self.infos: list[dict] = [{} for _ in range(b)]
+        self._handles = []
+
+    # ------------------------------------------------------------------ masks and rows
+
+    def allowed(self, b: int, qrows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """(q, k) True where query row may attend key row: causal by original position, real keys only."""
+        rows = self.rows or self.full
+        qi, ki = rows.index[b][qrows], rows.index[b][cols]
+        ok = (ki[None, :] <= qi[:, None]) & rows.valid[b][cols][None, :] & self.pad[b][ki][None, :]
+        return ok | (qrows[:, None] == cols[None, :])
+
+    def _prefill_mask(self) -> torch.Tensor:
+        rows = self.rows
+        n = rows.index.shape[1]
+        all_rows = torch.arange(n)
+        return torch.stack([self.allowed(b, all_rows, all_rows) for b in range(rows.index.shape[0])])[:, None]
+
+    def _row_kwargs(self, kwargs: dict) -> dict:
+        """The model's full-length layer arguments, restricted to the current rows."""
+        kwargs = dict(kwargs)
+        idx = self.rows.index
+        cos, sin = kwargs["position_embeddings"]
+        pick = lambda t: t.expand(idx.shape[0], *t.shape[1:]).gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        kwargs["position_embeddings"] = (pick(cos), pick(sin))
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            pos = kwargs["position_ids"]
+            kwargs["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx)
+        kwargs["attention_mask"] = self._prefill_mask()
+        return kwargs
+
+    def _apply(self, choices: list[Choice], hidden: torch.Tensor) -> torch.Tensor:
+        """New rows: every non-image real row, the kept image rows, merged tokens after them; left-padded."""
+        rows = self.rows or self.full
+        seqs = []
+        for b, choice in enumerate(choices):
+            keep = torch.zeros(rows.index.shape[1], dtype=torch.bool)
+            keep[rows.valid[b] & ~rows.image[b]] = True
+            keep[choice.keep] = True
+            kept = torch.nonzero(keep).squeeze(1)
+            h, idx, img = hidden[b, kept], rows.index[b, kept], rows.image[b, kept]
+            if choice.merged is not None and choice.merged.shape[0]:
+                at = int(torch.nonzero(img).max()) + 1 if img.any() else int((idx < self.image_end[b]).sum())
+                m = choice.merged.shape[0]
+                h = torch.cat([h[:at], choice.merged.to(h.dtype), h[at:]])
+                idx = torch.cat([idx[:at], choice.merged_positions.to(idx.dtype), idx[at:]])
+                img = torch.cat([img[:at], torch.ones(m, dtype=torch.bool), img[at:]])
+            seqs.append((h, idx, img))
+            self.infos[b].update(choice.info)
+        width = max(s[0].shape[0] for s in seqs)
+        bsz, dim = hidden.shape[0], hidden.shape[2]
+        new_h = hidden.new_zeros(bsz, width, dim)
+        index = torch.zeros(bsz, width, dtype=torch.long)
+        valid = torch.zeros(bsz, width, dtype=torch.bool)
+        image = torch.zeros(bsz, width, dtype=torch.bool)
+        for b, (h, idx, img) in enumerate(seqs):
+            n = h.shape[0]
+            new_h[b, width - n :], index[b, width - n :], valid[b, width - n :], image[b, width - n :] = h, idx, True, img
+        self.rows = Rows(index, valid, image)
+        return new_h
+
+    # ------------------------------------------------------------------ hooks
+
+    def _pre_hook(self, layer_idx: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self.prefilled:
+                if layer_idx == 0:
+                    self.decode_step += 1
+                if layer_idx in self.layer_rows:
+                    kwargs = dict(kwargs)
+                    kwargs["attention_mask"] = self._decode_mask(layer_idx)
+                return args, kwargs
+            if layer_idx == 0:
+                self.embeds = hidden
+            current = self._row_kwargs(kwargs) if self.rows is not None else kwargs
+            if layer_idx in self.stage_at:
+                stage_no = self.stage_at[layer_idx]
+                # rows only change at stages, so the previous layer's input has the same rows and positions
+                previous = self.previous if self.previous is not None else hidden
+                ctx = PruneContext(self, hidden, previous, current["position_embeddings"])
+                choices = self.method.choose(stage_no, [p[stage_no] for p in self.plans], ctx)
+                hidden = self._apply(choices, hidden)
+                current = self._row_kwargs(kwargs)
+            if self.rows is not None:
+                self.layer_rows[layer_idx] = self.rows
+            self.previous = hidden
+            new_args = (hidden,) + tuple(args[1:]) if args else args
+            if not args:
+                current["hidden_states"] = hidden
+            return new_args, current
+
+        return hook
+
+    def _decode_mask(self, layer_idx: int) -> torch.Tensor:
+        rows = self.layer_rows[layer_idx]
+        prompt = rows.valid & self.pad.gather(1, rows.index)
+        new = torch.ones(prompt.shape[0], self.decode_step, dtype=torch.bool)
+        return torch.cat([prompt, new], dim=1)[:, None, None, :]
+
+    def _done_prefill(self, module, args, output):
+        self.prefilled = True
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+        self._handles.append(self.layers[-1].register_forward_hook(self._done_prefill))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    # ------------------------------------------------------------------ reporting
+
+    def kept_counts(self) -> list[int]:
+        """Image tokens per sample after the last stage."""
+        rows = self.rows or self.full
+        return [int((rows.image[b] & rows.valid[b]).sum()) for b in range(rows.index.shape[0])]
