@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaForConditionalGeneration
 
-from vtc.cost import Shape, decode_flops, kv_cache_bytes, prefill_flops, projector_flops, request_cost, vision_flops
+from vtc.cost import Shape, decode_flops, kv_cache_bytes, llm_layer_macs, prefill_flops, projector_flops, request_cost, staged_cost, vision_flops
 from vtc.shapes import llava15_config
 
 
@@ -54,3 +54,13 @@ def test_llava15_7b_by_hand_and_the_papers_numbers():
     assert decode_flops(s, 640) == 2 * (32 * (4 * d * d + 2 * 641 * d + 3 * d * m) + d * 32064)
     cost = request_cost(s, image_tokens=64, text_tokens=64)
     assert cost["total_prefill_flops"] == cost["vision_flops"] + cost["projector_flops"] + cost["prefill_flops"]
+
+
+def test_staged_cost_charges_each_layer_for_the_tokens_it_sees():
+    s = Shape.from_config(llava15_config())
+    assert staged_cost(s, 576, [], 64)["prefill_flops"] == request_cost(s, 576, 64)["prefill_flops"]
+    # FastV K=2 keeping 64: 2 layers at 640 positions, 30 at 128
+    by_hand = 2 * (2 * llm_layer_macs(s, 640) + 30 * llm_layer_macs(s, 128) + 4096 * 32064)
+    staged = staged_cost(s, 576, [(2, 64)], 64)
+    assert staged["prefill_flops"] == by_hand
+    assert staged["kv_cache_bytes"] == (2 * 640 + 30 * 128) * 2 * 4096 * 2

@@ -37,4 +37,20 @@ def test_speed_rows_measure_what_they_claim(bench, tmp_path):
 def test_extrapolation_scales_only_the_decoder_layers(bench):
     assert bench.llm_layers == 2
     # 10 ms measured, 6 of them in 2 layers: 4 ms outside + 3 ms per layer x 32
-    assert bench.to_full_depth(10.0, 6.0) == pytest.approx(4.0 + 3.0 * FULL_DEPTH)
+    assert bench.to_full_depth(10.0, [2.0, 4.0]) == pytest.approx(4.0 + 3.0 * FULL_DEPTH)
+    # in-LLM, one stage at layer 2 of 32: built layer 0 stands for 2 layers, built layer 1 for 30
+    assert bench.to_full_depth(10.0, [4.0, 2.0], [2, 30]) == pytest.approx(4.0 + 2 * 4.0 + 30 * 2.0)
+
+
+def test_in_llm_methods_are_timed_by_stage(bench):
+    from vtc.cost import request_cost, staged_cost
+
+    _, results = run_speed(["fastv", "dart"], ["8"], 2, 1, 6, 2, bench=bench)
+    by = {r["method"]: r for r in results}
+    for name in ("fastv", "dart"):
+        r = by[name]
+        assert r["stages"] and abs(r["tokens"] - 8) <= 0.5  # the budget is the 32-layer average
+        (layer, keep), = r["stages"]
+        assert layer == 2 and (2 * 16 + 30 * keep) / 32 == pytest.approx(r["tokens"])
+        full = request_cost(bench.shape, 16, 6)["total_prefill_flops"]
+        assert r["flops_ratio"] == round(full / staged_cost(bench.shape, 16, r["stages"], 6)["total_prefill_flops"], 3)

@@ -32,6 +32,8 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         att = method.attention
         needs = sorted(method.needs)
         where = f"layer {att.layer}, heads={att.heads}" if {"cls_attn", "keys", "received_attn"} & set(needs) else ""
+        if getattr(method, "in_llm", False):
+            where = "decoder layers: " + getattr(method, "budget_meaning", "")
         if "keys" in needs:
             where += f", keys={att.keys}"
         rows.append(
@@ -39,6 +41,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
                 "name": name,
                 "needs": needs,
                 "attention": where,
+                "acts": "inside the LLM" if getattr(method, "in_llm", False) else "before the LLM",
                 "auto": method.supports_auto,
                 "paper": method.paper,
                 "code": method.code,
@@ -58,6 +61,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         )
     console.print(table)
     console.print("N x N: the method builds token-token distances by design. Code links: `vtc methods --json`.")
+    console.print("Chain a vision-side and an in-LLM method with '>': --method 'recoverable>fastv' --budget 'auto>64'.")
     console.print("Any pruning method + text recovery: append '+text' (e.g. random+text).")
 
 
@@ -166,14 +170,15 @@ def report_cmd(directory: Path = typer.Argument(..., help="A `vtc bench --out` d
     console.print(f"{len(rows)} rows -> {directory / 'report.md'}, {directory / 'pareto.png'}, {directory / 'report.html'}")
 
 
-ZOO = "fastervlm,visionzip,divprune,fopru-rank,fopru-row,tome,evit,todre,downsample,pool,random,prumerge,prumerge+,recoverable"
+ZOO = ("fastervlm,visionzip,divprune,fopru-rank,fopru-row,tome,evit,todre,downsample,pool,random,prumerge,prumerge+,recoverable,"
+       "fastv,pyramiddrop,sparsevlm,feather,dart")
 
 
 @app.command("speed")
 def speed_cmd(
     methods: str = typer.Option(ZOO, "--methods", help="Comma-separated methods to time against full tokens."),
     budgets: str = typer.Option("64,128,192,auto", "--budgets", help="Comma-separated budgets ('auto' only for methods that have one)."),
-    llm_layers: int = typer.Option(2, "--llm-layers", help="Decoder layers to build (Llama-7B has 32; figures are extrapolated to 32)."),
+    llm_layers: int = typer.Option(4, "--llm-layers", help="Decoder layers to build (Llama-7B has 32; figures are extrapolated to 32; in-LLM methods need stages + 1)."),
     reps: int = typer.Option(3, "--reps", min=1, help="Interleaved repetitions; medians are reported."),
     text_tokens: int = typer.Option(64, "--text-tokens", help="Text positions in the prompt besides the image."),
     decode_tokens: int = typer.Option(8, "--decode-tokens", min=1, help="Tokens decoded to time the per-token cost."),
@@ -193,7 +198,9 @@ def speed_cmd(
             bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress)
     except VTCError as exc:
         _fail(str(exc))
-    meta = {"llm_layers_built": llm_layers, "extrapolated_to_layers": FULL_DEPTH, "reps": reps, "text_tokens": text_tokens,
+    for note in bench.skipped:
+        console.print(f"[yellow]skipped[/] {note}")
+    meta = {"skipped": bench.skipped, "llm_layers_built": llm_layers, "extrapolated_to_layers": FULL_DEPTH, "reps": reps, "text_tokens": text_tokens,
             "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", "")}
     write_outputs(results, meta, out)
     table = Table(title=f"LLaVA-1.5-7B shape, {llm_layers} decoder layers built, prefill extrapolated to {FULL_DEPTH} ({meta['device']}, {meta['dtype']})")

@@ -99,3 +99,25 @@ def request_cost(s: Shape, image_tokens: int, text_tokens: int, bytes_per_value:
         "decode_flops_per_token": decode_flops(s, tokens),
         "kv_cache_bytes": kv_cache_bytes(s, tokens, bytes_per_value),
     }
+
+
+def staged_cost(s: Shape, n_image: int, stages: list[tuple[int, int]], text_tokens: int, bytes_per_value: int = 2) -> dict:
+    """Costs when image tokens are dropped inside the LLM: ``stages`` = (layer, image tokens kept from it on).
+
+    Each decoder layer is charged for the tokens it sees; the KV cache holds, per layer, the
+    tokens that layer saw (the full prompt for layers before the first stage).
+    """
+    counts, current, prev = [], n_image, 0
+    for layer, keep in stages:
+        counts += [current] * (layer - prev)
+        current, prev = keep, layer
+    counts += [current] * (s.llm_layers - prev)
+    prefill = 2.0 * (sum(llm_layer_macs(s, c + text_tokens) for c in counts) + s.llm_width * s.vocab)
+    vision, projector = vision_flops(s), projector_flops(s, n_image)
+    kv = sum(2 * (c + text_tokens) * s.kv_width * bytes_per_value for c in counts)
+    return {
+        "vision_flops": vision, "projector_flops": projector, "prefill_flops": prefill,
+        "total_prefill_flops": vision + projector + prefill,
+        "decode_flops_per_token": 2.0 * (sum(llm_layer_macs(s, 1, c + text_tokens + 1) for c in counts) + s.llm_width * s.vocab),
+        "kv_cache_bytes": kv,
+    }

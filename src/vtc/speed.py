@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .cost import Shape, request_cost
+from .cost import Shape, request_cost, staged_cost
 from .methods import Budget, Method, VTCError, get
 from .models.llava import LlavaAdapter
 from .shapes import build_llava15, clip_text_scorer_vit_l
@@ -40,12 +40,14 @@ class Sample:
     select_ms: float
     project_ms: float
     prefill_ms: float
-    layers_ms: float  # the decoder layers' share of prefill_ms
+    layers_ms: list[float]  # each built decoder layer's share of prefill_ms
     decode_ms_per_token: float
-    decode_layers_ms: float
+    decode_layers_ms: list[float]  # each built layer's share of one decoded token
     kv_bytes: int
     peak_bytes: int
-    tokens: int
+    tokens: float  # image tokens sent to the LLM (in-LLM methods: averaged over the 32 layers)
+    prefill_32_ms: float = 0.0  # extrapolated to Llama-7B's 32 layers
+    decode_32_ms: float = 0.0
 
 
 @dataclass
@@ -56,23 +58,36 @@ class Row:
 
 
 class _LayerClock:
-    """Sums the wall time spent inside the decoder layers (forward pre/post hooks)."""
+    """Wall time spent inside each decoder layer (forward pre/post hooks; registered after any pruning hook,
+    so a method's scoring at a stage counts outside the layers and is not multiplied by the extrapolation)."""
 
     def __init__(self, layers):
-        self.total, self._start, self._handles = 0.0, 0.0, []
-        for layer in layers:
+        self.times, self._start, self._handles = [0.0] * len(layers), 0.0, []
+        for i, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(self._pre))
-            self._handles.append(layer.register_forward_hook(self._post))
+            self._handles.append(layer.register_forward_hook(self._post(i)))
 
     def _pre(self, module, args):
         self._start = time.perf_counter()
 
-    def _post(self, module, args, output):
-        self.total += time.perf_counter() - self._start
+    def _post(self, i):
+        def hook(module, args, output):
+            self.times[i] += time.perf_counter() - self._start
+
+        return hook
+
+    def take_ms(self) -> list[float]:
+        out, self.times = [t * 1e3 for t in self.times], [0.0] * len(self.times)
+        return out
 
     def remove(self):
         for h in self._handles:
             h.remove()
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 @contextmanager
@@ -145,10 +160,15 @@ class SpeedBench:
         half = text_tokens // 3  # system prompt before the image, question after it
         self.input_ids = torch.cat([text[:half], image, text[half:]])[None].to(self.device)
         self.attention_mask = torch.ones_like(self.input_ids)
+        self.skipped: list[str] = []
 
     @torch.no_grad()
-    def run_once(self, method: Method, budget: Budget) -> Sample:
+    def run_once(self, method, budget: Budget) -> Sample:
+        """One timed request. ``method`` is a vision-side Method, or an in-LLM method run on all N tokens."""
         d = self.device
+        in_llm = getattr(method, "in_llm", False)
+        vision = get("none") if in_llm else method
+        vision_budget = Budget.parse("auto") if in_llm else budget
         _sync(d)
         t = time.perf_counter()
         self.model.model.vision_tower(self.pixels, output_hidden_states=True)
@@ -156,12 +176,12 @@ class SpeedBench:
         tower = _ms(t)
 
         t = time.perf_counter()
-        grid = method.input_grid(budget, self.adapter.grid)
-        signals = self.adapter.signals(self.pixels, method.needs, method.attention, [QUESTION], grid=grid)
+        grid = vision.input_grid(vision_budget, self.adapter.grid)
+        signals = self.adapter.signals(self.pixels, vision.needs, vision.attention, [QUESTION], grid=grid)
         _sync(d)
         signals_ms = _ms(t)
         t = time.perf_counter()
-        selections = method.select(signals, budget)
+        selections = vision.select(signals, vision_budget)
         _sync(d)
         select_ms = _ms(t)
         t = time.perf_counter()
@@ -170,35 +190,70 @@ class SpeedBench:
         _sync(d)
         project_ms = _ms(t)
 
+        pruner, stage_layers, tokens = None, None, float(selections[0].num_tokens)
+        if in_llm:
+            pruner, stage_layers, tokens = self._pruner(method, budget, ids, mask)
         clock = _LayerClock(self.layers)
         try:
-            with peak_memory(d) as peak:
+            with pruner if pruner is not None else _nothing():
+                with peak_memory(d) as peak:
+                    t = time.perf_counter()
+                    out = self.model(
+                        input_ids=ids, attention_mask=mask, mm_encoder_outputs=self.adapter.image_inputs(projected),
+                        use_cache=True, logits_to_keep=1,
+                    )
+                    _sync(d)
+                    prefill_ms = _ms(t)
+                layers_ms = clock.take_ms()
+                cache = out.cache
+                kv_bytes = _cache_bytes(cache)
+                token = out.logits[:, -1:].argmax(-1)
                 t = time.perf_counter()
-                out = self.model(
-                    input_ids=ids, attention_mask=mask, mm_encoder_outputs=self.adapter.image_inputs(projected),
-                    use_cache=True, logits_to_keep=1,
-                )
+                for _ in range(self.decode_tokens):
+                    mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+                    step = self.model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+                    cache, token = step.cache, step.logits[:, -1:].argmax(-1)
                 _sync(d)
-                prefill_ms = _ms(t)
-            layers_ms, clock.total = clock.total * 1e3, 0.0
-            cache = out.cache
-            kv_bytes = _cache_bytes(cache)
-            token = out.logits[:, -1:].argmax(-1)
-            t = time.perf_counter()
-            for _ in range(self.decode_tokens):
-                mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-                step = self.model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
-                cache, token = step.cache, step.logits[:, -1:].argmax(-1)
-            _sync(d)
-            decode = _ms(t) / self.decode_tokens
-            decode_layers = clock.total * 1e3 / self.decode_tokens
+                decode = _ms(t) / self.decode_tokens
+                decode_layers = [x / self.decode_tokens for x in clock.take_ms()]
         finally:
             clock.remove()
-        return Sample(tower, signals_ms, select_ms, project_ms, prefill_ms, layers_ms, decode, decode_layers, kv_bytes, peak["peak"], selections[0].num_tokens)
+        sample = Sample(tower, signals_ms, select_ms, project_ms, prefill_ms, layers_ms, decode, decode_layers, kv_bytes,
+                        peak["peak"], tokens)
+        sample.prefill_32_ms = self.to_full_depth(prefill_ms, layers_ms, stage_layers)
+        sample.decode_32_ms = self.to_full_depth(decode, decode_layers, stage_layers)
+        return sample
 
-    def to_full_depth(self, measured_ms: float, layers_ms: float) -> float:
-        """Extrapolate a timing with ``llm_layers`` decoder layers to Llama-7B's 32."""
-        return measured_ms - layers_ms + layers_ms / self.llm_layers * FULL_DEPTH
+    def _pruner(self, method, budget: Budget, ids, mask):
+        """The in-LLM method's 32-layer plan, replayed on the built layers 1..S (one built layer per stage)."""
+        from .methods.llm_base import PlanOverride, average_tokens
+        from .models.llm_prune import InLLMPruner
+
+        n = self.adapter.num_patches
+        plan = method.plan(n, FULL_DEPTH, budget)
+        if len(plan) + 1 > self.llm_layers:
+            raise VTCError(f"{method.name} prunes in {len(plan)} stages: build at least {len(plan) + 1} decoder layers (--llm-layers)")
+        bounds = [0] + [st.layer for st in plan] + [FULL_DEPTH]
+        virtual = [bounds[i + 1] - bounds[i] for i in range(len(plan) + 1)]  # 32-layer depth of each stage
+        replay = PlanOverride(method, [st.keep for st in plan])
+        pruner = InLLMPruner(self.model.model.language_model, replay, Budget.parse(1.0), ids, mask, self.model.config.image_token_id)
+        self.stage_plans = getattr(self, "stage_plans", {})
+        self.stage_plans[(method.name, str(budget))] = [(st.layer, st.keep) for st in plan]
+        return pruner, virtual, average_tokens(plan, n, FULL_DEPTH)
+
+    def to_full_depth(self, measured_ms: float, layers_ms, stage_layers: list[int] | None = None) -> float:
+        """Extrapolate a timing with ``llm_layers`` built decoder layers to Llama-7B's 32.
+
+        Vision-side methods: every layer sees the same tokens, so the mean layer time x 32.
+        In-LLM methods: built layer s runs stage s (the last stage on the remaining built
+        layers); each stage's mean layer time is multiplied by its depth in the 32-layer plan.
+        """
+        layers_ms = list(layers_ms)
+        outside = measured_ms - sum(layers_ms)
+        if not stage_layers:
+            return outside + sum(layers_ms) / len(layers_ms) * FULL_DEPTH
+        groups = [[t] for t in layers_ms[: len(stage_layers) - 1]] + [layers_ms[len(stage_layers) - 1 :]]
+        return outside + sum(depth * sum(g) / len(g) for depth, g in zip(stage_layers, groups))
 
 
 def _cache_bytes(cache) -> int:
@@ -218,10 +273,10 @@ def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
     assert full.method == "none"
 
     def e2e(s: Sample) -> float:
-        return s.signals_ms + s.select_ms + s.project_ms + bench.to_full_depth(s.prefill_ms, s.layers_ms)
+        return s.signals_ms + s.select_ms + s.project_ms + s.prefill_32_ms
 
     full_e2e = med(e2e(s) for s in full.samples)
-    full_tokens = full.samples[0].tokens
+    full_tokens = int(full.samples[0].tokens)
     full_flops = request_cost(bench.shape, full_tokens, bench.text_tokens)["total_prefill_flops"]
     out = []
     for row in rows:
@@ -229,7 +284,10 @@ def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
         tokens = med(x.tokens for x in s)
         e2e_all = [e2e(x) for x in s]
         own = [x.signals_ms - x.tower_ms + x.select_ms for x in s]  # what the method adds to the stock tower
+        plan = getattr(bench, "stage_plans", {}).get((row.method, row.budget))
         cost = request_cost(bench.shape, round(tokens), bench.text_tokens)
+        if plan:  # in-LLM: the LLM prefill sees N image tokens until the first stage, fewer after
+            cost = staged_cost(bench.shape, bench.adapter.num_patches, plan, bench.text_tokens)
         out.append(
             {
                 "method": row.method,
@@ -240,10 +298,11 @@ def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
                 "select_ms": round(med(x.select_ms for x in s), 2),
                 "project_ms": round(med(x.project_ms for x in s), 2),
                 "prefill_ms_measured": round(med(x.prefill_ms for x in s), 1),
-                "prefill_ms_32_layers": round(med(bench.to_full_depth(x.prefill_ms, x.layers_ms) for x in s), 1),
+                "prefill_ms_32_layers": round(med(x.prefill_32_ms for x in s), 1),
                 "e2e_prefill_ms_32_layers": round(med(e2e_all), 1),
                 "e2e_spread_ms": round(max(e2e_all) - min(e2e_all), 1),
-                "decode_ms_per_token_32_layers": round(med(bench.to_full_depth(x.decode_ms_per_token, x.decode_layers_ms) for x in s), 1),
+                "decode_ms_per_token_32_layers": round(med(x.decode_32_ms for x in s), 1),
+                "stages": plan or [],
                 "kv_bytes_measured": int(med(x.kv_bytes for x in s)),
                 "kv_bytes_32_layers_fp16": int(cost["kv_cache_bytes"]),
                 "peak_prefill_bytes": int(med(x.peak_bytes for x in s)),
@@ -263,6 +322,8 @@ def run_speed(
 ) -> tuple[SpeedBench, list[dict]]:
     """Measure every (method, budget) against full tokens, interleaved, ``reps`` times."""
     bench = bench or SpeedBench(llm_layers, text_tokens, decode_tokens)
+    from .methods.llm_base import budget_for_average
+
     plan = [("none", Budget.parse("auto"))]
     for name in methods:
         method = get(name)
@@ -270,6 +331,12 @@ def run_speed(
             budget = Budget.parse(b)
             if budget.is_auto and not method.supports_auto:
                 continue
+            if getattr(method, "in_llm", False) and not budget.is_auto:  # papers compare in-LLM methods by layer average
+                try:
+                    budget = budget_for_average(method, budget.tokens(bench.adapter.num_patches), bench.adapter.num_patches, FULL_DEPTH)
+                except VTCError as exc:
+                    bench.skipped.append(f"{name}@{b}: {exc}")
+                    continue
             plan.append((name, budget))
     instances = {name: get(name) for name, _ in plan}
     rows = [Row(name, str(b)) for name, b in plan]

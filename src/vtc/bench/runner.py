@@ -24,15 +24,22 @@ from .tasks import Task, TaskSample, load_task
 @dataclass
 class Plan:
     tasks: list[Task]
-    combos: list[tuple[str, Budget]]  # (method, budget)
+    combos: list[tuple[str, Budget | str]]  # (method, budget; chained budgets stay strings like 'auto>64')
     skipped: list[str]  # combos that cannot run (e.g. 'auto' for a method without a dynamic rule)
 
 
 def make_plan(pipe, task_specs: list[str], methods: list[str], budgets: list[str], limit: int | None) -> Plan:
-    """Validate everything before the first sample runs: unknown names and impossible budgets fail here."""
+    """Validate everything before the first sample runs: unknown names and impossible budgets fail here.
+
+    A chained method ('recoverable>fastv') takes the chained budgets ('auto>64'); single methods
+    take the plain ones.
+    """
+    from ..pipeline import resolve
+
     n = pipe.adapter.num_patches
-    parsed = [Budget.parse(b) for b in budgets]
-    for b in parsed:
+    plain = [Budget.parse(b) for b in budgets if ">" not in b]
+    chained = [b for b in budgets if ">" in b]
+    for b in plain:
         if not b.is_auto:
             try:
                 b.tokens(n)
@@ -40,11 +47,18 @@ def make_plan(pipe, task_specs: list[str], methods: list[str], budgets: list[str
                 raise VTCError(f"budget {b}: {exc} (this model has {n} patch tokens per image)") from None
     combos, skipped = [], []
     for name in methods:
-        method = get(name)
         if name == "none":  # the full-token reference runs once, whatever the budgets
             combos.append(("none", Budget.parse("auto")))
             continue
-        for b in parsed:
+        if ">" in name:
+            for b in chained:
+                resolve(name, b, {})  # raises on a bad chain or budget
+                combos.append((name, b))
+            if not chained:
+                skipped.append(f"{name} (a chained method needs chained budgets such as 'auto>64')")
+            continue
+        method = get(name)
+        for b in plain:
             if b.is_auto and not method.supports_auto:
                 skipped.append(f"{name}@auto (no dynamic rule)")
             else:

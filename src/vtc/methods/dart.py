@@ -50,6 +50,7 @@ class Dart(LLMMethod):
     """DART: duplication-aware selection around key-norm pivots, no attention needed (Wen et al. 2025)."""
 
     paper = "arXiv:2502.11494 (EMNLP 2025)"
+    needs = frozenset({"llm_keys", "llm_hidden_states"})
     code = "https://github.com/ZichenWen1/DART"
     pairwise = False
 
@@ -61,7 +62,7 @@ class Dart(LLMMethod):
         return [Stage(self.layer, budget.tokens(n_image))]
 
     def choose(self, index, stages, ctx):
-        keys = ctx.keys(self.layer - 1, ctx.previous, rope=True)
+        keys = ctx.keys(stages[0].layer - 1, ctx.previous, rope=True)
         h = ctx.final_norm(ctx.hidden)
         choices = []
         for b, (img, txt, stage) in enumerate(zip(ctx.image_rows, ctx.text_rows, stages)):

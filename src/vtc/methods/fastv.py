@@ -29,6 +29,7 @@ class FastV(LLMMethod):
     """FastV: prune image tokens after layer K-1 by the last prompt token's attention (Chen et al. 2024)."""
 
     paper = "arXiv:2403.06764 (ECCV 2024)"
+    needs = frozenset({"llm_last_token_attention"})
     code = "https://github.com/pkunlp-icler/FastV"
 
     def __init__(self, layer: int = 2):
@@ -40,5 +41,5 @@ class FastV(LLMMethod):
 
     def choose(self, index, stages, ctx):
         last = [torch.tensor([ctx.last_row])] * len(ctx.image_rows)
-        rows = ctx.attention(self.layer - 1, ctx.previous, last)
+        rows = ctx.attention(stages[0].layer - 1, ctx.previous, last)
         return [Choice(top_rows(row[0, img], img, s.keep)) for row, img, s in zip(rows, ctx.image_rows, stages)]

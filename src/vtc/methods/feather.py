@@ -46,6 +46,7 @@ class Feather(LLMMethod):
     """FEATHER: two late stages, RoPE-free last-token attention + a uniform token grid (Endo et al. 2025)."""
 
     paper = "arXiv:2412.13180 (ICCV 2025)"
+    needs = frozenset({"llm_last_token_attention_no_rope"})
     code = "https://github.com/markendo/FEATHER"
     supports_auto = True
     budget_meaning = "image tokens per layer, averaged over all decoder layers"

@@ -97,3 +97,37 @@ def top_rows(scores: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` rows with the highest scores, back in sequence order (ties: earlier row first)."""
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
     return rows[order].sort().values
+
+
+def budget_for_average(method: LLMMethod, target: float, n_image: int, num_layers: int) -> Budget:
+    """The budget under which ``method`` keeps ``target`` image tokens per layer on average (papers' comparison unit)."""
+    direct = Budget.parse(int(round(target)))
+    try:
+        if abs(average_tokens(method.plan(n_image, num_layers, direct), n_image, num_layers) - target) <= 1:
+            return direct
+    except VTCError:
+        pass
+    lo, hi = 1, n_image  # the budget counts tokens kept after a stage: search the count that gives the average
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if average_tokens(method.plan(n_image, num_layers, Budget.parse(mid)), n_image, num_layers) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return Budget.parse(lo)
+
+
+class PlanOverride(LLMMethod):
+    """Runs ``method``'s selection with a given list of keep counts at layers 1..S (speed measurements on a shallow model)."""
+
+    def __init__(self, method: LLMMethod, keeps: list[int]):
+        self.method, self.keeps = method, keeps
+        self.name = method.name
+
+    def plan(self, n_image, num_layers, budget):
+        if len(self.keeps) + 1 > num_layers:
+            raise VTCError(f"{self.name}: {len(self.keeps)} stages need at least {len(self.keeps) + 1} decoder layers")
+        return [Stage(i + 1, k) for i, k in enumerate(self.keeps)]
+
+    def choose(self, index, stages, ctx):
+        return self.method.choose(index, stages, ctx)

@@ -50,6 +50,7 @@ class PyramidDrop(LLMMethod):
     """PyramidDrop: multi-stage geometric dropping by the last instruction token's attention (Xing et al. 2025)."""
 
     paper = "arXiv:2410.17247 (CVPR 2025)"
+    needs = frozenset({"llm_last_token_attention"})
     code = "https://github.com/Cooperx521/PyramidDrop"
     supports_auto = True
     budget_meaning = "image tokens per layer, averaged over all decoder layers"

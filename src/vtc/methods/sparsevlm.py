@@ -84,6 +84,7 @@ class SparseVLM(LLMMethod):
     """SparseVLM: text-rater attention picks image tokens at three layers, dropped ones recycled (Zhang et al. 2025)."""
 
     paper = "arXiv:2410.04417 (ICML 2025)"
+    needs = frozenset({"llm_rater_attention", "llm_input_embeddings"})
     code = "https://github.com/Gumpest/SparseVLMs"
     budget_meaning = "image tokens per layer, averaged over all decoder layers (the official schedules)"
 
