@@ -105,3 +105,14 @@ def test_run_bad_input_gives_clear_errors(tiny_dirs, tmp_path, extra, message):
     assert result.exit_code == 2
     assert message in result.output.replace("\n", " ")
     assert "Traceback" not in result.output
+
+
+def test_run_chains_a_vision_and_an_in_llm_method(tiny_dirs, tmp_path):
+    llava, clip = tiny_dirs
+    Image.new("RGB", (50, 40), (20, 30, 200)).save(tmp_path / "blue.png")
+    args = ["run", "--model", str(llava), "--clip", str(clip), "--image", str(tmp_path / "blue.png"), "--question", "what is the color ?",
+            "--method", "pool>fastv", "--budget", "8>0.5", "--json", "--max-new-tokens", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "within 1..1" in result.output  # the tiny LLM has 2 layers: FastV's default K=2 is refused
+    bad = runner.invoke(app, args[:-5] + ["--budget", "8", "--json"])
+    assert bad.exit_code == 2 and "two budgets" in bad.output

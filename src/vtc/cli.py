@@ -71,17 +71,16 @@ def run_cmd(
     image: Path = typer.Option(..., "--image", help="Image file."),
     question: str = typer.Option(..., "--question", help="The question about the image."),
     method: str = typer.Option("recoverable", "--method", help="Compression method (see `vtc methods`)."),
-    budget: str = typer.Option("auto", "--budget", help="Tokens to keep: a count (64), a ratio (0.111) or 'auto'."),
+    budget: str = typer.Option("auto", "--budget", help="Tokens to keep: a count (64), a ratio (0.111) or 'auto'; chains: 'auto>64'."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP checkpoint with the text tower (text-guided methods)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Compress one image's tokens with METHOD at BUDGET and answer QUESTION."""
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, resolve
 
     try:
-        get(method)  # fail on an unknown name or budget before loading anything
-        Budget.parse(budget)
+        resolve(method, budget, {})  # fail on an unknown name, chain or budget before loading anything
         pipe = Pipeline.from_pretrained(model, clip=clip)
         [result] = pipe([image], [question], method=method, budget=budget, max_new_tokens=max_new_tokens)
     except VTCError as exc:
