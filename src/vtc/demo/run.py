@@ -19,7 +19,13 @@ DEMO_RUNS = [
     ("prumerge@10%", "prumerge", 0.1),
     ("random@10%", "random", 0.1),
     ("pool@10%", "pool", 0.1),
+    ("fastervlm@10%", "fastervlm", 0.1),
+    ("visionzip@10%", "visionzip", 0.1),
+    ("divprune@10%", "divprune", 0.1),
+    ("fastervlm+text@10%", "fastervlm+text", 0.1),
 ]
+
+MAP_COLUMNS = ["recoverable", "recoverable@10%", "prumerge@10%", "fastervlm@10%", "visionzip@10%", "pool@10%"]
 
 
 def run_demo(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Path = CHECKPOINT, console: Console | None = None) -> dict:
@@ -63,7 +69,7 @@ def write_token_maps(examples: dict, grid, path: Path, count: int = 4) -> None:
     """Token maps of the first few small-target questions, one column per compressed method."""
     from ..viz import token_map, token_map_figure
 
-    labels = [label for label in examples if label != "none"]
+    labels = [label for label in MAP_COLUMNS if label in examples] or [label for label in examples if label != "none"]
     first = examples[labels[0]]
     picks = [i for i, (s, _) in enumerate(first) if s.small_target][:count]
     rows = []
