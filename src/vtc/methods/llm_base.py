@@ -108,12 +108,18 @@ def budget_for_average(method: LLMMethod, target: float, n_image: int, num_layer
     except VTCError:
         pass
     lo, hi = 1, n_image  # the budget counts tokens kept after a stage: search the count that gives the average
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if average_tokens(method.plan(n_image, num_layers, Budget.parse(mid)), n_image, num_layers) < target:
-            lo = mid + 1
-        else:
-            hi = mid
+    try:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if average_tokens(method.plan(n_image, num_layers, Budget.parse(mid)), n_image, num_layers) < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        if abs(average_tokens(method.plan(n_image, num_layers, Budget.parse(lo)), n_image, num_layers) - target) > 1:
+            raise VTCError("no count reaches it")
+    except VTCError:
+        raise VTCError(f"{method.name}: a layer average of {target:g} image tokens is out of reach of its stage layers "
+                       f"(pass earlier ones with layers=...)") from None
     return Budget.parse(lo)
 
 

@@ -149,8 +149,13 @@ class InLLMPruner:
         if isinstance(kwargs.get("position_ids"), torch.Tensor):
             pos = kwargs["position_ids"]
             kwargs["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx)
-        kwargs["attention_mask"] = self._prefill_mask()
+        kwargs["attention_mask"] = None if self._plainly_causal() else self._prefill_mask()
         return kwargs
+
+    def _plainly_causal(self) -> bool:
+        """No dummy rows, no padding, positions increasing along the rows: SDPA's own causal path is exact (and faster)."""
+        rows = self.rows
+        return bool(rows.valid.all() and self.pad.all() and (rows.index[:, 1:] > rows.index[:, :-1]).all())
 
     def _apply(self, choices: list[Choice], hidden: torch.Tensor) -> torch.Tensor:
         """New rows: every non-image real row, the kept image rows, merged tokens after them; left-padded."""
@@ -218,6 +223,8 @@ class InLLMPruner:
     def _decode_mask(self, layer_idx: int) -> torch.Tensor:
         rows = self.layer_rows[layer_idx]
         prompt = rows.valid & self.pad.gather(1, rows.index)
+        if prompt.all():
+            return None  # every cached row is real: one query row may attend to all of them
         new = torch.ones(prompt.shape[0], self.decode_step, dtype=torch.bool)
         return torch.cat([prompt, new], dim=1)[:, None, None, :]
 
