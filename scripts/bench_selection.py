@@ -60,7 +60,7 @@ def main() -> None:
     print(f"stock CLIP ViT-L/14-336 forward, batch 1: {tower:.0f} ms (median)")
     print(f"{'method':<14}" + "".join(f"{f'{b} tok ms':>12}{'% tower':>9}" for b in budgets))
     for name in available():
-        if name in ("none", "downsample"):
+        if name in ("none", "downsample") or getattr(get(name), "in_llm", False):  # in-LLM methods: see vtc speed
             continue
         method = get(name)
         signals = real_shape_signals(method)
