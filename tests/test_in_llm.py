@@ -224,3 +224,34 @@ def test_in_llm_budget_errors_are_clear(deep):
         pipe([random_image(1)], QUESTIONS[:1], method="fastv", budget="auto", layer=2)
     with pytest.raises(VTCError, match="within 1..3"):
         pipe([random_image(1)], QUESTIONS[:1], method="fastv", budget=8, layer=7)
+
+
+def test_single_unpadded_sample_uses_sdpa_causal_path_and_stays_exact(deep):
+    pipe, _ = deep
+    ids, mask, feats = spliced(pipe, [random_image(50, size=(50, 60))], QUESTIONS[:1])
+    assert mask.all()  # one sample: no padding, so pruned layers get attention_mask=None (SDPA is_causal)
+    lm = pipe.model.model.language_model
+    method = Recorder(2, lambda b, img: img[::3])
+    seen = []
+    with torch.no_grad():
+        with InLLMPruner(lm, method, Budget.parse(1.0), ids, mask, pipe.adapter.image_token_id) as pruner:
+            # registered after the pruner's hooks, so it sees the arguments the layer really gets
+            probe = lm.layers[3].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0].shape[1], kw.get("attention_mask"))), with_kwargs=True)
+            pruned = pipe.model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=feats)
+        probe.remove()
+        kept = torch.zeros_like(mask, dtype=torch.bool)
+        kept[0, pruner.rows.index[0]] = True
+        length = ids.shape[1]
+        allowed = (torch.tril(torch.ones(length, length, dtype=torch.bool)) & kept[0][None, :]) | torch.eye(length, dtype=torch.bool)
+
+        def hide(module, args, kwargs):
+            return args, {**kwargs, "attention_mask": allowed[None, None]}
+
+        handles = [layer.register_forward_pre_hook(hide, with_kwargs=True) for layer in lm.layers[2:]]
+        try:
+            reference = pipe.model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=feats)
+        finally:
+            for h in handles:
+                h.remove()
+    assert len(seen) == 1 and seen[0][1] is None and seen[0][0] == pruner.rows.index.shape[1] < length
+    torch.testing.assert_close(pruned.logits[0], reference.logits[0, pruner.rows.index[0]], atol=1e-5, rtol=1e-5)
