@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -187,7 +188,7 @@ class Pipeline:
 
             pruner = InLLMPruner(self.model.model.language_model, llm_method, llm_budget, input_ids, attention_mask, self.adapter.image_token_id)
         start = time.perf_counter()
-        with pruner if pruner is not None else _no_context():
+        with pruner if pruner is not None else nullcontext():
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -245,14 +246,6 @@ def resolve(method, budget, options: dict):
     if isinstance(chosen, LLMMethod):
         return get("none"), Budget.parse("auto"), chosen, Budget.parse(budget)
     return chosen, Budget.parse(budget), None, None
-
-
-class _no_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _generation_times(start: float, stamps: list[float]) -> dict[str, float]:

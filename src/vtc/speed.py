@@ -16,7 +16,7 @@ import os
 import statistics
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,11 +83,6 @@ class _LayerClock:
     def remove(self):
         for h in self._handles:
             h.remove()
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 @contextmanager
@@ -161,6 +156,7 @@ class SpeedBench:
         self.input_ids = torch.cat([text[:half], image, text[half:]])[None].to(self.device)
         self.attention_mask = torch.ones_like(self.input_ids)
         self.skipped: list[str] = []
+        self.stage_plans: dict[tuple[str, str], list[tuple[int, int]]] = {}  # in-LLM (method, budget) -> 32-layer stages
 
     @torch.no_grad()
     def run_once(self, method, budget: Budget, time_tower: bool = False) -> Sample:
@@ -200,7 +196,7 @@ class SpeedBench:
             pruner, stage_layers, tokens = self._pruner(method, budget, ids, mask)
         clock = _LayerClock(self.layers)
         try:
-            with pruner if pruner is not None else _nothing():
+            with pruner if pruner is not None else nullcontext():
                 with peak_memory(d) as peak:
                     t = time.perf_counter()
                     out = self.model(
@@ -242,7 +238,6 @@ class SpeedBench:
         virtual = [bounds[i + 1] - bounds[i] for i in range(len(plan) + 1)]  # 32-layer depth of each stage
         replay = PlanOverride(method, [st.keep for st in plan])
         pruner = InLLMPruner(self.model.model.language_model, replay, Budget.parse(1.0), ids, mask, self.model.config.image_token_id)
-        self.stage_plans = getattr(self, "stage_plans", {})
         self.stage_plans[(method.name, str(budget))] = [(st.layer, st.keep) for st in plan]
         return pruner, virtual, average_tokens(plan, n, FULL_DEPTH)
 
@@ -290,7 +285,7 @@ def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
         tokens = med(x.tokens for x in s)
         e2e_all = [e2e(x) for x in s]
         own = [x.signals_ms - stock_tower + x.select_ms for x in s]  # what the method adds to the stock tower
-        plan = getattr(bench, "stage_plans", {}).get((row.method, row.budget))
+        plan = bench.stage_plans.get((row.method, row.budget))
         cost = request_cost(bench.shape, round(tokens), bench.text_tokens)
         if plan:  # in-LLM: the LLM prefill sees N image tokens until the first stage, fewer after
             cost = staged_cost(bench.shape, bench.adapter.num_patches, plan, bench.text_tokens)

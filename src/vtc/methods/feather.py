@@ -69,7 +69,6 @@ class Feather(LLMMethod):
         if frac < 0:
             least = average_tokens(self._plan(layers, n_image, 1e-4), n_image, num_layers)
             raise VTCError(f"feather: a layer average of {target} tokens is below the {least:.0f} that stages at {list(layers)} allow")
-        self._fraction = frac
         return self._plan(layers, n_image, frac)
 
     def choose(self, index, stages, ctx):

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from .base import AttentionSpec, Budget, VTCError
+from .primitives import top_in_raster_order
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,7 @@ def average_tokens(stages: list[Stage], n_image: int, num_layers: int) -> float:
 
 def top_rows(scores: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` rows with the highest scores, back in sequence order (ties: earlier row first)."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return rows[order].sort().values
+    return rows[top_in_raster_order(scores, k)].sort().values
 
 
 def budget_for_average(method: LLMMethod, target: float, n_image: int, num_layers: int) -> Budget:

@@ -32,8 +32,8 @@ def greedy_max_min(distance: torch.Tensor, k: int, first: int) -> torch.Tensor:
     for i in range(1, k):
         best = int(nearest.argmax())
         picks[i] = best
-        nearest = torch.minimum(nearest, distance[best])
-        nearest[picks[: i + 1]] = -1.0
+        nearest = torch.minimum(nearest, distance[best])  # earlier picks stay at -1
+        nearest[best] = -1.0
     return picks
 
 

@@ -9,7 +9,7 @@ no N x N attention matrix is ever built and eager attention is never needed.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -169,7 +169,7 @@ class LlavaAdapter:
         dtype = self.tower.embeddings.patch_embedding.weight.dtype
         hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=resized))
         features = hidden if self.feature_index == 0 else None
-        with self._capture_qk(attn_layer, capture) if needs_attn else _nothing():
+        with self._capture_qk(attn_layer, capture) if needs_attn else nullcontext():
             for i, layer in enumerate(self.tower.encoder.layers[:depth]):
                 hidden = layer(hidden, None)
                 if i + 1 == self.feature_index:
@@ -237,7 +237,3 @@ class LlavaAdapter:
         """The ``mm_encoder_outputs`` argument that makes stock forward/generate use our tokens."""
         return {"image": BaseModelOutputWithPooling(pooler_output=projected)}
 
-
-@contextmanager
-def _nothing():
-    yield

@@ -118,6 +118,7 @@ class InLLMPruner:
         b, length = input_ids.shape
         self.full = Rows(torch.arange(length).expand(b, length).clone(), self.pad.clone(), image)  # padding is not a real row
         self.rows: Rows | None = None  # None until the first stage prunes
+        self._row_args: dict | None = None  # layer arguments for the current rows (reset when rows change)
         self.layer_rows: dict[int, Rows] = {}
         self.prefilled, self.decode_step, self.embeds = False, 0, None
         self.previous = None
@@ -140,17 +141,22 @@ class InLLMPruner:
         return torch.stack([self.allowed(b, all_rows, all_rows) for b in range(rows.index.shape[0])])[:, None]
 
     def _row_kwargs(self, kwargs: dict) -> dict:
-        """The model's full-length layer arguments, restricted to the current rows."""
-        kwargs = dict(kwargs)
-        idx = self.rows.index
-        cos, sin = kwargs["position_embeddings"]
-        pick = lambda t: t.expand(idx.shape[0], *t.shape[1:]).gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-        kwargs["position_embeddings"] = (pick(cos), pick(sin))
-        if isinstance(kwargs.get("position_ids"), torch.Tensor):
-            pos = kwargs["position_ids"]
-            kwargs["position_ids"] = pos.expand(idx.shape[0], -1).gather(1, idx)
-        kwargs["attention_mask"] = None if self._plainly_causal() else self._prefill_mask()
-        return kwargs
+        """The model's full-length layer arguments, restricted to the current rows.
+
+        Rows change only at stages, so the gathered positions and the mask are built once per
+        stage and reused by every later layer of that stage.
+        """
+        if self._row_args is None:
+            idx = self.rows.index
+            cos, sin = kwargs["position_embeddings"]
+            pick = lambda t: t.expand(idx.shape[0], *t.shape[1:]).gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+            self._row_args = {
+                "position_embeddings": (pick(cos), pick(sin)),
+                "attention_mask": None if self._plainly_causal() else self._prefill_mask(),
+            }
+            if isinstance(kwargs.get("position_ids"), torch.Tensor):
+                self._row_args["position_ids"] = kwargs["position_ids"].expand(idx.shape[0], -1).gather(1, idx)
+        return {**kwargs, **self._row_args}
 
     def _plainly_causal(self) -> bool:
         """No dummy rows, no padding, positions increasing along the rows: SDPA's own causal path is exact (and faster)."""
@@ -185,6 +191,7 @@ class InLLMPruner:
             n = h.shape[0]
             new_h[b, width - n :], index[b, width - n :], valid[b, width - n :], image[b, width - n :] = h, idx, True, img
         self.rows = Rows(index, valid, image)
+        self._row_args = None
         return new_h
 
     # ------------------------------------------------------------------ hooks
