@@ -119,6 +119,14 @@ def make_scene(rng: random.Random) -> tuple[Image.Image, list[Shape]]:
     return image, objects
 
 
+def exists_question(color: str, shape: str) -> str:
+    return f"is there a small {color} {shape} ?"
+
+
+def big_color_question(big: Shape) -> str:
+    return f"what color is the big {big.shape} ?"
+
+
 def make_question(objects: list[Shape], qtype: str, rng: random.Random) -> tuple[str, str, list[Shape]]:
     """(question, answer, the objects the answer depends on) for a scene's objects."""
     small, bigs = objects[-1], objects[:-1]
@@ -132,10 +140,10 @@ def make_question(objects: list[Shape], qtype: str, rng: random.Random) -> tuple
             while (color, shape) == (small.color, small.shape):
                 color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
             answer = "no"
-        return f"is there a small {color} {shape} ?", answer, [small]
+        return exists_question(color, shape), answer, [small]
     if qtype == "big_color":
         big = rng.choice(bigs)
-        return f"what color is the big {big.shape} ?", big.color, [big]
+        return big_color_question(big), big.color, [big]
     if qtype == "big_count":
         return "how many big shapes are there ?", ["zero", "one", "two", "three"][len(bigs)], bigs
     raise ValueError(f"unknown question type '{qtype}'")

@@ -35,7 +35,10 @@ from rich.progress import Progress
 from ..testing import CHAT_TEMPLATE, word_tokenizer
 from PIL import Image, ImageDraw
 
-from .scenes import COLORS, GRID, PATCH, QTYPES, SHAPES, SIZE, caption, cells_of, draw_shape, make_question, make_scene, split_seeds, VOCAB
+from .scenes import (
+    COLORS, GRID, PATCH, QTYPES, SHAPES, SIZE, VOCAB, big_color_question, caption, cells_of, draw_shape, exists_question,
+    make_question, make_scene, split_seeds,
+)
 
 console = Console()
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -191,12 +194,12 @@ def train_clip(clip, tokenizer, steps, batch, seed, progress):
 # ----------------------------------------------------------------------------- LLaVA
 
 
-def build_llava(clip, tokenizer):
+def build_llava(clip, tokenizer, layers: int = 3, hidden: int = 128):
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rope_theta=10000.0,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=512, rope_theta=10000.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
@@ -270,7 +273,26 @@ def describe(objects) -> str:
     return " ".join(caption(o) for o in objects)
 
 
-def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch, seed, progress):
+def contrast_questions(objects, qtype: str, rng: random.Random) -> list[tuple[str, str]]:
+    """Two questions on one image whose answers differ by one word of the question (minimal pairs).
+
+    Yes/no existence is an equality test between a question word and the small object's attribute: no single
+    word predicts the answer, so with independent samples a small LM sits at chance for thousands of steps.
+    Seeing "is there a small red circle ?" -> yes and "... blue circle ?" -> no on the same image isolates
+    exactly that interaction; likewise two "what color is the big X ?" on one image isolate shape binding.
+    """
+    small, bigs = objects[-1], objects[:-1]
+    if qtype == "small_exists":
+        if rng.random() < 0.5:
+            color, shape = rng.choice([c for c in COLORS if c != small.color]), small.shape
+        else:
+            color, shape = small.color, rng.choice([s for s in SHAPES if s != small.shape])
+        return [(exists_question(small.color, small.shape), "yes"), (exists_question(color, shape), "no")]
+    return [(big_color_question(big), big.color) for big in rng.sample(bigs, 2)]
+
+
+def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch, seed, progress,
+                short_fraction=0.5, qtype_weights=(3, 3, 2, 1, 1), contrast=False):
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     n_img = feats.shape[0]
@@ -281,8 +303,11 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
         sched = warmup_cosine(opt, steps, warmup=0.05)
         task = progress.add_task(label, total=steps)
         for step in range(steps):
-            pairs = [sample_pair() for _ in range(batch)]
-            short = label == "instruction tuning" and rng.random() < 0.5
+            pairs = []
+            while len(pairs) < batch:
+                pairs.extend(sample_pair())
+            pairs = pairs[:batch]
+            short = label == "instruction tuning" and rng.random() < short_fraction
             keep = rng.randint(10, 100) if short else None
             x, mask, y = make_batch(llava, tokenizer, feats, pairs, keep, short and rng.random() < 0.25, gen)
             loss = lm_loss(llava, x, mask, y)
@@ -295,13 +320,15 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
 
     def caption_pair():
         i = rng.randrange(n_img)
-        return i, "what is there ?", describe(objects[i])
+        return [(i, "what is there ?", describe(objects[i]))]
 
     def vqa_pair():
         i = rng.randrange(n_img)
-        qtype = rng.choices(QTYPES, weights=(3, 3, 2, 1, 1))[0]
+        qtype = rng.choices(QTYPES, weights=qtype_weights)[0]
+        if contrast and qtype in ("small_exists", "big_color"):
+            return [(i, q, a) for q, a in contrast_questions(objects[i], qtype, rng)]
         q, a, _ = make_question(objects[i], qtype, rng)
-        return i, q, a
+        return [(i, q, a)]
 
     llava.train()
     lm.requires_grad_(False)
