@@ -10,11 +10,20 @@ Stages (the LLaVA recipe, scaled down to 2 CPU cores):
   2. Feature cache: the frozen tower's layer -2 patch states, computed once.
   3. Projector alignment: only the projector learns, on "what is there ?" ->
      the scene's object list.
-  4. Instruction tuning: projector + Llama learn the VQA questions. Half of the
-     batches see a random raster-ordered subset of 10-100 image tokens (a quarter
-     of those also one attention-free mean token of the dropped ones), so the
-     language model has seen short image sequences. This is method-agnostic: no
-     compression method's choice is used in training.
+  4. Instruction tuning: projector + Llama learn the VQA questions (8000 steps).
+     A fifth of the batches (--short-fraction) see a random raster-ordered subset
+     of 10-100 image tokens (a quarter of those also one attention-free mean token
+     of the dropped ones), so the language model has seen short image sequences.
+     This is method-agnostic: no compression method's choice is used in training.
+Where we differ from LLaVA's recipe, and why (the LM here starts from random
+weights, not a pretrained LLM):
+  - minimal pairs (--contrast): an existence question comes with a one-word-changed
+    twin on the same image ("yes" / "no"), a big-colour question with the other
+    big object's; without them the LM answered existence with one constant word.
+  - a word-grounding loss (--grounding) in stages 3-4 points the projected tokens
+    of each object's patches at the LM's embeddings of its colour and shape words,
+    the shared word space a pretrained LLM would bring; it took big-colour
+    questions from 55% to 98% and the whole benchmark from 79% to 93% (test).
 Everything is seeded; the result is saved with save_pretrained.
 """
 
@@ -269,6 +278,24 @@ def lm_loss(llava, x, mask, y):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def grounding_loss(llava, tokenizer, feats, image_ids, labels_of):
+    """Projected tokens of an object's patches point at the LM's embeddings of its colour and shape words.
+
+    Cosine logits (scale 10) against the colour words and, separately, the shape words; background patches are
+    not supervised. This puts image tokens and question words in one space, as a large LM's pretrained word
+    space does for LLaVA, so "is there a small red circle ?" can be answered by matching, not memorised.
+    """
+    words = F.normalize(llava.model.language_model.embed_tokens.weight, dim=-1)
+    tokens = F.normalize(llava.model.multi_modal_projector(feats[image_ids]), dim=-1)  # B, N, D
+    labels = torch.stack([labels_of(i)[0] for i in image_ids])  # B, 3, N: colour, shape, size (0 = background)
+    on_object = labels[:, 0] > 0
+    loss = 0.0
+    for row, names in ((0, list(COLORS)), (1, list(SHAPES))):
+        logits = 10.0 * tokens[on_object] @ words[tokenizer.convert_tokens_to_ids(names)].T
+        loss = loss + F.cross_entropy(logits, labels[:, row][on_object] - 1)
+    return loss
+
+
 def describe(objects) -> str:
     return " ".join(caption(o) for o in objects)
 
@@ -292,8 +319,15 @@ def contrast_questions(objects, qtype: str, rng: random.Random) -> list[tuple[st
 
 
 def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch, seed, progress,
-                short_fraction=0.5, qtype_weights=(3, 3, 2, 1, 1), contrast=False):
+                short_fraction=0.5, qtype_weights=(3, 3, 2, 1, 1), contrast=False, grounding=0.0):
     gen = torch.Generator().manual_seed(seed)
+    patch_labels = {}
+
+    def labels_of(i):
+        if i not in patch_labels:
+            patch_labels[i] = patch_targets(objects[i])
+        return patch_labels[i]
+
     rng = random.Random(seed)
     n_img = feats.shape[0]
     projector, lm = llava.model.multi_modal_projector, llava.model.language_model
@@ -311,6 +345,8 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
             keep = rng.randint(10, 100) if short else None
             x, mask, y = make_batch(llava, tokenizer, feats, pairs, keep, short and rng.random() < 0.25, gen)
             loss = lm_loss(llava, x, mask, y)
+            if grounding:
+                loss = loss + grounding * grounding_loss(llava, tokenizer, feats, sorted({p[0] for p in pairs}), labels_of)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -370,10 +406,19 @@ def main(argv=None):
     parser.add_argument("--clip-steps", type=int, default=2000)
     parser.add_argument("--images", type=int, default=12000, help="training images for the LLaVA stages")
     parser.add_argument("--align-steps", type=int, default=150)
-    parser.add_argument("--tune-steps", type=int, default=6000)
+    parser.add_argument("--tune-steps", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--llm-layers", type=int, default=3)
+    parser.add_argument("--short-fraction", type=float, default=0.2, help="instruction batches on random token subsets")
+    parser.add_argument("--qtype-weights", default="3,3,4,2,1", help=f"training mix of {', '.join(QTYPES)}")
+    parser.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=True, help="minimal-pair questions")
+    parser.add_argument("--grounding", type=float, default=1.0, help="weight of the word-grounding loss (0 = off)")
+    parser.add_argument("--clip", type=Path, default=None, help="reuse this trained CLIP (its folder) instead of stage 1")
     parser.add_argument("--eval", type=int, default=500)
     args = parser.parse_args(argv)
+    weights = tuple(float(w) for w in args.qtype_weights.split(","))
+    if len(weights) != len(QTYPES):
+        parser.error(f"--qtype-weights needs {len(QTYPES)} numbers ({', '.join(QTYPES)}), got {args.qtype_weights!r}")
 
     torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
     torch.set_num_threads(2)
@@ -382,18 +427,26 @@ def main(argv=None):
     times = {}
     with Progress(console=console) as progress:
         t = time.perf_counter()
-        clip = build_clip(clip_tokenizer)
-        train_clip(clip, clip_tokenizer, args.clip_steps, args.batch, args.seed, progress)
+        if args.clip is None:
+            clip = build_clip(clip_tokenizer)
+            train_clip(clip, clip_tokenizer, args.clip_steps, args.batch, args.seed, progress)
+        else:
+            from transformers import CLIPModel
+
+            clip = CLIPModel.from_pretrained(args.clip).eval()
         times["clip_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        llava = build_llava(clip, tokenizer)
+        torch.manual_seed(args.seed + 1)  # the LLaVA stages start from the same state whether CLIP was trained or reused
+        llava = build_llava(clip, tokenizer, layers=args.llm_layers)
         seeds = list(split_seeds("train")[500_000 : 500_000 + args.images])
         feats, objects = cache_features(llava, seeds, 64, progress)
         times["cache_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        train_llava(llava, tokenizer, feats, objects, args.align_steps, args.tune_steps, args.batch, args.seed, progress)
+        train_llava(llava, tokenizer, feats, objects, args.align_steps, args.tune_steps, args.batch, args.seed, progress,
+                    short_fraction=args.short_fraction, qtype_weights=weights, contrast=args.contrast,
+                    grounding=args.grounding)
         times["llava_s"] = time.perf_counter() - t
     save(llava, clip, tokenizer, clip_tokenizer, args.out)
     report = {"seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}, "train_seconds": times,
