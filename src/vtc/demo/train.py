@@ -30,6 +30,7 @@ Everything is seeded; the result is saved with save_pretrained.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import time
@@ -278,20 +279,20 @@ def lm_loss(llava, x, mask, y):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def grounding_loss(llava, tokenizer, feats, image_ids, labels_of):
+def grounding_loss(llava, image_feats, labels, word_ids):
     """Projected tokens of an object's patches point at the LM's embeddings of its colour and shape words.
 
-    Cosine logits (scale 10) against the colour words and, separately, the shape words; background patches are
-    not supervised. This puts image tokens and question words in one space, as a large LM's pretrained word
-    space does for LLaVA, so "is there a small red circle ?" can be answered by matching, not memorised.
+    Cosine logits (scale 10) against the colour words and, separately, the shape words (``word_ids``: the two id
+    lists); ``labels`` is ``patch_targets``' B, 3, N class map, background patches (0) are not supervised. This
+    puts image tokens and question words in one space, as a large LM's pretrained word space does for LLaVA, so
+    "is there a small red circle ?" can be answered by matching, not memorised.
     """
-    words = F.normalize(llava.model.language_model.embed_tokens.weight, dim=-1)
-    tokens = F.normalize(llava.model.multi_modal_projector(feats[image_ids]), dim=-1)  # B, N, D
-    labels = torch.stack([labels_of(i)[0] for i in image_ids])  # B, 3, N: colour, shape, size (0 = background)
+    tokens = F.normalize(llava.model.multi_modal_projector(image_feats), dim=-1)  # B, N, D
     on_object = labels[:, 0] > 0
     loss = 0.0
-    for row, names in ((0, list(COLORS)), (1, list(SHAPES))):
-        logits = 10.0 * tokens[on_object] @ words[tokenizer.convert_tokens_to_ids(names)].T
+    for row, ids in enumerate(word_ids):
+        words = F.normalize(llava.model.language_model.embed_tokens.weight[ids], dim=-1)
+        logits = 10.0 * tokens[on_object] @ words.T
         loss = loss + F.cross_entropy(logits, labels[:, row][on_object] - 1)
     return loss
 
@@ -321,12 +322,8 @@ def contrast_questions(objects, qtype: str, rng: random.Random) -> list[tuple[st
 def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch, seed, progress,
                 short_fraction=0.5, qtype_weights=(3, 3, 2, 1, 1), contrast=False, grounding=0.0):
     gen = torch.Generator().manual_seed(seed)
-    patch_labels = {}
-
-    def labels_of(i):
-        if i not in patch_labels:
-            patch_labels[i] = patch_targets(objects[i])
-        return patch_labels[i]
+    word_ids = [tokenizer.convert_tokens_to_ids(list(names)) for names in (COLORS, SHAPES)]
+    patch_labels = functools.cache(lambda i: patch_targets(objects[i])[0])  # 3, N per training image, drawn once
 
     rng = random.Random(seed)
     n_img = feats.shape[0]
@@ -346,7 +343,9 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
             x, mask, y = make_batch(llava, tokenizer, feats, pairs, keep, short and rng.random() < 0.25, gen)
             loss = lm_loss(llava, x, mask, y)
             if grounding:
-                loss = loss + grounding * grounding_loss(llava, tokenizer, feats, sorted({p[0] for p in pairs}), labels_of)
+                images = sorted({p[0] for p in pairs})
+                labels = torch.stack([patch_labels(i) for i in images])
+                loss = loss + grounding * grounding_loss(llava, feats[images], labels, word_ids)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
