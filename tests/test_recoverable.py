@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.neighbors import LocalOutlierFactor
 
 from vtc.methods import Budget, Origin, Signals, VTCError, get
 from vtc.methods.recoverable import MERGE_NEIGHBOURS, TEXT_WEIGHT, lof_outlier_fraction, split_proportionally
@@ -13,7 +12,7 @@ from vtc.methods.recoverable import MERGE_NEIGHBOURS, TEXT_WEIGHT, lof_outlier_f
 N, D, GRID = 100, 12, (10, 10)
 
 
-def make_signals(seed=0, batch=1):
+def make_signals(seed=0, batch=1, width=D):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, N, generator=g)
     logits[:, [3, 17, 42]] += 6.0  # three visually salient patches
@@ -22,18 +21,34 @@ def make_signals(seed=0, batch=1):
     text[:, [76, 77, 86, 87]] = torch.tensor([0.8, 0.9, 0.8, 0.8])  # the question points at a small object ...
     attn[:, [76, 77, 86, 87]] = attn.min()  # ... that is visually the least salient
     return Signals(
-        features=torch.randn(batch, N, D, generator=g),
+        features=torch.randn(batch, N, width, generator=g),
         grid=GRID,
         cls_attn=attn,
-        keys=torch.randn(batch, N, 8, generator=g),
+        keys=torch.randn(batch, N, width, generator=g),
         text_sim=text,
     )
 
 
-def sklearn_fraction(values):
-    x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
-    labels = LocalOutlierFactor(n_neighbors=min(20, len(x) - 1), contamination="auto").fit_predict(x)
-    return float((labels == -1).mean())
+def naive_lof_fraction(values, k=20):
+    """Local Outlier Factor by its definition (Breunig et al. 2000), outliers at LOF > 1.5 (sklearn's 'auto').
+
+    For each point: its k nearest other points, k-distance, reachability distances, local reachability
+    density; LOF = mean density of the neighbours / own density. Plain loops, no scikit-learn.
+    """
+    x = [float(v) for v in values]
+    n = len(x)
+    k = min(k, n - 1)
+    nbrs, kdist = [], []
+    for i in range(n):
+        order = sorted((abs(x[i] - x[j]), j) for j in range(n) if j != i)[:k]
+        nbrs.append([j for _, j in order])
+        kdist.append(order[-1][0])
+    lrd = []
+    for i in range(n):
+        reach = [max(kdist[j], abs(x[i] - x[j])) for j in nbrs[i]]
+        lrd.append(1.0 / (sum(reach) / k + 1e-10))
+    lof = [sum(lrd[j] for j in nbrs[i]) / k / lrd[i] for i in range(n)]
+    return sum(v > 1.5 for v in lof) / n
 
 
 def test_low_salience_patch_named_by_text_is_recovered():
@@ -58,41 +73,46 @@ def test_lof_sized_counts_match_sklearn():
     [sel] = get("recoverable").select(signals, "auto")
     n_vis, n_txt, n_ctr = sel.info["auto_sizes"]
 
-    r_v = sklearn_fraction(attn.numpy())
+    r_v = naive_lof_fraction(attn.numpy())
     assert math.isclose(sel.info["r_v"], r_v)
     assert n_vis == max(1, int(N * r_v))
     visual = np.argsort(-attn.numpy())[:n_vis]
 
     masked = text.numpy().copy()
     masked[visual] = masked.min()
-    r_t = sklearn_fraction(masked)
+    r_t = naive_lof_fraction(masked)
     assert n_txt == int((N - n_vis) * r_t)
 
     left_mask = np.ones(N, bool)
     left_mask[visual] = False
     order = [i for i in np.argsort(-text.numpy()) if left_mask[i]][:n_txt]
     left_mask[order] = False
-    r_c = sklearn_fraction(attn.numpy()[left_mask])
+    r_c = naive_lof_fraction(attn.numpy()[left_mask])
     assert n_ctr == min(int(left_mask.sum() * r_c), left_mask.sum() - 1)
     counts = sel.counts()
     assert (counts["kept"], counts["recovered"]) == (n_vis, n_txt)
     assert counts["merged"] == n_ctr + 1
 
 
-def naive_merge(signals, kept, centers, original=False):
-    """Step 5 by explicit loops over the published formula."""
+def naive_merge(signals, kept, centers, original=False, with_extra=True):
+    """Step 5 by explicit loops over the published formula; ``centers`` in output order.
+
+    ``original``: leftover-relative positions index the key array (for centres and candidates alike),
+    unnormalised sums. Each centre takes its min(32, L - 1) nearest OTHER leftovers.
+    """
     x, k, a, t = (signals.features[0], signals.keys[0], signals.cls_attn[0], signals.text_sim[0])
     leftovers = [i for i in range(N) if i not in set(kept)]
+    key_of = {j: (k[pos] if original else k[j]) for pos, j in enumerate(leftovers)}
     tokens = []
     for c in centers:
         scored = []
-        for pos, j in enumerate(leftovers):
+        for j in leftovers:
             if j == c:
                 continue
-            kj = k[pos] if original else k[j]
-            cos = float(torch.dot(k[c], kj) / (k[c].norm() * kj.norm()))
+            kc, kj = key_of[c], key_of[j]
+            cos = float(torch.dot(kc, kj) / (kc.norm() * kj.norm()))
             scored.append((cos + TEXT_WEIGHT * float(t[j]), j))
-        nbrs = [j for _, j in sorted(scored, reverse=True)[:MERGE_NEIGHBOURS]]
+        nbrs = [j for _, j in sorted(scored, reverse=True)[: min(MERGE_NEIGHBOURS, len(leftovers) - 1)]]
         if original:
             tok = x[c].clone()
             for j in nbrs:
@@ -102,28 +122,39 @@ def naive_merge(signals, kept, centers, original=False):
             tok = sum(a[m] * x[m] for m in members) / sum(a[m] for m in members)
         tokens.append(tok)
     rest = [j for j in leftovers if j not in set(centers)]
-    if original:
-        tokens.append(sum(a[j] * x[j] for j in rest))
-    else:
-        tokens.append(sum(a[j] * x[j] for j in rest) / sum(a[j] for j in rest))
+    if with_extra and rest:
+        if original:
+            tokens.append(sum(a[j] * x[j] for j in rest))
+        else:
+            tokens.append(sum(a[j] * x[j] for j in rest) / sum(a[j] for j in rest))
     return torch.stack(tokens)
 
 
 @pytest.mark.parametrize("compat", ["intent", "original"])
-def test_merged_tokens_equal_naive_loop(compat):
-    signals = make_signals(seed=5)
-    [sel] = get("recoverable", compat=compat).select(signals, 30)
+@pytest.mark.parametrize("budget", [30, 60, 95, 97, 98, "auto"])
+def test_merged_tokens_equal_naive_loop(compat, budget):
+    signals = make_signals(seed=8, width=64)  # wide enough that the published int(width * r_c) gives centres
+    [sel] = get("recoverable", compat=compat).select(signals, budget)
     kept = sel.kept_indices().tolist()
-    merged_rows = (sel.origin == Origin.MERGED).nonzero().squeeze(1)
-    centers = [int(sel.sources[i][0]) for i in merged_rows[:-1]]
-    assert centers == sorted(centers) and len(centers) > 0
-    # centers are the top leftovers by CLS attention
-    a = signals.cls_attn[0]
     leftovers = [i for i in range(N) if i not in set(kept)]
-    expected_centers = sorted(sorted(leftovers, key=lambda i: -float(a[i]))[: len(centers)])
-    assert centers == expected_centers
+    if budget in (95, 97, 98):
+        assert len(leftovers) <= MERGE_NEIGHBOURS  # fewer leftovers than a centre's neighbour count
+    merged_rows = (sel.origin == Origin.MERGED).nonzero().squeeze(1)
+    centers = sel.info["centres"]
+    a = signals.cls_attn[0]
+    by_attention = sorted(leftovers, key=lambda i: -float(a[i]))[: len(centers)]
+    # centres are the top leftovers by CLS attention: raster order by default, attention order as published
+    assert centers == (by_attention if compat == "original" else sorted(by_attention))
     expected = naive_merge(signals, kept, centers, original=compat == "original")
     torch.testing.assert_close(sel.tokens[merged_rows], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_some_merge_case_has_several_centres():
+    """The merge test above must see several centres, or order and key indexing go unchecked."""
+    signals = make_signals(seed=8, width=64)
+    centres = {c: get("recoverable", compat=c).select(signals, 30)[0].info["centres"] for c in ("intent", "original")}
+    assert min(len(c) for c in centres.values()) >= 2
+    assert centres["original"] != sorted(centres["original"])  # attention order differs from raster order here
 
 
 @pytest.mark.parametrize("budget", [1, 2, 3, 10, 37, 64, 99, 0.05, 0.5])
@@ -162,15 +193,33 @@ def test_split_proportionally_largest_remainder():
     assert sum(split_proportionally(63, [9, 4, 7])) == 63
 
 
-def test_original_compat_sizes_centers_with_hidden_width():
+def test_original_compat_sizes_centers_with_hidden_width_and_ten_neighbours():
     signals = make_signals(seed=4)
     [orig] = get("recoverable", compat="original").select(signals, "auto")
-    [intent] = get("recoverable").select(signals, "auto")
-    assert orig.info["r_c"] == intent.info["r_c"]
-    n_vis, n_txt, _ = orig.info["auto_sizes"]
-    leftovers = N - n_vis - n_txt
-    assert orig.info["auto_sizes"][2] == min(int(D * orig.info["r_c"]), leftovers - 1)
+    n_vis, n_txt, n_ctr = orig.info["auto_sizes"]
+    kept = set(orig.kept_indices().tolist())
+    leftover_attn = [float(signals.cls_attn[0, i]) for i in range(N) if i not in kept]
+    r_c = naive_lof_fraction(leftover_attn, k=10)
+    assert math.isclose(orig.info["r_c"], r_c)
+    assert n_ctr == min(int(D * r_c), len(leftover_attn) - 1)
+    assert orig.counts()["merged"] == n_ctr + (1 if n_ctr else 0)  # published: no centre, no extra token
     assert get("recoverable", compat="original").text_source == "prompt_first_line"
+
+
+def test_original_drops_the_extra_token_only_without_centres_and_only_under_auto():
+    flat = Signals(torch.randn(1, 40, 4), (5, 8), torch.full((1, 40), 1 / 41), torch.randn(1, 40, 4), torch.rand(1, 40))
+    [auto] = get("recoverable", compat="original").select(flat, "auto")
+    assert auto.info["auto_sizes"][2] == 0 and auto.counts()["merged"] == 0
+    [fixed] = get("recoverable", compat="original").select(flat, 10)
+    assert fixed.num_tokens == 10  # a fixed budget stays exact: its extra token is kept
+
+
+def test_original_keeps_no_patch_when_nothing_stands_out():
+    flat = Signals(torch.randn(1, 40, 4), (5, 8), torch.full((1, 40), 1 / 41), torch.randn(1, 40, 4), torch.zeros(1, 40))
+    [orig] = get("recoverable", compat="original").select(flat, "auto")
+    [intent] = get("recoverable").select(flat, "auto")
+    assert orig.counts()["kept"] == 0  # int(N * 0), as published
+    assert intent.counts()["kept"] == 1  # the default keeps at least one
 
 
 def test_lof_fraction_handles_tiny_and_flat_inputs():

@@ -16,11 +16,17 @@ from typing import Any, Sequence
 import torch
 
 from .io import check_question, load_image
-from .methods import Budget, Method, Selection, VTCError, get
+from .methods import Budget, Method, Selection, TextSpec, VTCError, get
 from .models.clip_text import ClipTextScorer
 from .models.llava import LlavaAdapter
 
 LLAVA15_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+# LLaVA-1.5's evaluation conversation (conv_vicuna_v1, the one its eval scripts use): the system sentence first.
+LLAVA15_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAVA15_EVAL_PROMPT = LLAVA15_SYSTEM + " USER: <image>\n{question} ASSISTANT:"
 
 
 @dataclass
@@ -137,21 +143,37 @@ class Pipeline:
     @torch.no_grad()
     def compress(self, inputs, questions: Sequence[str], method: Method, budget: Budget) -> tuple[list[Selection], dict]:
         """Signals + selection for a batch of processor inputs; returns selections and their timings (ms)."""
-        text_queries = None
-        if "text_sim" in method.needs:
-            text_queries = list(questions) if method.text_source == "question" else self.first_prompt_lines(inputs)
+        text_queries = self.text_queries(questions, method.text) if "text_sim" in method.needs else None
         t0 = time.perf_counter()
         grid = method.input_grid(budget, self.adapter.grid)
-        signals = self.adapter.signals(inputs["pixel_values"], method.needs, method.attention, text_queries, grid=grid)
+        signals = self.adapter.signals(
+            inputs["pixel_values"], method.needs, method.attention, text_queries, grid=grid, text=method.text
+        )
         t1 = time.perf_counter()
         selections = method.select(signals, budget)
         t2 = time.perf_counter()
         return selections, {"signals_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3}
 
-    def first_prompt_lines(self, inputs) -> list[str]:
-        """compat='original' of Recoverable Compression: the first line of each formatted prompt."""
-        texts = self.processor.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-        return [next((line for line in t.splitlines() if line.strip()), t).strip() for t in texts]
+    def text_queries(self, questions: Sequence[str], spec: TextSpec) -> list[str]:
+        """The text each image's TEXT_SIM reads: the question, or the first line of LLaVA-1.5's evaluation prompt."""
+        if spec.source == "question":
+            return list(questions)
+        return [self.eval_prompt_first_line(q) for q in questions]
+
+    def eval_prompt_first_line(self, question: str) -> str:
+        """Recoverable Compression's published text query (compat='original').
+
+        LLaVA-1.5's evaluation prompt (system sentence included) tokenized as LLaVA's
+        ``tokenizer_image_token`` does (each side of the image placeholder on its own, one
+        BOS), the placeholder removed, decoded with special tokens kept, cut at the first
+        newline. With a LLaMA tokenizer that is "<s> A chat between ... questions. USER:",
+        the same for every question.
+        """
+        tokenizer = self.processor.tokenizer
+        first, *rest = [tokenizer(chunk).input_ids for chunk in LLAVA15_EVAL_PROMPT.format(question=question).split("<image>")]
+        has_bos = bool(first) and first[0] == tokenizer.bos_token_id
+        ids = first + [i for chunk in rest for i in (chunk[1:] if has_bos else chunk)]
+        return tokenizer.decode(ids, skip_special_tokens=False).split("\n")[0]
 
     @torch.no_grad()
     def generate(

@@ -123,6 +123,30 @@ class AttentionSpec:
     keys: Literal["full", "head_mean"] = "full"
 
 
+@dataclass(frozen=True)
+class TextSpec:
+    """How TEXT_SIM is computed: which text, how CLIP's text tower reads it, how patches are scored against it.
+
+    The defaults are CLIP's own use: the question, pooled at the end token (attention
+    mask on, up to the tower's context), cosine with visual_projection(post_layernorm(
+    final patch states)). Recoverable Compression's published code differs in each
+    field; ``compat="original"`` sets them (see recoverable.py):
+
+    ``source``: ``"question"``, or ``"prompt_first_line"``: the first line of LLaVA-1.5's
+    evaluation prompt decoded with special tokens, the same for every question.
+    ``pooling``: ``"eos"``, or ``"last"``: padded to ``max_length`` and read at the last
+    position, with no attention mask. ``max_length``: None = the tower's context.
+    ``post_layernorm``: apply the vision tower's post_layernorm to the patch states first.
+    ``scaled``: multiply the cosine by projection_dim ** -0.5.
+    """
+
+    source: Literal["question", "prompt_first_line"] = "question"
+    pooling: Literal["eos", "last"] = "eos"
+    max_length: int | None = None
+    post_layernorm: bool = True
+    scaled: bool = False
+
+
 @dataclass
 class Signals:
     """What the adapter computed for a batch of B images with N patch tokens each."""
@@ -313,8 +337,12 @@ class Method:
     code: ClassVar[str] = ""
     # True when the algorithm needs token-token similarity and so builds an N x N matrix (e.g. DivPrune).
     pairwise: ClassVar[bool] = False
-    # Where the question's text for TEXT_SIM comes from: the question itself, or (compat) the prompt's first line.
-    text_source: str = "question"
+    # How TEXT_SIM is computed (which text, pooling, patch-side scoring); only read by methods that need it.
+    text: TextSpec = TextSpec()
+
+    @property
+    def text_source(self) -> str:
+        return self.text.source
 
     def select(self, signals: Signals, budget: Budget) -> list[Selection]:
         """Compress every image of the batch; returns one Selection per image."""

@@ -55,14 +55,19 @@ import warnings
 import torch
 from sklearn.neighbors import LocalOutlierFactor
 
-from .base import AttentionSpec, Budget, Method, Origin, Selection, Signal, Signals, VTCError, register
+from .base import AttentionSpec, Budget, Method, Origin, Selection, Signal, Signals, TextSpec, VTCError, register
 
 LOF_NEIGHBOURS = 20
+ORIGINAL_CENTRE_NEIGHBOURS = 10  # the published code sizes the centres with LOF's function default
 MERGE_NEIGHBOURS = 32
 TEXT_WEIGHT = 50.0
+ORIGINAL_TEXT_MAX_LENGTH = 20  # PretrainedConfig.max_length, which the published text encoder pads to
+PUBLISHED_TEXT = TextSpec(
+    source="prompt_first_line", pooling="last", max_length=ORIGINAL_TEXT_MAX_LENGTH, post_layernorm=False, scaled=True
+)
 
 
-def lof_outlier_fraction(scores: torch.Tensor, n_neighbors: int = LOF_NEIGHBOURS) -> float:
+def lof_outlier_fraction(scores: torch.Tensor, n_neighbors: int = LOF_NEIGHBOURS, dtype=torch.float64) -> float:
     """Fraction of 1-D scores that Local Outlier Factor (contamination 'auto') flags as outliers."""
     n = scores.numel()
     if n < 3:
@@ -70,7 +75,7 @@ def lof_outlier_fraction(scores: torch.Tensor, n_neighbors: int = LOF_NEIGHBOURS
     lof = LocalOutlierFactor(n_neighbors=min(n_neighbors, n - 1), contamination="auto")
     with warnings.catch_warnings():  # ties (e.g. the masked text scores) trigger sklearn's duplicate warning
         warnings.simplefilter("ignore", UserWarning)
-        labels = lof.fit_predict(scores.detach().double().cpu().numpy().reshape(-1, 1))
+        labels = lof.fit_predict(scores.detach().to(dtype).cpu().numpy().reshape(-1, 1))
     return float((labels == -1).mean())
 
 
@@ -92,7 +97,7 @@ def split_proportionally(total: int, sizes: list[int], minimum_first: int = 1) -
 
 
 def top_among(scores: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` candidates with the highest scores."""
+    """The ``count`` candidates with the highest scores, highest first."""
     if count <= 0 or candidates.numel() == 0:
         return candidates[:0]
     return candidates[scores[candidates].topk(min(count, candidates.numel())).indices]
@@ -104,7 +109,9 @@ def complement(n: int, taken: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().squeeze(1)
 
 
-def recover_by_text(text_sim: torch.Tensor, kept: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, float]:
+def recover_by_text(
+    text_sim: torch.Tensor, kept: torch.Tensor, count: int | None = None, lof_dtype=torch.float64
+) -> tuple[torch.Tensor, float]:
     """Step 4: patches the question points at, among those not kept. ``count=None`` sizes it with LOF.
 
     Returns (recovered indices, r_t).
@@ -112,7 +119,7 @@ def recover_by_text(text_sim: torch.Tensor, kept: torch.Tensor, count: int | Non
     n = text_sim.numel()
     masked = text_sim.clone()
     masked[kept] = text_sim.min()
-    r_t = lof_outlier_fraction(masked)
+    r_t = lof_outlier_fraction(masked, dtype=lof_dtype)
     if count is None:
         count = int((n - kept.numel()) * r_t)
     return top_among(text_sim, complement(n, kept), count), r_t
@@ -126,17 +133,22 @@ def merge_leftovers(
     leftovers: torch.Tensor,
     centers: torch.Tensor,
     original: bool = False,
+    extra_needs_centre: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
     """Step 5: each center absorbs its nearest leftovers; one extra token sums up the non-centers.
 
-    Returns (merged tokens, their source patch lists, their anchor patches).
+    ``leftovers`` ascending, ``centers`` among them in output order. ``extra_needs_centre``: the
+    published rule that drops the extra token when there is no centre. Returns (merged tokens,
+    their source patch lists, their anchor patches).
     """
     tokens, sources, anchors = [], [], []
     if centers.numel():
-        # Original code: leftover-relative positions used to index the full key array.
-        cand_keys = keys[: leftovers.numel()] if original else keys[leftovers]
+        if original:  # the published indexing slip: leftover-relative positions index the full key array
+            cand_keys, ctr_keys = keys[: leftovers.numel()], keys[torch.searchsorted(leftovers, centers)]
+        else:
+            cand_keys, ctr_keys = keys[leftovers], keys[centers]
         unit_cand = torch.nn.functional.normalize(cand_keys, dim=-1)
-        unit_ctr = torch.nn.functional.normalize(keys[centers], dim=-1)
+        unit_ctr = torch.nn.functional.normalize(ctr_keys, dim=-1)
         nearness = unit_ctr @ unit_cand.T + TEXT_WEIGHT * text_sim[leftovers][None, :]  # (C, L)
         nearness[leftovers[None, :] == centers[:, None]] = -float("inf")  # not its own neighbour
         m = min(MERGE_NEIGHBOURS, leftovers.numel() - 1)
@@ -152,7 +164,7 @@ def merge_leftovers(
             sources.append(torch.cat([torch.tensor([c]), group]))
             anchors.append(c)
     rest = leftovers[~torch.isin(leftovers, centers)]
-    if rest.numel():
+    if rest.numel() and not (extra_needs_centre and centers.numel() == 0):
         if original:
             token = (attn[rest, None] * features[rest]).sum(0)
         else:
@@ -179,16 +191,36 @@ class RecoverableCompression(Method):
     needs = frozenset({Signal.FEATURES, Signal.CLS_ATTN, Signal.KEYS, Signal.TEXT_SIM})
     attention = AttentionSpec(layer=-1, heads="single", keys="full")
     supports_auto = True
-    paper = "Recoverable Compression: vision token recovery guided by text"
-    code = "published with the paper; see the module docstring for where vtc differs"
+    paper = "Recoverable Compression: vision token recovery guided by text (arXiv:2409.01179)"
+    code = "https://github.com/banjiuyufen/Recoverable-Compression"
 
-    def __init__(self, compat: str = "intent", recover: bool = True, merge: bool = True):
+    def __init__(
+        self,
+        compat: str = "intent",
+        recover: bool = True,
+        merge: bool = True,
+        text_scale: str = "cosine",
+        text_post_layernorm: bool = True,
+        centre_neighbours: int = LOF_NEIGHBOURS,
+        centre_order: str = "raster",
+    ):
         if compat not in ("intent", "original"):
             raise VTCError(f"recoverable: compat must be 'intent' or 'original', got {compat!r}")
+        if text_scale not in ("cosine", "published"):
+            raise VTCError(f"recoverable: text_scale must be 'cosine' or 'published', got {text_scale!r}")
+        if centre_order not in ("raster", "attention"):
+            raise VTCError(f"recoverable: centre_order must be 'raster' or 'attention', got {centre_order!r}")
+        if not isinstance(centre_neighbours, int) or isinstance(centre_neighbours, bool) or centre_neighbours < 1:
+            raise VTCError(f"recoverable: centre_neighbours must be a positive int, got {centre_neighbours!r}")
         self.compat = compat
         self.recover = recover
         self.merge = merge
-        self.text_source = "prompt_first_line" if compat == "original" else "question"
+        if compat == "original":  # every published choice at once; the options below toggle single ones
+            self.text = PUBLISHED_TEXT
+            self.centre_neighbours, self.centre_order = ORIGINAL_CENTRE_NEIGHBOURS, "attention"
+        else:
+            self.text = TextSpec(post_layernorm=text_post_layernorm, scaled=text_scale == "published")
+            self.centre_neighbours, self.centre_order = centre_neighbours, centre_order
         if not recover:
             self.needs = self.needs - {Signal.TEXT_SIM}
 
@@ -196,21 +228,25 @@ class RecoverableCompression(Method):
     def original(self) -> bool:
         return self.compat == "original"
 
+    @property
+    def lof_dtype(self) -> torch.dtype:
+        return torch.float32 if self.original else torch.float64  # the published code runs LOF on float32
+
     def stage_sizes(self, attn: torch.Tensor, text: torch.Tensor | None, width: int) -> tuple[int, int, int, dict]:
         """The auto rule's stage sizes (n_vis, n_txt, n_ctr) and the LOF fractions behind them."""
         n = attn.numel()
-        r_v = lof_outlier_fraction(attn)
-        n_vis = max(1, int(n * r_v))
+        r_v = lof_outlier_fraction(attn, dtype=self.lof_dtype)
+        n_vis = int(n * r_v) if self.original else max(1, int(n * r_v))
         kept = attn.topk(n_vis).indices
         n_txt, r_t = 0, 0.0
         if self.recover:
-            recovered, r_t = recover_by_text(text, kept)
+            recovered, r_t = recover_by_text(text, kept, lof_dtype=self.lof_dtype)
             n_txt = recovered.numel()
             kept = torch.cat([kept, recovered])
         leftovers = complement(n, kept)
         n_ctr, r_c = 0, 0.0
         if self.merge and leftovers.numel() > 1:
-            r_c = lof_outlier_fraction(attn[leftovers])
+            r_c = lof_outlier_fraction(attn[leftovers], self.centre_neighbours, self.lof_dtype)
             n_ctr = min(int((width if self.original else leftovers.numel()) * r_c), leftovers.numel() - 1)
         return n_vis, n_txt, n_ctr, {"r_v": r_v, "r_t": r_t, "r_c": r_c}
 
@@ -240,9 +276,13 @@ class RecoverableCompression(Method):
         merged, sources, anchors = feats[:0], [], []
         if self.merge:
             leftovers = complement(n, kept)
-            centers = top_among(attn, leftovers, n_ctr).sort().values
+            centers = top_among(attn, leftovers, n_ctr)  # highest attention first
+            if self.centre_order == "raster":
+                centers = centers.sort().values
+            info["centres"] = centers.tolist()
             merged, sources, anchors = merge_leftovers(
-                feats, keys, attn, text if text is not None else torch.zeros_like(attn), leftovers, centers, self.original
+                feats, keys, attn, text if text is not None else torch.zeros_like(attn), leftovers, centers,
+                original=self.original, extra_needs_centre=self.original and budget.is_auto,
             )
             if not with_extra and len(sources) > centers.numel():  # fixed budget of 1: no room for the extra token
                 merged, sources, anchors = merged[:-1], sources[:-1], anchors[:-1]
@@ -269,7 +309,7 @@ class WithTextRecovery(Method):
         self.needs = base.needs | {Signal.TEXT_SIM}
         self.attention = base.attention
         self.supports_auto = base.supports_auto
-        self.text_source = base.text_source
+        self.text = base.text
 
     def select_one(self, signals: Signals, budget: Budget) -> Selection:
         feats, text = signals.features[0], signals.text_sim[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..methods.base import VTCError
+from ..methods.base import TextSpec, VTCError
 
 _VISUAL_KEYS = {
     "visual_projection.weight": "projection",
@@ -70,21 +70,37 @@ class ClipTextScorer(torch.nn.Module):
         return cls(text_model, tokenizer, eps=text_model.config.layer_norm_eps, **tensors)
 
     @torch.no_grad()
-    def embed_text(self, queries: list[str]) -> torch.Tensor:
-        """(B, P) unit text embeddings; queries longer than CLIP's context are truncated."""
-        max_len = self.text_model.config.max_position_embeddings
-        batch = self.tokenizer(queries, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        batch = {k: v.to(self.projection.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        return torch.nn.functional.normalize(self.text_model(**batch).text_embeds, dim=-1)
+    def embed_text(self, queries: list[str], spec: TextSpec = TextSpec()) -> torch.Tensor:
+        """(B, P) unit text embeddings; queries longer than ``spec.max_length`` (or CLIP's context) are truncated.
+
+        ``spec.pooling == "last"`` is the published Recoverable Compression reading: every query padded to
+        ``max_length``, the tower run WITHOUT an attention mask, the hidden state at the last position projected.
+        """
+        context = self.text_model.config.max_position_embeddings
+        max_len = min(spec.max_length or context, context)
+        device = self.projection.device
+        if spec.pooling == "last":
+            batch = self.tokenizer(queries, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+            hidden = self.text_model(input_ids=batch["input_ids"].to(device)).last_hidden_state[:, -1]
+            embeds = self.text_model.text_projection(hidden)
+        else:
+            batch = self.tokenizer(queries, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            embeds = self.text_model(**batch).text_embeds
+        return torch.nn.functional.normalize(embeds, dim=-1)
 
     @torch.no_grad()
-    def similarity(self, final_patch_states: torch.Tensor, queries: list[str]) -> torch.Tensor:
-        """(B, N) cosine similarity of each query with each patch of its image."""
+    def similarity(self, final_patch_states: torch.Tensor, queries: list[str], spec: TextSpec = TextSpec()) -> torch.Tensor:
+        """(B, N) cosine similarity of each query with each patch of its image (scaled as ``spec`` says)."""
         if final_patch_states.shape[-1] != self.post_layernorm.weight.shape[0]:
             raise VTCError(
                 f"CLIP checkpoint's vision width {self.post_layernorm.weight.shape[0]} does not match the LLaVA "
                 f"vision tower's {final_patch_states.shape[-1]}: use the CLIP the tower came from"
             )
-        patches = self.post_layernorm(final_patch_states.to(self.projection.dtype)) @ self.projection.T
-        text = self.embed_text(queries)
-        return torch.einsum("bnp,bp->bn", torch.nn.functional.normalize(patches, dim=-1), text)
+        states = final_patch_states.to(self.projection.dtype)
+        if spec.post_layernorm:
+            states = self.post_layernorm(states)
+        patches = states @ self.projection.T
+        text = self.embed_text(queries, spec)
+        sim = torch.einsum("bnp,bp->bn", torch.nn.functional.normalize(patches, dim=-1), text)
+        return sim * patches.shape[-1] ** -0.5 if spec.scaled else sim

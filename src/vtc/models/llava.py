@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..methods.base import AttentionSpec, Selection, Signal, Signals, VTCError
+from ..methods.base import AttentionSpec, Selection, Signal, Signals, TextSpec, VTCError
 from .clip_text import ClipTextScorer
 
 
@@ -145,11 +145,12 @@ class LlavaAdapter:
         attention: AttentionSpec,
         text_queries: list[str] | None = None,
         grid: tuple[int, int] | None = None,
+        text: TextSpec = TextSpec(),
     ) -> Signals:
         """Run the vision tower once, only as deep as needed, and compute the declared signals.
 
         ``grid``: run the tower on the image downsampled to that patch grid (position
-        embeddings interpolated), for methods that shrink the input.
+        embeddings interpolated), for methods that shrink the input. ``text``: how TEXT_SIM is scored.
         """
         if not torch.isfinite(pixel_values).all():
             raise VTCError("pixel_values contain NaN or inf")
@@ -191,7 +192,7 @@ class LlavaAdapter:
                 keys = keys.reshape(*keys.shape[:2], self.num_heads, -1).mean(2)
             out.keys = keys
         if needs_text:
-            out.text_sim = self.text_scorer.similarity(hidden[:, 1:], text_queries)
+            out.text_sim = self.text_scorer.similarity(hidden[:, 1:], text_queries, text)
         if Signal.PROJECTED in needs:
             out.projected = self.projector(out.features)
         out.validate()
