@@ -50,6 +50,7 @@ def main() -> None:
                 task = progress.add_task(f"{name} @ {budget}", total=len(samples))
                 score = run_method(pipe, samples, get("recoverable", **options), budget, progress=progress, task=task)
                 rows.append({"variant": name, "options": options, "budget": budget, **score.summary()})
+                progress.console.print(f"{name} @ {budget}: {rows[-1]['accuracy']}% ({rows[-1]['mean_tokens']} tokens)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"questions": len(samples), "rows": rows}, indent=1))
     print(f"\n{len(samples)} questions ({args.test} test split + {args.extra} outside every split)\n")

@@ -90,3 +90,24 @@ def test_selection_and_merge_equal_the_published_tokens(parity_pipe, published):
         torch.testing.assert_close(sel.tokens, case["tokens"], atol=1e-4, rtol=1e-4)
         centres.add(sel.info["auto_sizes"][2])
     assert max(centres) >= 2  # the fixtures exercise centre order and the centres' key indexing
+
+
+def test_original_runs_end_to_end_through_the_pipeline(tiny_pipe, images, monkeypatch):
+    """pipe(..., compat="original"): the text scorer reads the evaluation prompt's first line, generate() runs on K."""
+    seen = []
+    similarity = type(tiny_pipe.adapter.text_scorer).similarity
+
+    def recording(self, states, queries, spec):
+        seen.append((list(queries), spec))
+        return similarity(self, states, queries, spec)
+
+    monkeypatch.setattr(type(tiny_pipe.adapter.text_scorer), "similarity", recording)
+    questions = ["what is the color ?", "how many circle ?", "is there a red square ?"]
+    results = tiny_pipe(images, questions, method="recoverable", budget="auto", compat="original", max_new_tokens=2)
+    [(queries, spec)] = seen
+    assert spec == PUBLISHED_TEXT
+    assert queries == [tiny_pipe.eval_prompt_first_line(q) for q in questions]
+    assert all(q.split()[:3] == ["<unk>", "<unk>", "<unk>"] for q in queries)  # the system sentence comes first
+    for r in results:
+        assert r.tokens_after == r.selection.num_tokens < r.tokens_before
+        assert r.text is not None
