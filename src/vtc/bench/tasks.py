@@ -102,8 +102,9 @@ def _parse_json(text: str):
 
 def _read_json(path: Path, root: type, what: str):
     """The JSON document in ``path``; its root must be of type ``root`` (``what`` describes the expected file)."""
+    text = _read_text(path)  # outside the try: its VTCError is a ValueError too
     try:
-        data = _parse_json(_read_text(path))
+        data = _parse_json(text)
     except json.JSONDecodeError as exc:
         raise VTCError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); expected {what}") from None
     except ValueError as exc:
@@ -280,6 +281,7 @@ def textvqa(path: Path, limit: int | None = None) -> Task:
     for n, row in enumerate(data[:limit]):
         qid = _id_or(row, "question_id", f"#{n + 1}")
         try:
+            _ident(row, "question_id")  # a positional id would do, but a mistyped one says the record is off
             samples.append(TaskSample(qid, _question(row) + SHORT, _texts(row, "answers"), _image_for(index, path, _ident(row, "image_id"))))
         except Malformed as exc:
             samples.append(_failed(qid, f"{dfile.name}: question {qid}: {exc}"))
@@ -353,9 +355,9 @@ def pope_aggregate(records: list[dict]) -> dict:
     return {"score": round(sum(f1) / len(f1), 2) if f1 else float("nan"), "splits": out, "failed": sum(r.get("error") is not None for r in records)}
 
 
-def _mme_file(txt: Path, task_dir: Path) -> list[TaskSample]:
+def _mme_file(txt: Path, task_dir: Path, images: dict[str, Path]) -> list[TaskSample]:
     stem = txt.stem
-    image = next((p for p in sorted(task_dir.rglob("*")) if p.stem == stem and p.suffix.lower() in (".jpg", ".jpeg", ".png")), task_dir / f"{stem}.jpg")
+    image = images.get(stem, task_dir / f"{stem}.jpg")  # missing -> load error
     meta = {"subtask": task_dir.name, "image": stem}
     samples = []
     for n, line in _lines(txt):
@@ -372,8 +374,12 @@ def _mme_file(txt: Path, task_dir: Path) -> list[TaskSample]:
 def mme(path: Path, limit: int | None = None) -> Task:
     samples = []
     for task_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+        images: dict[str, Path] = {}
+        for p in sorted(task_dir.rglob("*")):
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                images.setdefault(p.stem, p)
         for txt in sorted(task_dir.rglob("*.txt")):
-            samples += _mme_file(txt, task_dir)
+            samples += _mme_file(txt, task_dir, images)
     if not samples:
         raise VTCError(f"no MME subtask folders with question files under {path}")
     return Task("mme", samples[:limit], lambda p, s: float(metrics.yes_no(p) == s.answer), mme_aggregate, 8)
