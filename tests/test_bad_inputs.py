@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -32,7 +32,7 @@ from vtc.bench.tasks import load_task
 from vtc.io import check_question, load_image
 from vtc.methods import Budget, VTCError
 
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ----------------------------------------------------------------------------- builders of official-format data
@@ -205,6 +205,9 @@ def test_a_byte_order_mark_is_accepted(tmp_path, name):
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     task = load_task(f"{name}={root}")
     assert [(s.id, s.error) for s in task.samples] == [(VALID_ID[name], None)]
+    offset = _latin1(path)  # the offset of a bad byte counts the mark's 3 bytes
+    with pytest.raises(VTCError, match=f"byte 0xe9 at offset {offset} "):
+        load_task(f"{name}={root}")
 
 
 def test_no_tasks_is_a_clear_error():
@@ -350,10 +353,26 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
 
 
-def records(keys, texts=("yes", "no", "What is it?", "abc", "7", "image.png")):
-    """JSON values, and objects built from the loader's own keys with values of any JSON type (likely and unlikely)."""
-    value = json_values | st.sampled_from(texts) | st.lists(st.sampled_from(texts) | st.builds(lambda t: {"answer": t}, st.sampled_from(texts)), max_size=3)
-    return json_values | st.dictionaries(st.sampled_from(keys), value, max_size=len(keys)) | st.fixed_dictionaries({k: value for k in keys})
+ODD_VALUES = st.sampled_from(["", " ", "maybe", "Yes", "E", "<image>", "nan", 2, -1, 1, True, None, [], ["a", 1], [{"answer": 3}], {}])
+
+
+def records(valid: dict, id_key: str | None = None):
+    """Mostly the valid record with one field replaced by any JSON value (or dropped); also any JSON value at all.
+
+    A near-valid record takes a new id from a small range (so ids sometimes collide) unless its id is the field replaced.
+    """
+    value = st.one_of(ODD_VALUES, ODD_VALUES, ODD_VALUES, json_values)
+
+    def mutate(key, new, drop, fresh):
+        row = {**valid, key: new}
+        if drop:
+            del row[key]
+        if id_key and key != id_key:
+            row[id_key] = type(valid[id_key])(fresh)
+        return row
+
+    near_valid = st.builds(mutate, st.sampled_from(sorted(valid)), value, st.booleans(), st.integers(100, 104))
+    return near_valid | near_valid | near_valid | json_values
 
 
 def _check_loaded(task, valid_id):
@@ -368,6 +387,8 @@ def _check_loaded(task, valid_id):
         assert check_question(sample.question, sample.id)
         for prediction in ("yes", "B", "red", ""):
             assert 0.0 <= task.score(prediction, sample) <= 1.0
+        if isinstance(sample.answer, str):  # a usable record can be answered right (e.g. its letter is one of its options)
+            assert task.score(sample.answer, sample) == 1.0
 
 
 def _load_with(name, build, *args):
@@ -378,49 +399,61 @@ def _load_with(name, build, *args):
         return task
 
 
-@FAST
-@given(question=records(["image_id", "question", "question_id"]), annotation=records(["question_id", "answers"]))
-def test_any_vqav2_record(question, annotation):
-    _load_with("vqav2", vqav2_dir, [question], [annotation])
+VALID_GQA = {"imageId": "n1", "question": "Is it red?", "answer": "yes"}
+VALID_TEXTVQA = {"question_id": 1, "question": "What does it say?", "image_id": "abc", "answers": ["stop"] * 10}
 
 
 @FAST
-@given(qid=st.text(min_size=1, max_size=4), row=records(["imageId", "question", "answer"]))
-def test_any_gqa_record(qid, row):
-    _load_with("gqa", gqa_dir, {qid: row})
+@given(questions=st.lists(records(VALID_VQA_Q, "question_id"), min_size=1, max_size=8), annotations=st.lists(records(VALID_VQA_A, "question_id"), min_size=1, max_size=8))
+def test_any_vqav2_record(questions, annotations):
+    _load_with("vqav2", vqav2_dir, questions, annotations)
 
 
 @FAST
-@given(row=records(["question_id", "question", "image_id", "answers"]))
-def test_any_textvqa_record(row):
-    _load_with("textvqa", textvqa_dir, [row])
+@given(rows=st.dictionaries(st.sampled_from(["q2", "q3"]) | st.text(min_size=1, max_size=4), records(VALID_GQA), min_size=1, max_size=8))
+def test_any_gqa_record(rows):
+    _load_with("gqa", gqa_dir, {k: v for k, v in rows.items() if k != "q1"})
 
 
 @FAST
-@given(line=records(["question_id", "image", "text", "label"]).map(json.dumps) | st.text(max_size=40))
-def test_any_pope_line(line):
-    _load_with("pope", pope_dir, [line])
+@given(rows=st.lists(records(VALID_TEXTVQA, "question_id"), min_size=1, max_size=8))
+def test_any_textvqa_record(rows):
+    _load_with("textvqa", textvqa_dir, rows)
 
 
 @FAST
-@given(line=st.text(max_size=40) | st.tuples(st.text(max_size=20), st.sampled_from(["Yes", "no", "maybe", "", " YES "])).map("\t".join))
-def test_any_mme_line(line):
-    _load_with("mme", mme_dir, [line])
+@given(lines=st.lists(records(VALID_POPE, "question_id").map(json.dumps) | st.text(max_size=40), min_size=1, max_size=8))
+def test_any_pope_line(lines):
+    _load_with("pope", pope_dir, lines)
 
 
 @FAST
-@given(problem=records(["question", "choices", "answer", "hint", "image"]), entry=json_values)
-def test_any_scienceqa_problem(problem, entry):
-    _load_with("scienceqa_img", scienceqa_dir, {"9": problem}, ["7", "9", entry])
-
-
-cells = st.text(max_size=10) | st.sampled_from(["nan", "", "A", "B", "4", "What?"])
+@given(lines=st.lists(st.text(max_size=40) | st.tuples(st.text(max_size=20) | ODD_VALUES.map(str), st.sampled_from(["Yes", "no", "maybe", "", " YES "])).map("\t".join),
+                      min_size=1, max_size=8))
+def test_any_mme_line(lines):
+    _load_with("mme", mme_dir, lines)
 
 
 @FAST
-@given(row=st.lists(cells, min_size=0, max_size=11), image=st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()) | cells)
-def test_any_mmbench_row(row, image):
-    task = _load_with("mmbench", mmbench_dir, [row[:9] + [image] + row[9:]])
+@given(problems=st.lists(records(VALID_SQA), min_size=1, max_size=8), entry=json_values | st.just("7"))
+def test_any_scienceqa_problem(problems, entry):
+    pids = [str(8 + i) for i in range(len(problems))]
+    _load_with("scienceqa_img", scienceqa_dir, dict(zip(pids, problems)), ["7", *pids, entry])
+
+
+cells = st.text(max_size=10) | st.sampled_from(["nan", "", "A", "B", "E", "3", "4", "What?", "abc", base64.b64encode(b"not an image").decode()])
+
+
+def _near_valid_row(column, cell, extra, short):
+    row = [*VALID_MMB[:column], cell, *VALID_MMB[column + 1 :]] + extra
+    return row[: column + 1] if short else row
+
+
+@FAST
+@given(rows=st.lists(st.builds(_near_valid_row, st.integers(0, len(VALID_MMB) - 1), cells, st.lists(cells, max_size=2), st.booleans()),
+                     min_size=1, max_size=8))
+def test_any_mmbench_row(rows):
+    task = _load_with("mmbench", mmbench_dir, rows)
     for sample in task.samples[1:]:
         if sample.error is None:  # a row that parses: its image is a clear error or an image, never a traceback
             try:
@@ -433,6 +466,10 @@ def test_any_mmbench_row(row, image):
 
 
 @settings(max_examples=200, deadline=None)
+@example(1.0).via("a ratio of 1 stays a ratio")
+@example("1.0").via("a ratio of 1 stays a ratio")
+@example(0).via("zero tokens")
+@example("0.5%").via("a small percentage")
 @given(st.one_of(st.text(max_size=12), st.integers(-10, 2**53), st.floats(), st.booleans(), st.none(),
                  st.from_regex(r"\s*-?\d{0,4}(\.\d{0,4})?(e-?\d)?%?\s*", fullmatch=True)))
 def test_any_budget_parses_or_is_refused_clearly(value):
@@ -462,7 +499,7 @@ def test_any_budget_parses_or_is_refused_clearly(value):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.text(max_size=30) | st.text(alphabet=st.characters(min_codepoint=0xD700, max_codepoint=0xE100), max_size=5)
+@given(st.text(max_size=30) | st.lists(st.integers(0xD780, 0xE020).map(chr), max_size=5).map("".join)
        | st.builds(lambda a, b: a + "<image>" + b, st.text(max_size=5), st.text(max_size=5)) | st.integers() | st.none())
 def test_any_question_is_checked_or_refused(question):
     try:
@@ -472,6 +509,7 @@ def test_any_question_is_checked_or_refused(question):
         assert not isinstance(question, str) or not question.strip() or "<image>" in question or any(0xD800 <= ord(c) <= 0xDFFF for c in question)
         return
     assert text == question.strip() and text and "<image>" not in text
+    text.encode("utf-8")  # what a tokenizer needs
 
 
 @settings(max_examples=15, deadline=None)
@@ -503,37 +541,47 @@ def _image_of(mode: str, width: int, height: int, seed: int) -> Image.Image:
 MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "I;16", "I", "F", "LAB", "HSV"]
 
 
-@settings(max_examples=60, deadline=None)
-@given(mode=st.sampled_from(MODES), width=st.integers(1, 40), height=st.integers(1, 40), seed=st.integers(0, 2**16),
-       fmt=st.sampled_from([None, "PNG", "TIFF", "JPEG", "BMP", "GIF", "WEBP"]), cut=st.none() | st.floats(0, 0.99))
-def test_any_image_loads_as_rgb_or_is_refused(tmp_path_factory, mode, width, height, seed, fmt, cut):
+@settings(max_examples=40, deadline=None)
+@given(mode=st.sampled_from(MODES) | st.sampled_from(["RGBA", "I;16", "F"]), width=st.integers(1, 40), height=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_any_image_mode_and_size_loads_as_rgb_or_is_refused(mode, width, height, seed):
     image = _image_of(mode, width, height, seed)
-    source = image
-    if fmt is not None:
-        buf = io.BytesIO()
-        try:
-            image.save(buf, format=fmt)
-        except (OSError, ValueError, KeyError):
-            return  # PIL cannot write this mode in this format
-        data = buf.getvalue()[: None if cut is None else int(len(buf.getvalue()) * cut)]
-        source = data if seed % 2 else put(tmp_path_factory.mktemp("img") / f"x.{fmt.lower()}", data)  # bytes or a file
     try:
-        out = load_image(source)
+        out = load_image(image)
     except VTCError as exc:
-        assert "image" in str(exc)
-        assert width < 2 or height < 2 or cut is not None, f"a whole {mode} {fmt} {width}x{height} image was refused: {exc}"
+        assert (width < 2 or height < 2) and "at least 2x2" in str(exc), exc
         return
     assert width >= 2 and height >= 2, "an image under 2x2 was accepted"
     assert out.mode == "RGB" and out.size == (width, height)
-    if fmt is None and mode == "RGBA":  # composited on white, by the alpha-over formula
+    if mode == "RGBA":  # composited on white, by the alpha-over formula
         rgba = np.asarray(image, dtype=np.float64)
         expected = rgba[..., :3] * rgba[..., 3:] / 255 + 255 * (1 - rgba[..., 3:] / 255)
         assert np.abs(np.asarray(out, dtype=np.float64) - expected).max() <= 1.0
-    if fmt is None and mode == "I;16" and np.ptp(np.asarray(image)) > 0:  # rescaled from its own min..max
+    if mode in ("I;16", "I", "F") and np.ptp(np.asarray(image)) > 0:  # rescaled from its own min..max, not clipped
         values, grey = np.asarray(image), np.asarray(out)[..., 0]
         assert grey[values == values.min()].max() == 0 and grey[values == values.max()].min() == 255
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
+@settings(max_examples=40, deadline=None)
+@given(mode=st.sampled_from(MODES), width=st.integers(2, 40), height=st.integers(2, 40), seed=st.integers(0, 2**16),
+       fmt=st.sampled_from(["PNG", "TIFF", "JPEG", "BMP", "GIF", "WEBP"]), cut=st.none() | st.floats(0, 0.99))
+def test_any_image_file_loads_as_rgb_or_is_refused(tmp_path_factory, mode, width, height, seed, fmt, cut):
+    buf = io.BytesIO()
+    try:
+        _image_of(mode, width, height, seed).save(buf, format=fmt)
+    except (OSError, ValueError, KeyError):
+        return  # PIL cannot write this mode in this format
+    data = buf.getvalue()[: None if cut is None else int(len(buf.getvalue()) * cut)]
+    source = data if seed % 2 else put(tmp_path_factory.mktemp("img") / f"x.{fmt.lower()}", data)  # bytes or a file
+    try:
+        out = load_image(source)
+    except VTCError as exc:
+        assert "cannot be read" in str(exc) and cut is not None, f"a whole {mode} {fmt} image was refused: {exc}"
+        return
+    assert out.mode == "RGB" and out.size == (width, height)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
 @settings(max_examples=60, deadline=None)
 @given(magic=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBP", b"II*\x00"]),
        body=st.binary(max_size=200))
@@ -577,7 +625,7 @@ def test_explicit_image_faults(tmp_path):
     palette = Image.new("P", (4, 4), 1)
     palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     palette.info["transparency"] = 1  # the only colour used is transparent: a viewer shows white
-    assert set(load_image(palette).getdata()) == {(255, 255, 255)}
+    assert (np.asarray(load_image(palette)) == 255).all()
 
 
 # ----------------------------------------------------------------------------- one writer per store
@@ -601,9 +649,10 @@ def test_a_refusal_in_any_process_refuses_the_whole_run(tiny_pipe, tmp_path, mon
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, "result store is busy (pid 1)"]))
-    with pytest.raises(VTCError, match=r"busy \(pid 1\)"):
+    with pytest.raises(VTCError, match=r"busy \(pid 1\)") as refused:
         BenchRunner(tiny_pipe, tmp_path, process_index=0, num_processes=2)
-    ResultStore(tmp_path, shard=0).close()  # not left locked
+    ResultStore(tmp_path, shard=0).close()  # not left locked, even while the error (and its frames) is still held
+    assert refused.value
 
 
 def test_concurrent_runs_leave_one_record_per_sample_and_a_killed_holder_does_not_block(tiny_dirs, tiny_pipe, tmp_path):
@@ -612,7 +661,7 @@ def test_concurrent_runs_leave_one_record_per_sample_and_a_killed_holder_does_no
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "shared"
     cmd = [sys.executable, "-m", "vtc.cli", "bench", "--model", str(tiny_dirs[0]), "--clip", str(tiny_dirs[1]), "--tasks", "synthetic",
-           "--methods", "none,random", "--budgets", "4", "--limit", "20", "--batch-size", "2", "--out", str(out)]
+           "--methods", "none,random", "--budgets", "4", "--limit", "40", "--batch-size", "2", "--out", str(out)]
     runs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     holder, deadline = None, time.time() + 240
     while holder is None and time.time() < deadline:
@@ -621,6 +670,7 @@ def test_concurrent_runs_leave_one_record_per_sample_and_a_killed_holder_does_no
         except (OSError, ValueError, KeyError):
             time.sleep(0.02)
     try:
+        assert holder in [run.pid for run in runs], "neither run took the store's lock"
         os.kill(holder, signal.SIGSTOP)  # hold it mid-run, so the other surely meets its lock
         winner, loser = sorted(runs, key=lambda p: p.pid != holder)
         _, err = loser.communicate(timeout=240)
@@ -631,8 +681,8 @@ def test_concurrent_runs_leave_one_record_per_sample_and_a_killed_holder_does_no
             run.kill()  # SIGKILL: the holder dies holding the lock
             run.communicate()
     assert json.loads((out / "results.0.lock").read_text())["pid"] == holder  # the stale lock file is still there
-    plan = make_plan(tiny_pipe, ["synthetic"], ["none", "random"], ["4"], 20)
+    plan = make_plan(tiny_pipe, ["synthetic"], ["none", "random"], ["4"], 40)
     BenchRunner(tiny_pipe, out, batch_size=2).run(plan)  # not blocked; resumes what the killed run left
     lines = [line for line in (out / "results.0.jsonl").read_text().splitlines()]
     keys = [record_key(json.loads(line)) for line in lines]
-    assert len(keys) == len(set(keys)) == 2 * 20  # one record per sample, none twice
+    assert len(keys) == len(set(keys)) == 2 * 40  # one record per sample, none twice
