@@ -353,7 +353,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
 
 
-ODD_VALUES = st.sampled_from(["", " ", "maybe", "Yes", "E", "<image>", "nan", 2, -1, 1, True, None, [], ["a", 1], [{"answer": 3}], {}])
+ODD_VALUES = st.sampled_from(["", " ", "maybe", "Yes", "E", "<image>", "nan", "²", "9" * 5000, 2, -1, 1, True, None, [], ["a", 1], [{"answer": 3}], {}])
 
 
 def records(valid: dict, id_key: str | None = None):

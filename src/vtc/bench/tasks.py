@@ -138,7 +138,7 @@ def _image_index(root: Path) -> dict[str, Path]:
     for path in root.rglob("*"):
         if path.suffix.lower() in (".jpg", ".jpeg", ".png"):
             index.setdefault(path.stem, path)
-            digits = re.search(r"(\d+)$", path.stem)
+            digits = re.search(r"(?<!\d)(\d{1,18})$", path.stem, re.ASCII)
             if digits:
                 index.setdefault(str(int(digits.group(1))), path)
     return index
@@ -146,7 +146,8 @@ def _image_index(root: Path) -> dict[str, Path]:
 
 def _image_for(index: dict[str, Path], root: Path, key) -> Path:
     key = str(key)
-    return index.get(key) or index.get(str(int(key)) if key.isdigit() else key) or root / f"{key}.jpg"  # missing -> load error
+    number = str(int(key)) if re.fullmatch(r"\d{1,18}", key, re.ASCII) else key  # not '²' or 5000 digits: int() refuses those
+    return index.get(key) or index.get(number) or root / f"{key}.jpg"  # missing -> load error
 
 
 # ----------------------------------------------------------------------------- reading records (malformed -> recorded failure)
