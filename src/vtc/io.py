@@ -8,11 +8,18 @@ Image modes are converted, never refused, as follows:
     min..max to 0..255 (PIL's plain convert would clip them), then RGB.
 Refused: files that cannot be opened or are truncated, images smaller than 2x2,
 images larger than 100 megapixels (decompression bombs), animated files are read
-at their first frame.
+at their first frame. An image may also be given as the bytes of an encoded file
+(e.g. MMBench's base64 images, decoded).
+
+Questions must be non-empty text of at most 4000 characters, valid Unicode (no lone
+surrogates, which no tokenizer can encode) and without LLaVA's image placeholder
+``<image>`` (the processor would count it as a second image).
 """
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +30,20 @@ from .methods.base import VTCError
 MAX_PIXELS = 100_000_000
 MIN_SIDE = 2
 MAX_QUESTION_CHARS = 4000
+IMAGE_PLACEHOLDER = "<image>"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def load_image(image: "str | Path | Image.Image", name: str | None = None) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image, converted as the module docstring says."""
+def load_image(image: "str | Path | bytes | Image.Image", name: str | None = None) -> Image.Image:
+    """An RGB PIL image from a path, the bytes of an image file or a PIL image, converted as the module docstring says."""
     label = name or (str(image) if isinstance(image, (str, Path)) else "image")
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise VTCError(f"image '{label}': no such file")
-        try:
-            with Image.open(path) as opened:
-                if opened.width * opened.height > MAX_PIXELS:
-                    raise VTCError(f"image '{label}': {opened.width}x{opened.height} is over {MAX_PIXELS:,} pixels")
-                opened.load()  # decode now so truncation is caught here, not later
-                image = opened.copy()
-        except VTCError:
-            raise
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise VTCError(f"image '{label}' cannot be read (not an image, or truncated): {exc}") from None
+        image = _decode(path, label)
+    elif isinstance(image, (bytes, bytearray)):
+        image = _decode(io.BytesIO(image), label)
     if not isinstance(image, Image.Image):
         raise VTCError(f"{label}: expected a file path or a PIL image, got {type(image).__name__}")
     if image.width < MIN_SIDE or image.height < MIN_SIDE:
@@ -49,6 +51,20 @@ def load_image(image: "str | Path | Image.Image", name: str | None = None) -> Im
     if image.width * image.height > MAX_PIXELS:
         raise VTCError(f"image '{label}': {image.width}x{image.height} is over {MAX_PIXELS:,} pixels")
     return to_rgb(image)
+
+
+def _decode(source, label: str) -> Image.Image:
+    """Open and fully decode an image file (a path or a binary stream), refusing bombs and truncated files."""
+    try:
+        with Image.open(source) as opened:
+            if opened.width * opened.height > MAX_PIXELS:
+                raise VTCError(f"image '{label}': {opened.width}x{opened.height} is over {MAX_PIXELS:,} pixels")
+            opened.load()  # decode now so truncation is caught here, not later
+            return opened.copy()
+    except VTCError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise VTCError(f"image '{label}' cannot be read (not an image, or truncated): {exc}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -69,9 +85,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def check_question(question: object, index: int = 0) -> str:
+def check_question(question: object, index: int | str = 0) -> str:
     if not isinstance(question, str):
         raise VTCError(f"question {index}: expected text, got {type(question).__name__}")
+    surrogate = _SURROGATE.search(question)
+    if surrogate:
+        raise VTCError(f"question {index} is not valid Unicode text: a lone surrogate {surrogate.group()!r} at character {surrogate.start()}")
+    if IMAGE_PLACEHOLDER in question:
+        raise VTCError(f"question {index} contains '{IMAGE_PLACEHOLDER}', the model's image placeholder; remove it")
     text = question.strip()
     if not text:
         raise VTCError(f"question {index} is empty")

@@ -28,11 +28,23 @@ class Plan:
     skipped: list[str]  # combos that cannot run (e.g. 'auto' for a method without a dynamic rule)
 
 
-def make_plan(pipe, task_specs: list[str], methods: list[str], budgets: list[str], limit: int | None) -> Plan:
-    """Validate everything before the first sample runs: unknown names and impossible budgets fail here.
+def load_tasks(task_specs: list[str], limit: int | None) -> list[Task]:
+    """Load and check every task; needs no model, so it can run before one loads.
+
+    A wrong data file, an empty task or a task with no usable sample is a VTCError here.
+    """
+    if not task_specs:
+        raise VTCError("no tasks given: name at least one, e.g. --tasks synthetic")
+    return [load_task(spec, limit) for spec in task_specs]  # raises on an empty task
+
+
+def make_plan(pipe, task_specs: list[str], methods: list[str], budgets: list[str], limit: int | None,
+              tasks: list[Task] | None = None) -> Plan:
+    """Validate everything before the first sample runs: unknown names, impossible budgets, bad or empty tasks fail here.
 
     A chained method ('recoverable>fastv') takes the chained budgets ('auto>64'); single methods
-    take the plain ones.
+    take the plain ones. ``tasks``, when given, are the already loaded ``load_tasks(task_specs, limit)``
+    (a caller loads them before the model, so that bad data fails before the slow part).
     """
     from ..pipeline import resolve
 
@@ -63,7 +75,10 @@ def make_plan(pipe, task_specs: list[str], methods: list[str], budgets: list[str
                 skipped.append(f"{name}@auto (no dynamic rule)")
             else:
                 combos.append((name, b))
-    tasks = [load_task(spec, limit) for spec in task_specs]
+    if tasks is None:  # after the cheap checks: loading reads every annotation file
+        tasks = load_tasks(task_specs, limit)
+    if not combos:
+        raise VTCError("nothing to run: no method and budget combination is runnable" + (f" ({'; '.join(skipped)})" if skipped else ""))
     return Plan(tasks, combos, skipped)
 
 
@@ -81,8 +96,26 @@ class BenchRunner:
         self.pipe, self.out, self.batch_size = pipe, Path(out), batch_size
         self.rank, self.world = process_index, num_processes
         self.shape = Shape.from_config(pipe.model.config)
-        self.store = ResultStore(self.out, shard=process_index)
+        self.store = self._open_store()
         self.maps = self.out / "maps"
+
+    def _open_store(self) -> ResultStore:
+        """This process's shard, locked; if any process of the run is refused its lock, the whole run is refused."""
+        store, problem = None, None
+        try:
+            store = ResultStore(self.out, shard=self.rank)
+        except VTCError as exc:
+            problem = str(exc)
+        problems = [problem]
+        if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            problems = [None] * self.world
+            torch.distributed.all_gather_object(problems, problem)
+        refused = next((p for p in problems if p), None)
+        if refused:
+            if store is not None:
+                store.close()
+            raise VTCError(refused)
+        return store
 
     def _save_map(self, task: Task, method: str, budget: Budget, image, result) -> None:
         """One token-map picture per task/method/budget (the first sample process 0 runs), for the HTML report."""

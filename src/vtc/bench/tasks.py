@@ -1,14 +1,24 @@
 """Benchmark tasks as declared data + prompt + metric, loaded from local files in their official formats.
 
 ``load_task("vqav2", path)`` reads the official question/annotation JSON and the COCO
-images under ``path``; ``load_task("synthetic")`` needs no files. A sample whose
-annotation is malformed keeps its place with an ``error``: the runner records it as a
-failed sample instead of crashing the run.
+images under ``path``; ``load_task("synthetic")`` needs no files.
+
+Two kinds of bad data, two answers:
+  * a wrong file (not UTF-8, not JSON, a JSON root or list of another type than the
+    official format, missing columns, a POPE or MME question file with no usable line)
+    raises ``VTCError`` naming the file and what was expected, before anything runs;
+  * a malformed single record (a missing or mistyped field, an answer outside the
+    options, a duplicate id, an unusable question) keeps its place as a sample with an
+    ``error``: the runner records it as a failed sample and the rest still score.
+Text files are read as UTF-8 (a byte-order mark is accepted); the official files are UTF-8.
+A task with no samples at all is an error.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import codecs
 import csv
 import io
 import json
@@ -57,15 +67,66 @@ def _mean_score(records: list[dict]) -> dict:
     return {"score": round(100 * sum(ok) / len(ok), 2) if ok else float("nan"), "n": len(ok), "failed": len(records) - len(ok)}
 
 
-def _read_json(path: Path):
+# ----------------------------------------------------------------------------- reading files (wrong file -> VTCError)
+
+
+JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+
+
+def _kind(value) -> str:
+    return JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark is dropped)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VTCError(f"cannot read annotation file {path}: {exc}") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise VTCError(f"cannot read {path}: {exc.strerror or exc}") from None
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        raise VTCError(f"{path} is not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset} ({exc.reason}); "
+                       "save it as UTF-8") from None
+
+
+def _parse_json(text: str):
+    """json.loads, with every way it can refuse text (bad syntax, huge integers, deep nesting) as ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _read_json(path: Path, root: type, what: str):
+    """The JSON document in ``path``; its root must be of type ``root`` (``what`` describes the expected file)."""
+    text = _read_text(path)  # outside the try: its VTCError is a ValueError too
+    try:
+        data = _parse_json(text)
+    except json.JSONDecodeError as exc:
+        raise VTCError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); expected {what}") from None
+    except ValueError as exc:
+        raise VTCError(f"{path} is not usable JSON ({exc}); expected {what}") from None
+    if not isinstance(data, root):
+        raise VTCError(f"{path}: expected {what}, but its root is a JSON {_kind(data)}")
+    return data
+
+
+def _read_json_list(path: Path, key: str, what: str) -> list:
+    """The list under ``key`` of the JSON object in ``path``."""
+    expected = f"{what}: a JSON object with a '{key}' array"
+    data = _read_json(path, dict, expected)
+    if key not in data:
+        raise VTCError(f"{path}: expected {expected}, but it has no '{key}' (its keys: {', '.join(map(str, list(data)[:8])) or 'none'})")
+    if not isinstance(data[key], list):
+        raise VTCError(f"{path}: expected {expected}, but '{key}' is a JSON {_kind(data[key])}")
+    return data[key]
 
 
 def _find_one(root: Path, pattern: str) -> Path:
-    hits = sorted(root.glob(pattern))
+    hits = sorted(p for p in root.glob(pattern) if p.is_file())
     if not hits:
         raise VTCError(f"no file matching '{pattern}' under {root}")
     return hits[0]
@@ -77,7 +138,7 @@ def _image_index(root: Path) -> dict[str, Path]:
     for path in root.rglob("*"):
         if path.suffix.lower() in (".jpg", ".jpeg", ".png"):
             index.setdefault(path.stem, path)
-            digits = re.search(r"(\d+)$", path.stem)
+            digits = re.search(r"(?<!\d)(\d{1,18})$", path.stem, re.ASCII)
             if digits:
                 index.setdefault(str(int(digits.group(1))), path)
     return index
@@ -85,7 +146,72 @@ def _image_index(root: Path) -> dict[str, Path]:
 
 def _image_for(index: dict[str, Path], root: Path, key) -> Path:
     key = str(key)
-    return index.get(key) or index.get(str(int(key)) if key.isdigit() else key) or root / f"{key}.jpg"  # missing -> load error
+    number = str(int(key)) if re.fullmatch(r"\d{1,18}", key, re.ASCII) else key  # not '²' or 5000 digits: int() refuses those
+    return index.get(key) or index.get(number) or root / f"{key}.jpg"  # missing -> load error
+
+
+# ----------------------------------------------------------------------------- reading records (malformed -> recorded failure)
+
+
+class Malformed(ValueError):
+    """One record cannot be used; it becomes a sample with an ``error``, recorded as a failure."""
+
+
+def _field(row, key: str):
+    if not isinstance(row, dict):
+        raise Malformed(f"expected a JSON object, got a {_kind(row)}")
+    if key not in row:
+        raise Malformed(f"no '{key}'")
+    return row[key]
+
+
+def _text(row, key: str) -> str:
+    value = _field(row, key)
+    if not isinstance(value, str):
+        raise Malformed(f"'{key}' must be a string, got a {_kind(value)}")
+    return value
+
+
+def _question(row, key: str = "question") -> str:
+    value = _text(row, key)
+    if not value.strip():
+        raise Malformed(f"'{key}' is empty")
+    return value
+
+
+def _texts(row, key: str) -> list[str]:
+    """A non-empty list of strings."""
+    value = _field(row, key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise Malformed(f"'{key}' must be a non-empty array of strings, got {_kind(value)} {str(value)[:60]}")
+    return value
+
+
+def _ident(row, key: str) -> str:
+    """An id field: a string or an integer."""
+    value = _field(row, key)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise Malformed(f"'{key}' must be a string or an integer, got a {_kind(value)}")
+    return str(value)
+
+
+def _id_or(row, key: str, fallback: str) -> str:
+    """The record's id for the store, or a positional one when the id itself is unusable."""
+    try:
+        return _ident(row, key)
+    except Malformed:
+        return fallback
+
+
+def _failed(sample_id: str, error: str, meta: dict | None = None) -> TaskSample:
+    return TaskSample(sample_id, "", None, meta=meta or {}, error=error)
+
+
+def _yes_no(value: str, what: str) -> str:
+    label = value.strip().lower()
+    if label not in ("yes", "no"):
+        raise Malformed(f"{what} must be yes or no, got {value[:40]!r}")
+    return label
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -115,71 +241,108 @@ def synthetic_aggregate(records: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- VQA family
 
 
+def _by_id(rows: list, key: str) -> dict[str, Any]:
+    """Records by their id; a record without a usable id is left out (its question then fails as unannotated)."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        try:
+            out.setdefault(_ident(row, key), row)
+        except Malformed:
+            pass
+    return out
+
+
 def vqav2(path: Path, limit: int | None = None) -> Task:
-    questions = _read_json(_find_one(path, "*questions*.json")).get("questions", [])
-    annotations = {a.get("question_id"): a for a in _read_json(_find_one(path, "*annotations*.json")).get("annotations", [])}
+    qfile, afile = _find_one(path, "*questions*.json"), _find_one(path, "*annotations*.json")
+    questions = _read_json_list(qfile, "questions", "the VQAv2 questions file")
+    annotations = _by_id(_read_json_list(afile, "annotations", "the VQAv2 annotations file"), "question_id")
     index = _image_index(path)
     samples = []
-    for q in questions[:limit]:
-        qid = q.get("question_id")
-        ann = annotations.get(qid)
+    for n, q in enumerate(questions[:limit]):
+        qid = _id_or(q, "question_id", f"#{n + 1}")
         try:
-            answers = [a["answer"] for a in ann["answers"]]
-            samples.append(TaskSample(str(qid), q["question"] + SHORT, answers, _image_for(index, path, q["image_id"])))
-        except (KeyError, TypeError):
-            samples.append(TaskSample(str(qid), "", None, error=f"question {qid}: missing question, image_id or answers"))
+            prompt, image = _question(q) + SHORT, _image_for(index, path, _ident(q, "image_id"))
+            if _ident(q, "question_id") not in annotations:
+                raise Malformed(f"no annotation for it in {afile.name}")
+            answers = _field(annotations[qid], "answers")
+            if not isinstance(answers, list) or not answers:
+                raise Malformed(f"'answers' must be a non-empty array of {{'answer': ...}} objects, got a {_kind(answers)}")
+            answers = [_text(a, "answer") for a in answers]
+            samples.append(TaskSample(qid, prompt, answers, image))
+        except Malformed as exc:
+            samples.append(_failed(qid, f"{qfile.name}: question {qid}: {exc}"))
     return Task("vqav2", samples, lambda p, s: metrics.vqa_accuracy(p, s.answer), _mean_score)
 
 
 def textvqa(path: Path, limit: int | None = None) -> Task:
-    data = _read_json(_find_one(path, "*TextVQA*.json")).get("data", [])
+    dfile = _find_one(path, "*TextVQA*.json")
+    data = _read_json_list(dfile, "data", "a TextVQA annotation file")
     index = _image_index(path)
     samples = []
-    for row in data[:limit]:
-        qid = row.get("question_id")
+    for n, row in enumerate(data[:limit]):
+        qid = _id_or(row, "question_id", f"#{n + 1}")
         try:
-            samples.append(TaskSample(str(qid), row["question"] + SHORT, list(row["answers"]), _image_for(index, path, row["image_id"])))
-        except (KeyError, TypeError):
-            samples.append(TaskSample(str(qid), "", None, error=f"question {qid}: missing question, image_id or answers"))
+            _ident(row, "question_id")  # a positional id would do, but a mistyped one says the record is off
+            samples.append(TaskSample(qid, _question(row) + SHORT, _texts(row, "answers"), _image_for(index, path, _ident(row, "image_id"))))
+        except Malformed as exc:
+            samples.append(_failed(qid, f"{dfile.name}: question {qid}: {exc}"))
     return Task("textvqa", samples, lambda p, s: metrics.vqa_accuracy(p, s.answer), _mean_score)
 
 
 def gqa(path: Path, limit: int | None = None) -> Task:
-    data = _read_json(_find_one(path, "*questions*.json"))
+    qfile = _find_one(path, "*questions*.json")
+    data = _read_json(qfile, dict, "GQA questions: a JSON object of question objects by question id")
     index = _image_index(path)
     samples = []
     for qid, row in list(data.items())[:limit]:
         try:
-            samples.append(TaskSample(str(qid), row["question"] + SHORT, row["answer"], _image_for(index, path, row["imageId"])))
-        except (KeyError, TypeError):
-            samples.append(TaskSample(str(qid), "", None, error=f"question {qid}: missing question, imageId or answer"))
+            samples.append(TaskSample(qid, _question(row) + SHORT, _text(row, "answer"), _image_for(index, path, _ident(row, "imageId"))))
+        except Malformed as exc:
+            samples.append(_failed(qid, f"{qfile.name}: question {qid}: {exc}"))
     return Task("gqa", samples, lambda p, s: metrics.exact_match(p, s.answer), _mean_score)
 
 
 # ----------------------------------------------------------------------------- POPE, MME
 
 
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, line) of the non-blank lines (split on newlines only, as JSON lines are)."""
+    return [(n, line.rstrip("\r")) for n, line in enumerate(_read_text(path).split("\n"), 1) if line.strip()]
+
+
+def _none_usable(path: Path, samples: list[TaskSample], expected: str) -> None:
+    """A question file none of whose lines is a record is a wrong file, not a file of failed samples."""
+    if samples and all(s.error for s in samples):
+        raise VTCError(f"{path}: expected {expected}; none of its {len(samples)} lines is one (first: {samples[0].error})")
+
+
+def _pope_file(split_file: Path, split: str, index: dict[str, Path], root: Path) -> list[TaskSample]:
+    samples = []
+    for n, line in _lines(split_file):
+        meta = {"split": split}
+        try:
+            try:
+                row = _parse_json(line)
+            except ValueError as exc:
+                raise Malformed(f"not JSON: {exc}") from None
+            label = _yes_no(_text(row, "label"), "'label'")
+            image = _image_for(index, root, Path(_text(row, "image")).stem)
+            samples.append(TaskSample(f"{split}/{_ident(row, 'question_id')}", _question(row, "text") + SHORT, label, image, meta))
+        except Malformed as exc:
+            samples.append(_failed(f"{split}/line{n}", f"{split_file.name} line {n}: malformed ({exc})", meta))
+    _none_usable(split_file, samples, "POPE questions, one JSON object per line with question_id, image, text and label")
+    return samples
+
+
 def pope(path: Path, limit: int | None = None) -> Task:
     index = _image_index(path)
-    samples = []
-    for split_file in sorted(path.glob("*pope*.json*")):
-        split = re.sub(r"^.*pope_|\.jsonl?$", "", split_file.name)
-        for n, line in enumerate(split_file.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                label = row["label"].strip().lower()
-                if label not in ("yes", "no"):
-                    raise ValueError(f"label {row['label']!r}")
-                samples.append(TaskSample(f"{split}/{row['question_id']}", row["text"] + SHORT, label, _image_for(index, path, Path(row["image"]).stem), {"split": split}))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                samples.append(TaskSample(f"{split}/line{n + 1}", "", None, meta={"split": split}, error=f"{split_file.name} line {n + 1}: malformed ({exc})"))
-    if not samples:
+    files = sorted(p for p in path.glob("*pope*.json*") if p.is_file())
+    if not files:
         raise VTCError(f"no POPE split files (*pope*.json) under {path}")
-    samples = samples[:limit]
-
-    return Task("pope", samples, lambda p, s: float(metrics.yes_no(p) == s.answer), pope_aggregate, 8)
+    samples = []
+    for split_file in files:
+        samples += _pope_file(split_file, re.sub(r"^.*pope_|\.jsonl?$", "", split_file.name), index, path)
+    return Task("pope", samples[:limit], lambda p, s: float(metrics.yes_no(p) == s.answer), pope_aggregate, 8)
 
 
 def pope_aggregate(records: list[dict]) -> dict:
@@ -193,24 +356,33 @@ def pope_aggregate(records: list[dict]) -> dict:
     return {"score": round(sum(f1) / len(f1), 2) if f1 else float("nan"), "splits": out, "failed": sum(r.get("error") is not None for r in records)}
 
 
+def _mme_file(txt: Path, task_dir: Path, images: dict[str, Path]) -> list[TaskSample]:
+    stem = txt.stem
+    image = images.get(stem, task_dir / f"{stem}.jpg")  # missing -> load error
+    meta = {"subtask": task_dir.name, "image": stem}
+    samples = []
+    for n, line in _lines(txt):
+        sid = f"{task_dir.name}/{stem}/{n - 1}"
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or parts[1].strip().lower() not in ("yes", "no"):
+            samples.append(_failed(sid, f"{txt}: line {n} is not 'question<TAB>Yes|No'", dict(meta)))
+            continue
+        samples.append(TaskSample(sid, parts[0].strip(), parts[1].strip().lower(), image, dict(meta)))
+    _none_usable(txt, samples, "MME questions, one 'question<TAB>Yes|No' per line")
+    return samples
+
+
 def mme(path: Path, limit: int | None = None) -> Task:
     samples = []
     for task_dir in sorted(p for p in path.iterdir() if p.is_dir()):
+        images: dict[str, Path] = {}
+        for p in sorted(task_dir.rglob("*")):
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                images.setdefault(p.stem, p)
         for txt in sorted(task_dir.rglob("*.txt")):
-            stem = txt.stem
-            image = next((p for p in task_dir.rglob(f"{stem}.*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")), task_dir / f"{stem}.jpg")
-            for n, line in enumerate(txt.read_text().splitlines()):
-                if not line.strip():
-                    continue
-                parts = line.split("\t")
-                sid = f"{task_dir.name}/{stem}/{n}"
-                if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
-                    samples.append(TaskSample(sid, "", None, meta={"subtask": task_dir.name, "image": stem}, error=f"{txt}: line {n + 1} is not 'question<TAB>Yes|No'"))
-                    continue
-                samples.append(TaskSample(sid, parts[0].strip(), parts[1].strip().lower(), image, {"subtask": task_dir.name, "image": stem}))
+            samples += _mme_file(txt, task_dir, images)
     if not samples:
         raise VTCError(f"no MME subtask folders with question files under {path}")
-
     return Task("mme", samples[:limit], lambda p, s: float(metrics.yes_no(p) == s.answer), mme_aggregate, 8)
 
 
@@ -229,43 +401,97 @@ def _options_prompt(question: str, options: list[str], hint: str | None) -> str:
     return "\n".join(lines) + LETTER
 
 
+def _option_index(value, count: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
+        raise Malformed(f"'answer' must be an option number from 0 to {count - 1}, got {str(value)[:40]}")
+    return value
+
+
+def _scienceqa_sample(pid: str, row: dict, folders: dict[str, list[Path]], root: Path) -> TaskSample:
+    choices = _texts(row, "choices")
+    if len(choices) > 26:
+        raise Malformed(f"{len(choices)} choices; at most 26 can be lettered")
+    answer = chr(65 + _option_index(_field(row, "answer"), len(choices)))
+    hint = row.get("hint")
+    if hint is not None and not isinstance(hint, str):
+        raise Malformed(f"'hint' must be a string, got a {_kind(hint)}")
+    name = _text(row, "image")
+    image = next((d / name for d in folders.get(pid, []) if (d / name).is_file()), root / "test" / pid / name)
+    return TaskSample(pid, _options_prompt(_question(row), choices, hint or None), answer, image, {"letters": "".join(chr(65 + i) for i in range(len(choices)))})
+
+
 def scienceqa_img(path: Path, limit: int | None = None) -> Task:
-    problems = _read_json(_find_one(path, "problems.json"))
-    splits = _read_json(_find_one(path, "pid_splits.json"))
+    pfile, sfile = _find_one(path, "problems.json"), _find_one(path, "pid_splits.json")
+    problems = _read_json(pfile, dict, "ScienceQA's problems.json: a JSON object of problem objects by problem id")
+    test = _read_json_list(sfile, "test", "ScienceQA's pid_splits.json")
+    folders: dict[str, list[Path]] = {}
+    for d in sorted(p for p in path.rglob("*") if p.is_dir()):
+        folders.setdefault(d.name, []).append(d)
     samples = []
-    for pid in splits.get("test", []):
+    for n, pid in enumerate(test):
+        pid = str(pid) if isinstance(pid, (str, int)) and not isinstance(pid, bool) else f"#{n + 1}"
         row = problems.get(pid)
-        if not row or not row.get("image"):
+        if isinstance(row, dict) and not row.get("image"):
             continue  # the IMG subset: test questions with an image
         try:
-            answer = chr(65 + int(row["answer"]))
-            prompt = _options_prompt(row["question"], list(row["choices"]), row.get("hint") or None)
-            image = next(iter(sorted(path.glob(f"**/{pid}/{row['image']}"))), path / "test" / pid / row["image"])
-            samples.append(TaskSample(pid, prompt, answer, image, {"letters": "".join(chr(65 + i) for i in range(len(row["choices"])))}))
-        except (KeyError, TypeError, ValueError):
-            samples.append(TaskSample(pid, "", None, error=f"problem {pid}: missing question, choices or answer"))
-    samples = samples[:limit]
-    return Task("scienceqa_img", samples, lambda p, s: float(metrics.option_letter(p, s.meta["letters"]) == s.answer), _mean_score, 4)
+            if row is None:
+                raise Malformed(f"not in {pfile.name}" if not pid.startswith("#") else f"test entry {n + 1} is not a problem id")
+            samples.append(_scienceqa_sample(pid, row, folders, path))
+        except Malformed as exc:
+            samples.append(_failed(pid, f"{pfile.name}: problem {pid}: {exc}"))
+    return Task("scienceqa_img", samples[:limit], lambda p, s: float(metrics.option_letter(p, s.meta["letters"]) == s.answer), _mean_score, 4)
+
+
+MMBENCH_COLUMNS = ("index", "question", "A", "B", "answer", "image")
+
+
+def _present(value) -> bool:
+    return isinstance(value, str) and value not in ("", "nan")
+
+
+def _mmbench_sample(row: dict, tsv: Path, n: int) -> TaskSample:
+    from ..io import load_image
+
+    options = [row[k] for k in "ABCD" if _present(row.get(k))]
+    letters = "ABCD"[: len(options)]
+    try:
+        index = int(row["index"])
+    except (TypeError, ValueError):
+        raise Malformed(f"'index' must be an integer, got {str(row['index'])[:40]!r}") from None
+    answer = (row["answer"] or "").strip().upper()
+    if len(answer) != 1 or answer not in letters:
+        raise Malformed(f"'answer' must be one of the option letters {', '.join(letters) or '(none given)'}, got {answer[:40]!r}")
+    try:
+        blob = base64.b64decode(row["image"] or "")
+    except (binascii.Error, ValueError) as exc:
+        raise Malformed(f"'image' is not base64 ({exc})") from None
+    if not blob:
+        raise Malformed("'image' is empty")
+    if not _present(row["question"]):
+        raise Malformed("'question' is empty")
+    hint = row.get("hint") if _present(row.get("hint")) else None
+    image = lambda: load_image(blob, name=f"{tsv.name} row {n} image")  # noqa: E731
+    return TaskSample(str(index), _options_prompt(row["question"], options, hint), answer, image, {"index": index, "letters": letters})
 
 
 def mmbench(path: Path, limit: int | None = None) -> Task:
     tsv = _find_one(path, "*.tsv")
     csv.field_size_limit(1 << 30)
+    reader = csv.DictReader(io.StringIO(_read_text(tsv), newline=""), delimiter="\t")
+    missing = [c for c in MMBENCH_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise VTCError(f"{tsv}: expected MMBench's tab-separated columns index, question, hint, A, B, C, D, answer, image; "
+                       f"missing: {', '.join(missing)}")
     samples = []
-    with open(tsv, newline="") as f:
-        for n, row in enumerate(csv.DictReader(f, delimiter="\t")):
+    try:
+        for n, row in enumerate(reader, 1):
             try:
-                options = [row[k] for k in "ABCD" if row.get(k) not in (None, "", "nan")]
-                index = int(row["index"])
-                blob = base64.b64decode(row["image"])
-                prompt = _options_prompt(row["question"], options, row.get("hint") if row.get("hint") not in (None, "", "nan") else None)
-                image = lambda blob=blob: Image.open(io.BytesIO(blob)).convert("RGB")  # noqa: E731
-                samples.append(TaskSample(str(index), prompt, row["answer"].strip().upper(), image, {"index": index, "letters": "ABCD"[: len(options)]}))
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                samples.append(TaskSample(f"row{n + 1}", "", None, error=f"{tsv.name} row {n + 1}: malformed ({exc})"))
-    samples = samples[:limit]
-
-    return Task("mmbench", samples, lambda p, s: float(metrics.option_letter(p, s.meta["letters"]) == s.answer), mmbench_aggregate, 4)
+                samples.append(_mmbench_sample(row, tsv, n))
+            except Malformed as exc:
+                samples.append(_failed(f"row{n}", f"{tsv.name} row {n}: malformed ({exc})"))
+    except csv.Error as exc:
+        raise VTCError(f"{tsv}: not a readable TSV at line {reader.line_num}: {exc}") from None
+    return Task("mmbench", samples[:limit], lambda p, s: float(metrics.option_letter(p, s.meta["letters"]) == s.answer), mmbench_aggregate, 4)
 
 
 def mmbench_aggregate(records: list[dict]) -> dict:
@@ -290,17 +516,49 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
+def _check_samples(task: Task) -> None:
+    """Per-sample checks every loader shares: unique ids (the store keys records by them) and usable questions."""
+    from ..io import check_question
+
+    seen: set[str] = set()
+    for sample in task.samples:
+        if sample.id in seen:
+            copy = 2
+            while f"{sample.id}~{copy}" in seen:
+                copy += 1
+            sample.error = sample.error or f"duplicate id {sample.id}: only its first sample is scored"
+            sample.id = f"{sample.id}~{copy}"
+        seen.add(sample.id)
+        if sample.error is None:
+            try:
+                check_question(sample.question, sample.id)
+            except VTCError as exc:
+                sample.error = str(exc)
+
+
 def load_task(spec: str, limit: int | None = None) -> Task:
-    """``name`` or ``name=PATH`` (every task except synthetic reads its official files under PATH)."""
+    """``name`` or ``name=PATH`` (every task except synthetic reads its official files under PATH).
+
+    Raises VTCError for a wrong file (see the module docstring), a task with no samples, and a task
+    none of whose samples is usable.
+    """
     name, _, path = spec.partition("=")
     name = name.strip()
     if name not in TASKS:
         raise VTCError(f"unknown task '{name}'; available: {', '.join(TASKS)}")
     if name == "synthetic":
-        return synthetic(limit=limit)
-    if not path:
-        raise VTCError(f"task '{name}' reads local files: give it as {name}=PATH")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise VTCError(f"task '{name}': data directory {root} does not exist")
-    return TASKS[name](root, limit)
+        task = synthetic(limit=limit)
+    else:
+        if not path:
+            raise VTCError(f"task '{name}' reads local files: give it as {name}=PATH")
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise VTCError(f"task '{name}': data directory {root} does not exist")
+        task = TASKS[name](root, limit)
+    where = f" under {path}" if path else ""
+    if not task.samples:
+        raise VTCError(f"task '{name}'{where} has no samples: its files hold no questions")
+    _check_samples(task)
+    if all(s.error for s in task.samples):
+        raise VTCError(f"task '{name}'{where}: none of its {len(task.samples)} samples is usable (first: {task.samples[0].error})")
+    return task
