@@ -217,7 +217,7 @@ SPEED_COLUMNS = [  # (header, cell) per column; two-line headers keep the table 
     ("budget", lambda r: r["budget"]),
     ("tokens", lambda r: f"{r['tokens']:.0f}"),
     ("prefill\nms", lambda r: f"{r['e2e_prefill_ms_32_layers']:.0f}"),
-    ("speed\n-up", lambda r: f"{r['speedup']:.2f}x"),
+    ("speed\nup", lambda r: f"{r['speedup']:.2f}x"),
     ("FLOPs\nratio", lambda r: f"{r['flops_ratio']:.2f}x"),
     ("vs\nFLOPs", lambda r: f"{r['speedup_vs_flops']:.2f}"),
     ("own\ncost", lambda r: f"{100 * r['overhead_share_of_full_prefill']:.1f}%"),
@@ -251,12 +251,14 @@ REPORT_LEGEND = "score: the task's official metric; rel %: of the full-token (no
 
 def _print_rows(rows: list[dict], columns, title: str, legend: str = "") -> None:
     """A table if it fits the terminal, else one line per row (``header value`` pairs), so nothing is cut."""
-    table = Table(title=title, title_justify="left", pad_edge=False, box=None, header_style="bold")
-    for i, (header, _) in enumerate(columns):
-        table.add_column(header, justify="left" if i < 2 else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*(escape(cell(r)) for _, cell in columns))
-    if console.measure(table).minimum <= console.width:
+    cells = [[cell(r) for _, cell in columns] for r in rows]
+    widths = [max([len(line) for line in header.split("\n")] + [len(row[i]) for row in cells]) for i, (header, _) in enumerate(columns)]
+    if sum(widths) + 2 * (len(columns) - 1) <= console.width:  # box-less table: two spaces between columns
+        table = Table(title=title, title_justify="left", pad_edge=False, box=None, header_style="bold")
+        for i, (header, _) in enumerate(columns):
+            table.add_column(header, justify="left" if i < 2 else "right", no_wrap=True)
+        for row in cells:
+            table.add_row(*map(escape, row))
         console.print(table)
     else:
         console.print(title, style="bold", markup=False)
