@@ -14,6 +14,10 @@ from vtc.bench import metrics
         # punctuation touching a space is deleted everywhere in the answer, otherwise replaced by a space
         ("red,blue , green", "redblue green"),
         ("red,blue", "red blue"),
+        ("red,blue, green", "redblue green"),  # only after a comma
+        ("red,blue ,green", "redblue green"),  # only before a comma
+        ("red,blue\n,green", "redblue green"),  # newlines and tabs count as spaces
+        ("red,blue\t,green", "redblue green"),
         ("black/white", "black white"),
         ("(left)", "left"),
         ('say "hi"!', "say hi"),
@@ -57,7 +61,7 @@ def test_vqa_accuracy_normalises_both_sides_and_needs_answers():
     assert metrics.vqa_accuracy("the two", ["2", "two", "Two."] + ["x"] * 7) == pytest.approx(0.9)
     assert metrics.vqa_accuracy("red", ["red"]) == 0.0  # one human answer: no other human left to agree
     assert metrics.vqa_accuracy("red", ["red", "red"]) == pytest.approx(1 / 3)
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="^VQA accuracy needs at least one human answer$"):
         metrics.vqa_accuracy("red", [])
 
 
@@ -88,6 +92,8 @@ def test_gqa_exact_match():
         ("no,there", "yes"),  # commas are deleted, not turned into spaces
         ("there is,no", "yes"),
         ("yes, no", "no"),
+        ("No, it is", "no"),  # 'No,' is the word 'No' once the comma is deleted
+        ("there is\nno dog", "yes"),  # split on single spaces only: 'is\nno' is one word
         ("", "yes"),
     ],
 )
@@ -133,12 +139,14 @@ def test_mme_scores_by_hand():
         # code_reasoning: 2 images; right 3 of 4, acc+ 1/2 -> 75 + 50 = 125
         ("code_reasoning", "e", "No", "no"), ("code_reasoning", "e", "no", "no"),
         ("code_reasoning", "f", "Yes", "yes"), ("code_reasoning", "f", "Yes", "no"),
-        # text_translation: 1 image, one of two right -> 50 + 0
+        # text_translation: 3 images; right 3 of 6, acc+ 1/3 -> 50 + 33.33 = 83.33
         ("text_translation", "g", "Yes", "yes"), ("text_translation", "g", "Yes", "no"),
+        ("text_translation", "h", "Yes", "yes"), ("text_translation", "h", "No", "no"),
+        ("text_translation", "i", "No", "yes"), ("text_translation", "i", "no", "yes"),
     ]
     out = metrics.mme_scores(rows)
-    assert out["subtasks"] == {"existence": 83.33, "OCR": 200.0, "code_reasoning": 125.0, "text_translation": 50.0}
-    assert out["perception"] == 283.33 and out["cognition"] == 175.0
+    assert out["subtasks"] == {"existence": 83.33, "OCR": 200.0, "code_reasoning": 125.0, "text_translation": 83.33}
+    assert out["perception"] == 283.33 and out["cognition"] == 208.33
     assert metrics.mme_scores([]) == {"perception": 0, "cognition": 0, "subtasks": {}}
 
 
@@ -160,4 +168,5 @@ def test_circular_accuracy_counts_a_question_once_and_only_if_every_pass_is_righ
             (7, True)]  # a question without circular copies
     assert metrics.circular_accuracy(rows) == pytest.approx(100 * 2 / 3)
     assert metrics.circular_accuracy([]) == 0.0
+    assert metrics.circular_accuracy([(3, True)]) == 100.0
     assert metrics.circular_accuracy([(999_999, False), (1_999_999, True)]) == 0.0

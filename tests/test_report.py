@@ -32,7 +32,7 @@ def vqa_records():
         rec("vqav2", "random", "4", "3", 0.0, tokens=5, flops=2e12, prefill=7.0, total=11.0),
         # a VQA soft score (2/3 of the humans agree) counts as it is: (1/3 + 2/3) / 2 = 50.0
         rec("vqav2", "pool", "4", "1", 1 / 3, tokens=4, flops=1e12, prefill=5.0, total=9.0),
-        rec("vqav2", "pool", "4", "2", 2 / 3, tokens=4, flops=1e12, prefill=5.0, total=9.0),
+        rec("vqav2", "pool", "4", "2", 2 / 3, tokens=4, flops=1e12, prefill=float("nan"), total=None),  # unmeasured: skipped
     ]
 
 
@@ -45,7 +45,7 @@ def test_scores_relative_counts_and_costs_by_hand():
     assert rand["relative"] == 75.0  # 50 / 66.67 in percent, one decimal
     assert (rand["n"], rand["failed"]) == (2, 1)  # the failed record is not a sample that ran
     assert (rand["tokens"], rand["tflops"], rand["prefill_ms"], rand["total_ms"]) == (4.5, 1.5, 6.0, 10.0)
-    assert pool["score"] == 50.0 and pool["relative"] == 75.0
+    assert pool["score"] == 50.0 and pool["relative"] == 75.0 and (pool["prefill_ms"], pool["total_ms"]) == (5.0, 9.0)
 
 
 def test_a_missing_or_nan_or_zero_baseline_gives_nan_relative():
@@ -94,6 +94,13 @@ def test_write_report_files_from_a_store(tmp_path):
     assert by[("random", "4")]["relative"] == "75.0" and by[("random", "4")]["n"] == "2" and by[("random", "4")]["failed"] == "1"
     assert "| vqav2 | random | 4 | 50.0 | 75.0 | 4.5 |" in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())[0]["score"] == rows[0]["score"]
+    assert markdown_table(rows[:1]) == (
+        "| task | method | budget | score | relative | tokens | tflops | prefill_ms | total_ms | n | failed |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| vqav2 | none | auto | 66.67 | 100.0 | 16.0 | 3.0 | 20.0 | 40.0 | 3 | 0 |\n"
+    )
     assert markdown_table(rows).count("\n") == 2 + len(rows)
+    assert (tmp_path / "report.json").read_text().startswith('[\n  {\n    "task": "vqav2"')  # indented for reading
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and "<table>" in (tmp_path / "report.html").read_text()
     with pytest.raises(VTCError, match="no bench results"):
         write_report(tmp_path / "empty")

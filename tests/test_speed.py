@@ -22,17 +22,17 @@ TEXT = 2
 
 
 def sample(tower=float("nan"), signals=12.0, select=0.0, project=1.0, prefill=30.0, layers=(5, 5, 5, 5), decode=3.0,
-           decode_layers=(0.5, 0.5, 0.5, 0.5), tokens=4.0) -> Sample:
-    return Sample(tower, signals, select, project, prefill, list(layers), decode, list(decode_layers), 100, 200, tokens)
+           decode_layers=(0.5, 0.5, 0.5, 0.5), tokens=4.0, kv=100, peak=200) -> Sample:
+    return Sample(tower, signals, select, project, prefill, list(layers), decode, list(decode_layers), kv, peak, tokens)
 
 
 def hand_rows() -> list[Row]:
     full = Row("none", "auto", [
         # prefill at 32 layers: (30 - 20 outside the layers) + 5 x 32 = 170; e2e = 12 + 0 + 1 + 170 = 183
-        sample(tower=10.0, signals=12.0),
+        sample(tower=10.04, signals=12.0),
         sample(tower=14.0, signals=16.0),  # e2e 187
         sample(tower=9.0, signals=11.0),  # e2e 182
-    ])  # medians: stock tower 10, e2e 183, spread 187 - 182 = 5
+    ])  # medians: stock tower 10.04, e2e 183, spread 187 - 182 = 5
     pool = Row("pool", "2", [
         # unequal layers (mean 2): (12 - 8) + 2 x 32 = 68; e2e = 13 + 0.5 + 0.5 + 68 = 82
         sample(signals=13.0, select=0.5, project=0.5, prefill=12.0, layers=(1, 2, 3, 2), decode=2.0,
@@ -40,7 +40,8 @@ def hand_rows() -> list[Row]:
     ])
     # FastV-like: one stage at layer 2 keeping 1 token; built layer 0 stands for layers 0-1, built layers 1-3 for 2-31.
     # prefill: (20 - 11) + 2 x 5 + 30 x mean(1, 2, 3) = 9 + 10 + 60 = 79; e2e = 12 + 0 + 1 + 79 = 92
-    fastv = Row("fastv", "1", [sample(prefill=20.0, layers=(5, 1, 2, 3), tokens=38 / 32)], stages=[(2, 1)])
+    fastv = Row("fastv", "1", [sample(prefill=20.0, layers=(5, 1, 2, 3), decode=3.0, decode_layers=(0.5, 0.2, 0.4, 0.6), tokens=38 / 32)],
+                stages=[(2, 1)])
     # two stages (layer 8 keeps 2, layer 16 keeps 1): 8 x 4 + 8 x 2 + 16 x mean(1, 3) = 80, + (20 - 10) = 90; e2e 103
     pdrop = Row("pyramiddrop", "2", [sample(prefill=20.0, layers=(4, 2, 1, 3), tokens=2.0)], stages=[(8, 2), (16, 1)])
     return [full, pool, fastv, pdrop]
@@ -50,19 +51,33 @@ def test_summary_numbers_by_hand_at_four_built_layers():
     by = {r["method"]: r for r in summarise_rows(hand_rows(), UNIT, TEXT)}
     full, pool, fastv, pdrop = by["none"], by["pool"], by["fastv"], by["pyramiddrop"]
     assert full["e2e_prefill_ms_32_layers"] == 183.0 and full["e2e_spread_ms"] == 5.0 and full["tower_ms"] == 10.0
-    assert full["speedup"] == 1.0 and full["method_overhead_ms"] == 2.0  # 12 - 10 stock tower + 0
+    assert full["speedup"] == 1.0 and full["method_overhead_ms"] == 2.0  # 12 - 10.04 stock tower + 0
     # vision-side: mean of the 4 layers x 32, not one layer x 32
     assert pool["prefill_ms_32_layers"] == 68.0 and pool["e2e_prefill_ms_32_layers"] == 82.0
     assert pool["speedup"] == round(183 / 82, 3) == 2.232  # faster is > 1
-    assert pool["method_overhead_ms"] == 3.5  # 13 - 10 (stock tower) + 0.5 selection
-    assert pool["overhead_share_of_full_prefill"] == round(3.5 / 183, 4)
+    assert pool["method_overhead_ms"] == 3.5  # 13 - 10.04 (stock tower) + 0.5 selection = 3.46
+    assert pool["overhead_share_of_full_prefill"] == round(3.46 / 183, 4)
     # decode per token: (2 - 1.5) outside + mean 0.375 x 32 = 12.5
     assert pool["decode_ms_per_token_32_layers"] == 12.5
     # in-LLM: each stage's own built layers, averaged, times its 32-layer depth
     assert fastv["prefill_ms_32_layers"] == 79.0 and fastv["speedup"] == round(183 / 92, 3)
     assert pdrop["prefill_ms_32_layers"] == 90.0 and pdrop["speedup"] == round(183 / 103, 3)
-    assert fastv["decode_ms_per_token_32_layers"] == 17.0  # 1 outside + 2 x 0.5 + 30 x 0.5
+    # decode: 1.3 outside + 2 x 0.5 (layer 0) + 30 x mean(0.2, 0.4, 0.6); all-layer mean x 32 would give 14.9
+    assert fastv["decode_ms_per_token_32_layers"] == 14.3
     assert fastv["stages"] == [(2, 1)] and pool["stages"] == []
+
+
+def test_summary_reports_every_measured_field_rounded():
+    rows = hand_rows()[:1] + [Row("tome", "3", [sample(signals=12.34, select=0.416, project=1.244, prefill=30.06, decode=3.03,
+                                                       decode_layers=(0.25, 0.5, 0.75, 0.5), tokens=3.0, kv=123, peak=456)])]
+    tome = summarise_rows(rows, UNIT, TEXT)[1]
+    # prefill at 32 layers: 10.06 outside + 5 x 32 = 170.06; e2e 12.34 + 0.416 + 1.244 + 170.06 = 184.06
+    # decode: 1.03 outside + 0.5 x 32 = 17.03; own: 12.34 - 10.04 + 0.416 = 2.716
+    expected = {"tower_ms": 10.0, "signals_ms": 12.3, "select_ms": 0.42, "project_ms": 1.24, "prefill_ms_measured": 30.1,
+                "prefill_ms_32_layers": 170.1, "e2e_prefill_ms_32_layers": 184.1, "e2e_spread_ms": 0.0,
+                "decode_ms_per_token_32_layers": 17.0, "kv_bytes_measured": 123, "peak_prefill_bytes": 456,
+                "method_overhead_ms": 2.7, "overhead_share_of_full_prefill": 0.0148, "speedup": 0.994, "tokens": 3.0}
+    assert {k: tome[k] for k in expected} == expected
 
 
 def test_summary_flops_and_kv_by_hand():
@@ -87,10 +102,11 @@ def test_summary_takes_medians_and_needs_the_full_row_first():
     rows = hand_rows()
     pool = rows[1]
     slow = sample(signals=40.0, select=0.5, project=0.5, prefill=12.0, layers=(1, 2, 3, 2), tokens=2.0)  # e2e 109
-    fast = sample(signals=11.0, select=0.5, project=0.5, prefill=12.0, layers=(1, 2, 3, 2), tokens=2.0)  # e2e 80
+    fast = sample(signals=11.03, select=0.5, project=0.5, prefill=12.0, layers=(1, 2, 3, 2), tokens=2.0, kv=300, peak=50)  # e2e 80.03
     pool.samples += [slow, fast]
     [r] = [r for r in summarise_rows(rows, UNIT, TEXT) if r["method"] == "pool"]
-    assert r["e2e_prefill_ms_32_layers"] == 82.0 and r["e2e_spread_ms"] == 29.0 and r["method_overhead_ms"] == 3.5
+    assert r["e2e_prefill_ms_32_layers"] == 82.0 and r["e2e_spread_ms"] == 29.0 and r["method_overhead_ms"] == 3.5  # spread 28.97
+    assert r["kv_bytes_measured"] == 100 and r["peak_prefill_bytes"] == 200  # medians of (100, 100, 300) and (200, 200, 50)
     with pytest.raises(VTCError, match="'none'"):
         summarise_rows(rows[1:], UNIT, TEXT)
 

@@ -112,11 +112,10 @@ def yes_no(prediction: str) -> str:
 
 
 def mme_label(prediction: str) -> str:
-    """MME's reading of a free-form answer (its calculation.py): 'yes', 'no' or 'other'."""
-    text = prediction.lower()
-    if text in ("yes", "no"):
-        return text
-    prefix = text[:4]
+    """MME's reading of a free-form answer (its calculation.py): 'yes', 'no' or 'other'.
+
+    calculation.py first takes an exact 'yes' / 'no', which the 4-character prefix rule below already covers."""
+    prefix = prediction.lower()[:4]
     if "yes" in prefix:
         return "yes"
     return "no" if "no" in prefix else "other"
