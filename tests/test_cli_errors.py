@@ -198,3 +198,20 @@ def test_narrow_terminal_gets_one_line_per_row_and_nothing_cut(narrow):
     assert "…" not in flat
     for r in results:
         assert f"{r['method']}@{r['budget']}:" in flat and f"speed up {r['speedup']:.2f}x" in flat
+
+
+def test_report_command_prints_its_tables_within_80_columns(tmp_path, narrow):
+    from vtc.bench.store import ResultStore
+
+    store = ResultStore(tmp_path, shard=0)
+    for i, (method, budget, score) in enumerate([("none", "auto", 1.0), ("recoverable>fastv", "auto>64", 0.0)]):
+        store.append({"task": "mmbench", "method": method, "budget": budget, "sample_id": "1", "answer": "A", "error": None,
+                      "meta": {"index": 1}, "score": score, "prediction": "A", "tokens_kept": 64 - i, "flops": 8.5e12,
+                      "prefill_ms": 120.0, "total_ms": 1234.5})
+    store.close()
+    out = narrow(80)
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = out.getvalue()
+    assert max(map(len, _lines(text))) <= 80 and "…" not in text
+    assert any(line.startswith("recoverable>fastv") and "auto>64" in line and "0.00" in line for line in _lines(text)), text
