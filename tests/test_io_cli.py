@@ -170,6 +170,9 @@ def test_dtype_auto_is_float32_on_cpu_and_float16_on_cuda(tiny_dirs):
     assert half.model.dtype == torch.bfloat16
     with pytest.raises(VTCError, match="not a torch device"):
         Pipeline.from_pretrained(tiny_dirs[0], device="gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(VTCError, match="CUDA is not available"):
+            Pipeline.from_pretrained(tiny_dirs[0], device="cuda")
 
 
 def test_cli_dtype_option(tiny_dirs, tmp_path):

@@ -296,9 +296,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        place = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise VTCError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:1, ...): {exc}") from None
+    if place.type == "cuda" and not torch.cuda.is_available():
+        raise VTCError(f"device '{device}': CUDA is not available here (use 'cpu' or 'auto')")
+    return place
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
