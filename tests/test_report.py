@@ -100,6 +100,7 @@ def test_write_report_files_from_a_store(tmp_path):
         "| vqav2 | none | auto | 66.67 | 100.0 | 16.0 | 3.0 | 20.0 | 40.0 | 3 | 0 |\n"
     )
     assert markdown_table(rows).count("\n") == 2 + len(rows)
+    assert markdown_table(rows).splitlines()[3].startswith("| vqav2 | pool | 4 | 50.0 | 75.0 |")  # one line per row
     assert (tmp_path / "report.json").read_text().startswith('[\n  {\n    "task": "vqav2"')  # indented for reading
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and "<table>" in (tmp_path / "report.html").read_text()
     with pytest.raises(VTCError, match="no bench results"):

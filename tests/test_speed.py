@@ -68,16 +68,18 @@ def test_summary_numbers_by_hand_at_four_built_layers():
 
 
 def test_summary_reports_every_measured_field_rounded():
-    rows = hand_rows()[:1] + [Row("tome", "3", [sample(signals=12.34, select=0.416, project=1.244, prefill=30.06, decode=3.03,
-                                                       decode_layers=(0.25, 0.5, 0.75, 0.5), tokens=3.0, kv=123, peak=456)])]
-    tome = summarise_rows(rows, UNIT, TEXT)[1]
-    # prefill at 32 layers: 10.06 outside + 5 x 32 = 170.06; e2e 12.34 + 0.416 + 1.244 + 170.06 = 184.06
-    # decode: 1.03 outside + 0.5 x 32 = 17.03; own: 12.34 - 10.04 + 0.416 = 2.716
-    expected = {"tower_ms": 10.0, "signals_ms": 12.3, "select_ms": 0.42, "project_ms": 1.24, "prefill_ms_measured": 30.1,
-                "prefill_ms_32_layers": 170.1, "e2e_prefill_ms_32_layers": 184.1, "e2e_spread_ms": 0.0,
-                "decode_ms_per_token_32_layers": 17.0, "kv_bytes_measured": 123, "peak_prefill_bytes": 456,
-                "method_overhead_ms": 2.7, "overhead_share_of_full_prefill": 0.0148, "speedup": 0.994, "tokens": 3.0}
-    assert {k: tome[k] for k in expected} == expected
+    full = Row("none", "auto", [sample(tower=10.34, signals=12.0)])  # e2e 183 as above, stock tower 10.34
+    common = dict(select=0.416, project=1.244, prefill=30.06, decode=3.03, decode_layers=(0.25, 0.5, 0.75, 0.5), tokens=3.0)
+    tome = Row("tome", "3", [sample(signals=12.34, kv=123, peak=456, **common), sample(signals=12.93, kv=125, peak=458, **common)])
+    r = summarise_rows([full, tome], UNIT, TEXT)[1]
+    # prefill at 32 layers: 10.06 outside + 5 x 32 = 170.06; e2e 12.34 + 0.416 + 1.244 + 170.06 = 184.06 and 184.65
+    # -> median 184.355, spread 0.59; decode: 1.03 outside + 0.5 x 32 = 17.03
+    # own: 12.34 - 10.34 + 0.416 = 2.416 and 3.006 -> median 2.711, share 2.711 / 183 = 0.01481; speed-up 183 / 184.355
+    expected = {"tower_ms": 10.3, "signals_ms": 12.6, "select_ms": 0.42, "project_ms": 1.24, "prefill_ms_measured": 30.1,
+                "prefill_ms_32_layers": 170.1, "e2e_prefill_ms_32_layers": 184.4, "e2e_spread_ms": 0.6,
+                "decode_ms_per_token_32_layers": 17.0, "kv_bytes_measured": 124, "peak_prefill_bytes": 457,
+                "method_overhead_ms": 2.7, "overhead_share_of_full_prefill": 0.0148, "speedup": 0.993, "tokens": 3.0}
+    assert {k: r[k] for k in expected} == expected
 
 
 def test_summary_flops_and_kv_by_hand():
