@@ -105,3 +105,18 @@ def test_write_report_files_from_a_store(tmp_path):
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and "<table>" in (tmp_path / "report.html").read_text()
     with pytest.raises(VTCError, match="no bench results"):
         write_report(tmp_path / "empty")
+
+
+def test_rounding_of_every_column_and_a_tiny_baseline():
+    common = dict(flops=1.23456e12, prefill=1.2345, total=2.3456)
+    records = [rec("vqav2", "none", "auto", str(i), s, tokens=16, **common) for i, s in enumerate([1.0, 0.0, 0.0])]
+    records += [rec("vqav2", "pool", "4", str(i), s, tokens=t, **common) for i, (s, t) in enumerate([(1.0, 4), (1.0, 4), (0.0, 5)])]
+    pool = {r["method"]: r for r in summarise(records)}["pool"]
+    # score 66.67 vs 33.33 -> 200.02 %, shown to one decimal; tokens (4 + 4 + 5) / 3 = 4.333
+    assert (pool["score"], pool["relative"], pool["tokens"]) == (66.67, 200.0, 4.3)
+    assert (pool["tflops"], pool["prefill_ms"], pool["total_ms"]) == (1.2346, 1.23, 2.35)
+    # a full-token score below 1 % is still a baseline: 1 of 200 right (0.5) vs 2 of 200 (1.0) -> 200 %
+    tiny = [rec("gqa", "none", "auto", str(i), float(i == 0), tokens=16, **common) for i in range(200)]
+    tiny += [rec("gqa", "pool", "4", str(i), float(i < 2), tokens=4, **common) for i in range(200)]
+    rows = {r["method"]: r for r in summarise(tiny)}
+    assert rows["none"]["score"] == 0.5 and rows["pool"]["relative"] == 200.0
