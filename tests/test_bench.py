@@ -244,3 +244,31 @@ def test_lmms_eval_bridge(tiny_pipe):
     assert answer == direct.text
     with pytest.raises(VTCError, match="exactly one image"):
         answer_requests(tiny_pipe, "random", "4", [("q", {}, [image, image])])
+
+
+def test_a_sample_whose_generation_raises_is_a_recorded_failure_and_its_batch_mates_still_score(tiny_pipe, tmp_path, monkeypatch):
+    from vtc.bench.runner import Plan
+    from vtc.bench.tasks import Task, TaskSample
+    from vtc.methods import Budget
+
+    generate = tiny_pipe.generate
+
+    def flaky(inputs, questions, *args, **kwargs):  # a failure deep inside generation, not a VTCError
+        if any("boom" in q for q in questions):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return generate(inputs, questions, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe, "generate", flaky)
+    image = lambda: Image.new("RGB", (40, 40), (200, 30, 30))  # noqa: E731
+    questions = ["what color ?", "boom what color ?", "what is <image> this ?", "what shape ?", "boom alone ?"]
+    samples = [TaskSample(str(i), q, "red", image, {}) for i, q in enumerate(questions)]
+    task = Task("synthetic", samples, lambda p, s: 1.0, lambda recs: {"score": 0.0}, 2)
+    plan = Plan([task], [("random", Budget.parse("4"))], [])
+    # batches of 2: [ok, boom], [special token, ok], [boom alone]
+    assert BenchRunner(tiny_pipe, tmp_path / "out", batch_size=2).run(plan) == 5
+    by = {r["sample_id"]: r for r in read_records(tmp_path / "out")}
+    assert by["1"]["error"] == "RuntimeError: CUDA out of memory (simulated)" and "score" not in by["1"]
+    assert by["4"]["error"] == "RuntimeError: CUDA out of memory (simulated)"  # alone in its batch: recorded, the run goes on
+    assert "'<image>'" in by["2"]["error"] and "special token" in by["2"]["error"]
+    for ok in ("0", "3"):
+        assert by[ok]["error"] is None and by[ok]["score"] == 1.0 and by[ok]["tokens_kept"] == 4 and by[ok]["batch_size"] == 1

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlavaForConditionalGeneration
+from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
 from vtc.cost import Shape, decode_flops, kv_cache_bytes, llm_layer_macs, prefill_flops, projector_flops, request_cost, staged_cost, vision_flops
 from vtc.shapes import llava15_config
@@ -37,21 +37,41 @@ def test_flops_match_torch_flop_counter_on_a_real_forward(eager_tiny):
     assert counted(lambda: eager_tiny.model.multi_modal_projector(feats)) == pytest.approx(projector_flops(s, 5), rel=1e-9)
 
 
-def test_llava15_7b_by_hand_and_the_papers_numbers():
+@pytest.fixture(scope="module")
+def llama7b_on_meta():
+    """Llama-7B of LLaVA-1.5 with eager attention on the meta device: real shapes, no memory, no compute."""
+    config = llava15_config().text_config
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        return LlamaForCausalLM(config).eval()
+
+
+def test_llava15_7b_against_the_flop_counter_and_the_papers_numbers(llama7b_on_meta):
     s = Shape.from_config(llava15_config())
     assert (s.llm_layers, s.llm_width, s.llm_mlp, s.num_patches, s.kv_width) == (32, 4096, 11008, 576, 4096)
-    # one decoder layer, 640 positions (576 image + 64 text): 4 n d^2 + 2 n^2 d + 3 n d m multiply-adds
-    n, d, m = 640, 4096, 11008
-    layer = 4 * n * d * d + 2 * n * n * d + 3 * n * d * m  # 42.9G + 3.4G + 86.6G = 132.9G MACs
-    assert layer == 132_875_550_720
-    hand = 2 * (32 * layer + d * 32064)
-    assert prefill_flops(s, 640) == hand
-    assert hand / 1e12 == pytest.approx(8.5, abs=0.05)  # the paper: 8.5T FLOPs at 576 image tokens
+
+    def prefill(n):
+        out = llama7b_on_meta.model(inputs_embeds=torch.empty(1, n, s.llm_width, device="meta"), use_cache=True)
+        llama7b_on_meta.lm_head(out.last_hidden_state[:, -1:])
+        return out.past_key_values
+
+    cache = None
+
+    def run():
+        nonlocal cache
+        cache = prefill(640)
+
+    assert counted(run) == pytest.approx(prefill_flops(s, 640), rel=1e-9)  # 576 image + 64 text positions
+    assert prefill_flops(s, 640) / 1e12 == pytest.approx(8.5, abs=0.05)  # the paper: 8.5T FLOPs at 576 image tokens
+    assert counted(lambda: prefill(58 + 64)) == pytest.approx(prefill_flops(s, 58 + 64), rel=1e-9)
     assert prefill_flops(s, 58 + 64) / 1e12 == pytest.approx(1.5, abs=0.1)  # ~10% of the tokens: 1.5T
-    # KV cache: 2 (k, v) x 32 layers x 640 positions x 4096 x 2 bytes = 335.5 MB
-    assert kv_cache_bytes(s, 640) == 2 * 32 * 640 * 4096 * 2
-    # decoding one token at context 640: the same layer formula with n = 1, 641 positions attended
-    assert decode_flops(s, 640) == 2 * (32 * (4 * d * d + 2 * 641 * d + 3 * d * m) + d * 32064)
+    # KV cache: what the model's own cache holds at 640 positions, at 2 bytes a value
+    held = sum(t.numel() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kv_cache_bytes(s, 640) == held * 2 == pytest.approx(335.5e6, rel=1e-3)
+    # one decoded token attending to the 640 cached positions and itself
+    step = lambda: llama7b_on_meta.lm_head(llama7b_on_meta.model(  # noqa: E731
+        inputs_embeds=torch.empty(1, 1, s.llm_width, device="meta"), cache=cache, use_cache=True).last_hidden_state)
+    assert counted(step) == pytest.approx(decode_flops(s, 640), rel=1e-9)
     cost = request_cost(s, image_tokens=64, text_tokens=64)
     assert cost["total_prefill_flops"] == cost["vision_flops"] + cost["projector_flops"] + cost["prefill_flops"]
 

@@ -116,3 +116,69 @@ def test_run_chains_a_vision_and_an_in_llm_method(tiny_dirs, tmp_path):
     assert result.exit_code == 2 and "within 1..1" in result.output  # the tiny LLM has 2 layers: FastV's default K=2 is refused
     bad = runner.invoke(app, args[:-5] + ["--budget", "8", "--json"])
     assert bad.exit_code == 2 and "two budgets" in bad.output
+
+
+# ----------------------------------------------------------------------------- special tokens in a question
+
+
+def _every_special_token(tokenizer) -> set[str]:
+    # read off the tokenizer itself (its special-token attributes and its added tokens), not off the pipeline
+    found = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token}
+    found |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return found - {None}
+
+
+def test_every_special_token_in_a_question_is_refused_by_the_pipeline(tiny_pipe, images):
+    specials = _every_special_token(tiny_pipe.processor.tokenizer)
+    assert {"<image>", "<s>", "</s>", "<pad>", "<unk>"} <= specials
+    for token in sorted(specials):
+        with pytest.raises(VTCError, match=f"question 1 contains '{token}', a special token"):
+            tiny_pipe(images[:2], ["what color ?", f"what is {token} this {token}"], method="pool", budget=4, max_new_tokens=1)
+    # text that only looks like a token is fine
+    [r] = tiny_pipe(images[:1], ["what is <img> or image ?"], method="pool", budget=4, max_new_tokens=1)
+    assert r.tokens_after == 4
+
+
+def test_every_special_token_in_a_question_is_refused_by_the_cli(tiny_dirs, tiny_pipe, tmp_path):
+    Image.new("RGB", (50, 40)).save(tmp_path / "img.png")
+    for token in sorted(_every_special_token(tiny_pipe.processor.tokenizer)):
+        args = ["run", "--model", str(tiny_dirs[0]), "--image", str(tmp_path / "img.png"), "--question", f"what is {token} this {token}",
+                "--method", "pool", "--budget", "4"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (token, result.output)
+        assert f"contains '{token}'" in result.output.replace("\n", " ") and "Traceback" not in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+# ----------------------------------------------------------------------------- dtype and device
+
+
+def test_dtype_auto_is_float32_on_cpu_and_float16_on_cuda(tiny_dirs):
+    import torch
+
+    from vtc.pipeline import Pipeline, resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) is torch.bfloat16 and resolve_dtype(torch.float16, torch.device("cpu")) is torch.float16
+    for bad, match in [("fp8", "not one of auto"), (torch.int8, "not a floating-point")]:
+        with pytest.raises(VTCError, match=match):
+            resolve_dtype(bad, torch.device("cpu"))
+    pipe = Pipeline.from_pretrained(tiny_dirs[0], clip=tiny_dirs[1], device="cpu")
+    assert pipe.model.dtype == torch.float32 and pipe.adapter.text_scorer.projection.dtype == torch.float32
+    half = Pipeline.from_pretrained(tiny_dirs[0], dtype="bfloat16", device="cpu")
+    assert half.model.dtype == torch.bfloat16
+    with pytest.raises(VTCError, match="not a torch device"):
+        Pipeline.from_pretrained(tiny_dirs[0], device="gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(VTCError, match="CUDA is not available"):
+            Pipeline.from_pretrained(tiny_dirs[0], device="cuda")
+
+
+def test_cli_dtype_option(tiny_dirs, tmp_path):
+    Image.new("RGB", (50, 40)).save(tmp_path / "img.png")
+    base = ["run", "--model", str(tiny_dirs[0]), "--image", str(tmp_path / "img.png"), "--question", "what ?", "--method", "pool", "--budget", "4"]
+    bad = runner.invoke(app, base + ["--dtype", "fp8"])
+    assert bad.exit_code == 2 and "dtype 'fp8' is not one of auto" in bad.output and "Traceback" not in bad.output
+    good = runner.invoke(app, base + ["--dtype", "float32", "--json", "--max-new-tokens", "1"])
+    assert good.exit_code == 0, good.output

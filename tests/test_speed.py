@@ -1,22 +1,142 @@
-"""vtc speed on a tiny LLaVA: the measurement plumbing, the 32-layer extrapolation and the KV bytes."""
+"""vtc speed: the summary worked by hand at 4 built layers, and the measurement plumbing on a tiny LLaVA."""
 
 import json
 
 import pytest
 from transformers import LlavaForConditionalGeneration
 
+from vtc.cost import Shape
+from vtc.methods import VTCError
 from vtc.models.clip_text import ClipTextScorer
-from vtc.speed import FULL_DEPTH, SpeedBench, run_speed, write_outputs
+from vtc.speed import FULL_DEPTH, Row, Sample, SpeedBench, run_speed, summarise_rows, to_full_depth, write_outputs
+from vtc.testing import save_tiny_llava
+
+# ----------------------------------------------------------------------------- the summary, worked by hand
+
+# A model small enough to count its FLOPs by hand: width 1 everywhere, 2x2 patches (4 image tokens), 32 LLM layers.
+# Per decoder layer on n positions: projections 4n + scores/sum 2n^2 + gated MLP 3n = 7n + 2n^2 multiply-adds.
+# Vision: 5 positions; embed 4 x 3 = 12; layer 4*5 + 2*25 + 2*5 = 80 -> 2 x 92 = 184 FLOPs. Projector: 4 per token.
+UNIT = Shape(vision_width=1, vision_mlp=1, vision_layers=1, patch_size=1, image_size=2, llm_width=1, llm_mlp=1,
+             llm_layers=FULL_DEPTH, heads=1, kv_heads=1, vocab=1)
+TEXT = 2
+
+
+def sample(tower=float("nan"), signals=12.0, select=0.0, project=1.0, prefill=30.0, layers=(5, 5, 5, 5), decode=3.0,
+           decode_layers=(0.5, 0.5, 0.5, 0.5), tokens=4.0, kv=100, peak=200) -> Sample:
+    return Sample(tower, signals, select, project, prefill, list(layers), decode, list(decode_layers), kv, peak, tokens)
+
+
+def hand_rows() -> list[Row]:
+    full = Row("none", "auto", [
+        # prefill at 32 layers: (30 - 20 outside the layers) + 5 x 32 = 170; e2e = 12 + 0 + 1 + 170 = 183
+        sample(tower=10.04, signals=12.0),
+        sample(tower=14.0, signals=16.0),  # e2e 187
+        sample(tower=9.0, signals=11.0),  # e2e 182
+    ])  # medians: stock tower 10.04, e2e 183, spread 187 - 182 = 5
+    pool = Row("pool", "2", [
+        # unequal layers (mean 2): (12 - 8) + 2 x 32 = 68; e2e = 13 + 0.5 + 0.5 + 68 = 82
+        sample(signals=13.0, select=0.5, project=0.5, prefill=12.0, layers=(1, 2, 3, 2), decode=2.0,
+               decode_layers=(0.25, 0.5, 0.5, 0.25), tokens=2.0),
+    ])
+    # FastV-like: one stage at layer 2 keeping 1 token; built layer 0 stands for layers 0-1, built layers 1-3 for 2-31.
+    # prefill: (20 - 11) + 2 x 5 + 30 x mean(1, 2, 3) = 9 + 10 + 60 = 79; e2e = 12 + 0 + 1 + 79 = 92
+    fastv = Row("fastv", "1", [sample(prefill=20.0, layers=(5, 1, 2, 3), decode=3.0, decode_layers=(0.5, 0.2, 0.4, 0.6), tokens=38 / 32)],
+                stages=[(2, 1)])
+    # two stages (layer 8 keeps 2, layer 16 keeps 1): 8 x 4 + 8 x 2 + 16 x mean(1, 3) = 80, + (20 - 10) = 90; e2e 103
+    pdrop = Row("pyramiddrop", "2", [sample(prefill=20.0, layers=(4, 2, 1, 3), tokens=2.0)], stages=[(8, 2), (16, 1)])
+    return [full, pool, fastv, pdrop]
+
+
+def test_summary_numbers_by_hand_at_four_built_layers():
+    by = {r["method"]: r for r in summarise_rows(hand_rows(), UNIT, TEXT)}
+    full, pool, fastv, pdrop = by["none"], by["pool"], by["fastv"], by["pyramiddrop"]
+    assert full["e2e_prefill_ms_32_layers"] == 183.0 and full["e2e_spread_ms"] == 5.0 and full["tower_ms"] == 10.0
+    assert full["speedup"] == 1.0 and full["method_overhead_ms"] == 2.0  # 12 - 10.04 stock tower + 0
+    # vision-side: mean of the 4 layers x 32, not one layer x 32
+    assert pool["prefill_ms_32_layers"] == 68.0 and pool["e2e_prefill_ms_32_layers"] == 82.0
+    assert pool["speedup"] == round(183 / 82, 3) == 2.232  # faster is > 1
+    assert pool["method_overhead_ms"] == 3.5  # 13 - 10.04 (stock tower) + 0.5 selection = 3.46
+    assert pool["overhead_share_of_full_prefill"] == round(3.46 / 183, 4)
+    # decode per token: (2 - 1.5) outside + mean 0.375 x 32 = 12.5
+    assert pool["decode_ms_per_token_32_layers"] == 12.5
+    # in-LLM: each stage's own built layers, averaged, times its 32-layer depth
+    assert fastv["prefill_ms_32_layers"] == 79.0 and fastv["speedup"] == round(183 / 92, 3)
+    assert pdrop["prefill_ms_32_layers"] == 90.0 and pdrop["speedup"] == round(183 / 103, 3)
+    # decode: 1.3 outside + 2 x 0.5 (layer 0) + 30 x mean(0.2, 0.4, 0.6); all-layer mean x 32 would give 14.9
+    assert fastv["decode_ms_per_token_32_layers"] == 14.3
+    assert fastv["stages"] == [(2, 1)] and pool["stages"] == []
+
+
+def test_summary_reports_every_measured_field_rounded():
+    full = Row("none", "auto", [sample(tower=10.34, signals=12.0)])  # e2e 183 as above, stock tower 10.34
+    common = dict(select=0.416, project=1.244, prefill=30.06, decode=3.03, decode_layers=(0.25, 0.5, 0.75, 0.5), tokens=3.0)
+    tome = Row("tome", "3", [sample(signals=12.34, kv=123, peak=456, **common), sample(signals=12.93, kv=125, peak=458, **common)])
+    r = summarise_rows([full, tome], UNIT, TEXT)[1]
+    # prefill at 32 layers: 10.06 outside + 5 x 32 = 170.06; e2e 12.34 + 0.416 + 1.244 + 170.06 = 184.06 and 184.65
+    # -> median 184.355, spread 0.59; decode: 1.03 outside + 0.5 x 32 = 17.03
+    # own: 12.34 - 10.34 + 0.416 = 2.416 and 3.006 -> median 2.711, share 2.711 / 183 = 0.01481; speed-up 183 / 184.355
+    expected = {"tower_ms": 10.3, "signals_ms": 12.6, "select_ms": 0.42, "project_ms": 1.24, "prefill_ms_measured": 30.1,
+                "prefill_ms_32_layers": 170.1, "e2e_prefill_ms_32_layers": 184.4, "e2e_spread_ms": 0.6,
+                "decode_ms_per_token_32_layers": 17.0, "kv_bytes_measured": 124, "peak_prefill_bytes": 457,
+                "method_overhead_ms": 2.7, "overhead_share_of_full_prefill": 0.0148, "speedup": 0.993, "tokens": 3.0}
+    assert {k: r[k] for k in expected} == expected
+
+
+def test_summary_flops_and_kv_by_hand():
+    by = {r["method"]: r for r in summarise_rows(hand_rows(), UNIT, TEXT)}
+    # full: 6 positions, layer 7*6 + 2*36 = 114; prefill 2 (32 x 114 + 1 head) = 7298; + 184 vision + 16 projector = 7498
+    # pool, 2 image tokens: 4 positions, layer 60; 2 (32 x 60 + 1) = 3842; + 184 + 8 = 4034
+    # fastv: 2 layers x 114 + 30 layers x (3 positions: 39) = 1398; 2 (1398 + 1) + 184 + 16 (4 tokens projected) = 2998
+    # pyramiddrop: 8 x 114 + 8 x 60 + 16 x 39 = 2016; 2 (2016 + 1) + 200 = 4234
+    assert by["none"]["flops_ratio"] == 1.0
+    assert by["pool"]["flops_ratio"] == round(7498 / 4034, 3)
+    assert by["fastv"]["flops_ratio"] == round(7498 / 2998, 3)
+    assert by["pyramiddrop"]["flops_ratio"] == round(7498 / 4234, 3)
+    assert by["pool"]["speedup_vs_flops"] == round((183 / 82) / (7498 / 4034), 3)
+    # KV fp16: 2 (k, v) x positions x width 1 x 2 bytes per layer
+    assert by["none"]["kv_bytes_32_layers_fp16"] == 32 * 2 * 6 * 2
+    assert by["pool"]["kv_bytes_32_layers_fp16"] == 32 * 2 * 4 * 2
+    assert by["fastv"]["kv_bytes_32_layers_fp16"] == (2 * 6 + 30 * 3) * 2 * 2
+    assert by["pool"]["tokens"] == 2.0 and by["fastv"]["tokens"] == 38 / 32
+
+
+def test_summary_takes_medians_and_needs_the_full_row_first():
+    rows = hand_rows()
+    pool = rows[1]
+    slow = sample(signals=40.0, select=0.5, project=0.5, prefill=12.0, layers=(1, 2, 3, 2), tokens=2.0)  # e2e 109
+    fast = sample(signals=11.03, select=0.5, project=0.5, prefill=12.0, layers=(1, 2, 3, 2), tokens=2.0, kv=300, peak=50)  # e2e 80.03
+    pool.samples += [slow, fast]
+    [r] = [r for r in summarise_rows(rows, UNIT, TEXT) if r["method"] == "pool"]
+    assert r["e2e_prefill_ms_32_layers"] == 82.0 and r["e2e_spread_ms"] == 29.0 and r["method_overhead_ms"] == 3.5  # spread 28.97
+    assert r["kv_bytes_measured"] == 100 and r["peak_prefill_bytes"] == 200  # medians of (100, 100, 300) and (200, 200, 50)
+    with pytest.raises(VTCError, match="'none'"):
+        summarise_rows(rows[1:], UNIT, TEXT)
+
+
+def test_extrapolation_scales_only_the_decoder_layers():
+    # 10 ms measured, 6 of them in 2 layers: 4 ms outside + 3 ms per layer x 32
+    assert to_full_depth(10.0, [2.0, 4.0]) == pytest.approx(4.0 + 3.0 * FULL_DEPTH)
+    # in-LLM, one stage at layer 2 of 32: built layer 0 stands for 2 layers, built layer 1 for 30
+    assert to_full_depth(10.0, [4.0, 2.0], [2, 30]) == pytest.approx(4.0 + 2 * 4.0 + 30 * 2.0)
+    # three stages on 4 built layers: the last stage's two built layers are averaged
+    assert to_full_depth(20.0, [4.0, 2.0, 1.0, 3.0], [8, 8, 16]) == pytest.approx(10.0 + 8 * 4 + 8 * 2 + 16 * 2)
+    assert Row("x", "1", stages=[(8, 2), (16, 1)]).stage_depths() == [8, 8, 16] and Row("x", "1").stage_depths() is None
+
+
+# ----------------------------------------------------------------------------- a real run on a tiny LLaVA
 
 
 @pytest.fixture(scope="module")
-def bench(tiny_dirs):
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0]).eval()
+def bench(tiny_dirs, tmp_path_factory):
+    # 4 decoder layers, as `vtc speed` builds by default
+    path = save_tiny_llava(tmp_path_factory.mktemp("speed") / "llava4", text_layers=4)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
     return SpeedBench(text_tokens=6, decode_tokens=2, model=model, text_scorer=ClipTextScorer.from_pretrained(tiny_dirs[1]))
 
 
 def test_speed_rows_measure_what_they_claim(bench, tmp_path):
-    _, results = run_speed(["fastervlm", "recoverable", "downsample"], ["4", "auto"], 2, 2, 6, 2, bench=bench)
+    assert bench.llm_layers == 4
+    _, results = run_speed(["fastervlm", "recoverable", "downsample"], ["4", "auto"], 4, 2, 6, 2, bench=bench)
     by = {(r["method"], r["budget"]): r for r in results}
     assert ("fastervlm", "auto") not in by and ("recoverable", "auto") in by  # auto only where a method has one
     full, pruned = by[("none", "auto")], by[("fastervlm", "4")]
@@ -29,28 +149,29 @@ def test_speed_rows_measure_what_they_claim(bench, tmp_path):
         assert r["kv_bytes_measured"] == 2 * cfg.num_hidden_layers * positions * kv_width * 4
     assert full["flops_ratio"] == 1.0 and pruned["flops_ratio"] > 1.0
     assert all(r["e2e_prefill_ms_32_layers"] > 0 and r["speedup"] > 0 for r in results)
-    write_outputs(results, {"llm_layers_built": 2}, tmp_path)
+    # the 32-layer prefill extrapolates the measured one: 4 built layers stand for 32
+    assert all(r["prefill_ms_32_layers"] > r["prefill_ms_measured"] for r in results)
+    write_outputs(results, {"llm_layers_built": 4}, tmp_path)
     saved = json.loads((tmp_path / "speed.json").read_text())
-    assert saved["results"] == results and (tmp_path / "speed.png").stat().st_size > 10_000
-
-
-def test_extrapolation_scales_only_the_decoder_layers(bench):
-    assert bench.llm_layers == 2
-    # 10 ms measured, 6 of them in 2 layers: 4 ms outside + 3 ms per layer x 32
-    assert bench.to_full_depth(10.0, [2.0, 4.0]) == pytest.approx(4.0 + 3.0 * FULL_DEPTH)
-    # in-LLM, one stage at layer 2 of 32: built layer 0 stands for 2 layers, built layer 1 for 30
-    assert bench.to_full_depth(10.0, [4.0, 2.0], [2, 30]) == pytest.approx(4.0 + 2 * 4.0 + 30 * 2.0)
+    assert saved["results"] == json.loads(json.dumps(results)) and (tmp_path / "speed.png").stat().st_size > 10_000
 
 
 def test_in_llm_methods_are_timed_by_stage(bench):
     from vtc.cost import request_cost, staged_cost
 
-    _, results = run_speed(["fastv", "dart"], ["8"], 2, 1, 6, 2, bench=bench)
+    _, results = run_speed(["fastv", "pyramiddrop"], ["8"], 4, 1, 6, 2, bench=bench)
     by = {r["method"]: r for r in results}
-    for name in ("fastv", "dart"):
-        r = by[name]
-        assert r["stages"] and abs(r["tokens"] - 8) <= 0.5  # the budget is the 32-layer average
-        (layer, keep), = r["stages"]
-        assert layer == 2 and (2 * 16 + 30 * keep) / 32 == pytest.approx(r["tokens"])
-        full = request_cost(bench.shape, 16, 6)["total_prefill_flops"]
-        assert r["flops_ratio"] == round(full / staged_cost(bench.shape, 16, r["stages"], 6)["total_prefill_flops"], 3)
+    fastv = by["fastv"]
+    assert fastv["stages"] and abs(fastv["tokens"] - 8) <= 0.5  # the budget is the 32-layer average
+    (layer, keep), = fastv["stages"]
+    assert layer == 2 and (2 * 16 + 30 * keep) / 32 == pytest.approx(fastv["tokens"])
+    full = request_cost(bench.shape, 16, 6)["total_prefill_flops"]
+    assert fastv["flops_ratio"] == round(full / staged_cost(bench.shape, 16, fastv["stages"], 6)["total_prefill_flops"], 3)
+    assert len(by["pyramiddrop"]["stages"]) == 3  # three stages replayed on built layers 1-3
+
+
+def test_in_llm_method_with_more_stages_than_built_layers_is_refused(tiny_dirs):
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0]).eval()  # 2 decoder layers
+    bench = SpeedBench(text_tokens=6, decode_tokens=1, model=model, text_scorer=ClipTextScorer.from_pretrained(tiny_dirs[1]))
+    with pytest.raises(VTCError, match="build at least 4 decoder layers"):
+        run_speed(["pyramiddrop"], ["8"], 2, 1, 6, 1, bench=bench)

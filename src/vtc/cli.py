@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .methods import Budget, VTCError, available, get
 
-app = typer.Typer(help="vtc: training-free visual token compression for vision-language models.", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
+EXIT_ERROR = 2
+DTYPE_HELP = "Weights' dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16."
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+class _ErrorBoundary(TyperGroup):
+    """Runs every command inside one error boundary: a VTCError (or a missing file) raised anywhere in a
+    command, its last step included, prints its message and exits with status 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (VTCError, FileNotFoundError) as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(EXIT_ERROR) from None
+
+
+app = typer.Typer(help="vtc: training-free visual token compression for vision-language models.", no_args_is_help=True, cls=_ErrorBoundary)
+
+
+def _check_out_dir(out: Path, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be a directory before any model loads (not after a long run)."""
+    if out.exists() and not out.is_dir():
+        raise VTCError(f"{flag} {out} exists and is not a directory")
 
 
 @app.command("methods")
@@ -75,16 +93,14 @@ def run_cmd(
     clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP checkpoint with the text tower (text-guided methods)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Compress one image's tokens with METHOD at BUDGET and answer QUESTION."""
     from .pipeline import Pipeline, resolve
 
-    try:
-        resolve(method, budget, {})  # fail on an unknown name, chain or budget before loading anything
-        pipe = Pipeline.from_pretrained(model, clip=clip)
-        [result] = pipe([image], [question], method=method, budget=budget, max_new_tokens=max_new_tokens)
-    except VTCError as exc:
-        _fail(str(exc))
+    resolve(method, budget, {})  # fail on an unknown name, chain or budget before loading anything
+    pipe = Pipeline.from_pretrained(model, clip=clip, dtype=dtype)
+    [result] = pipe([image], [question], method=method, budget=budget, max_new_tokens=max_new_tokens)
     record = result.to_dict()
     if as_json:
         print(json.dumps(record))
@@ -104,10 +120,8 @@ def demo_cmd(
     """Run the shipped tiny LLaVA on the synthetic benchmark with several compressors at about 10% of tokens."""
     from .demo.run import run_demo
 
-    try:
-        run_demo(limit=limit, out=out, console=console)
-    except (VTCError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    _check_out_dir(out)
+    run_demo(limit=limit, out=out, console=console)
 
 
 @app.command("bench")
@@ -120,6 +134,7 @@ def bench_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N samples of each task."),
     out: Path = typer.Option(Path("vtc-bench-out"), "--out", help="Result store directory (resumes when it exists)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Evaluate methods x budgets x tasks; every sample is stored durably, a re-run resumes. Data-parallel under `accelerate launch`."""
     from rich.progress import Progress
@@ -131,14 +146,12 @@ def bench_cmd(
     rank, world, state = process_info()
     if model is None:
         model, clip = CHECKPOINT / "llava", clip or CHECKPOINT / "clip"
-    try:
-        pipe = Pipeline.from_pretrained(model, clip=clip)
-        plan = make_plan(pipe, [t for t in tasks.split(",") if t.strip()], [m.strip() for m in methods.split(",") if m.strip()],
-                         [b.strip() for b in budgets.split(",") if b.strip()], limit)
-    except (VTCError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    _check_out_dir(out)
+    pipe = Pipeline.from_pretrained(model, clip=clip, dtype=dtype)
+    plan = make_plan(pipe, [t for t in tasks.split(",") if t.strip()], [m.strip() for m in methods.split(",") if m.strip()],
+                     [b.strip() for b in budgets.split(",") if b.strip()], limit)
     for note in plan.skipped:
-        console.print(f"[yellow]skipped[/] {note}")
+        console.print(f"[yellow]skipped[/] {escape(note)}")
     runner = BenchRunner(pipe, out, batch_size, rank, world)
     with Progress(console=console, disable=rank != 0) as progress:
         written = runner.run(plan, progress)
@@ -147,13 +160,7 @@ def bench_cmd(
     if rank == 0:
         from .bench.report import write_report
 
-        rows = write_report(out)
-        table = Table(title="vtc bench")
-        for col in ("task", "method", "budget", "score", "relative", "tokens", "tflops", "total_ms"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(*(str(r[c]) for c in ("task", "method", "budget", "score", "relative", "tokens", "tflops", "total_ms")))
-        console.print(table)
+        print_report(write_report(out))
         console.print(f"report: {out / 'report.md'}, {out / 'pareto.png'}, {out / 'report.html'}")
 
 
@@ -162,10 +169,8 @@ def report_cmd(directory: Path = typer.Argument(..., help="A `vtc bench --out` d
     """Write report.md / report.csv / pareto.png / report.html from a bench result store."""
     from .bench.report import write_report
 
-    try:
-        rows = write_report(directory)
-    except VTCError as exc:
-        _fail(str(exc))
+    rows = write_report(directory)
+    print_report(rows)
     console.print(f"{len(rows)} rows -> {directory / 'report.md'}, {directory / 'pareto.png'}, {directory / 'report.html'}")
 
 
@@ -189,38 +194,95 @@ def speed_cmd(
     from .speed import FULL_DEPTH, run_speed, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    try:
-        for name in names:
-            get(name)
-        budget_list = [str(Budget.parse(b.strip())) for b in budgets.split(",") if b.strip()]
-        with Progress(console=console) as progress:
-            bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress)
-    except VTCError as exc:
-        _fail(str(exc))
+    for name in names:
+        get(name)
+    budget_list = [str(Budget.parse(b.strip())) for b in budgets.split(",") if b.strip()]
+    _check_out_dir(out)
+    with Progress(console=console) as progress:
+        bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress)
     for note in bench.skipped:
-        console.print(f"[yellow]skipped[/] {note}")
+        console.print(f"[yellow]skipped[/] {escape(note)}")
     meta = {"skipped": bench.skipped, "llm_layers_built": llm_layers, "extrapolated_to_layers": FULL_DEPTH, "reps": reps, "text_tokens": text_tokens,
             "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", "")}
     write_outputs(results, meta, out)
-    table = Table(title=f"LLaVA-1.5-7B shape, {llm_layers} decoder layers built, prefill extrapolated to {FULL_DEPTH} ({meta['device']}, {meta['dtype']})")
-    for col in ("method", "budget", "tokens", "e2e prefill ms", "speed-up", "FLOPs ratio", "speed-up / FLOPs", "own overhead", "decode ms/tok", "KV MB (fp16)"):
-        table.add_column(col, justify="right" if col not in ("method", "budget") else "left")
-    for r in results:
-        table.add_row(
-            r["method"], r["budget"], f"{r['tokens']:.0f}", f"{r['e2e_prefill_ms_32_layers']:.0f}", f"{r['speedup']:.2f}x",
-            f"{r['flops_ratio']:.2f}x", f"{r['speedup_vs_flops']:.2f}", f"{100 * r['overhead_share_of_full_prefill']:.2f}%",
-            f"{r['decode_ms_per_token_32_layers']:.0f}", f"{r['kv_bytes_32_layers_fp16'] / 1e6:.0f}",
-        )
-    console.print(table)
+    print_speed(results, f"LLaVA-1.5-7B shape, {llm_layers} decoder layers built, timings extrapolated to {FULL_DEPTH} "
+                         f"({meta['device']}, {meta['dtype']})")
     console.print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    try:
-        app()
-    except VTCError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
+# ----------------------------------------------------------------------------- tables that fit 80 columns
+
+SPEED_COLUMNS = [  # (header, cell) per column; two-line headers keep the table within 80 columns
+    ("method", lambda r: r["method"]),
+    ("budget", lambda r: r["budget"]),
+    ("tokens", lambda r: f"{r['tokens']:.0f}"),
+    ("prefill\nms", lambda r: f"{r['e2e_prefill_ms_32_layers']:.0f}"),
+    ("speed\nup", lambda r: f"{r['speedup']:.2f}x"),
+    ("FLOPs\nratio", lambda r: f"{r['flops_ratio']:.2f}x"),
+    ("vs\nFLOPs", lambda r: f"{r['speedup_vs_flops']:.2f}"),
+    ("own\ncost", lambda r: f"{100 * r['overhead_share_of_full_prefill']:.1f}%"),
+    ("decode\nms/tok", lambda r: f"{r['decode_ms_per_token_32_layers']:.0f}"),
+    ("KV\nMB", lambda r: f"{r['kv_bytes_32_layers_fp16'] / 1e6:.0f}"),
+]
+SPEED_LEGEND = (
+    "prefill ms: end-to-end prefill (vision tower, selection, projector, LLM); speed-up and FLOPs ratio: vs full "
+    "tokens; vs FLOPs: speed-up / FLOPs ratio; own cost: the method's time beyond the stock tower, in % of the "
+    "full-token prefill; decode ms per token and KV cache (MB, fp16) of the 32-layer model."
+)
+
+
+def _number(value, digits: int) -> str:
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
+REPORT_COLUMNS = [
+    ("method", lambda r: r["method"]),
+    ("budget", lambda r: r["budget"]),
+    ("score", lambda r: _number(r["score"], 2)),
+    ("rel %", lambda r: _number(r["relative"], 1)),
+    ("tokens", lambda r: _number(r["tokens"], 1)),
+    ("TFLOPs", lambda r: "n/a" if r["tflops"] != r["tflops"] else f"{r['tflops']:.3g}"),
+    ("ms", lambda r: _number(r["total_ms"], 0)),
+    ("n", lambda r: str(r["n"])),
+    ("failed", lambda r: str(r["failed"])),
+]
+REPORT_LEGEND = "score: the task's official metric; rel %: of the full-token (none) score; ms: latency per sample; n: samples scored."
+
+
+def _print_rows(rows: list[dict], columns, title: str, legend: str = "") -> None:
+    """A table if it fits the terminal, else one line per row (``header value`` pairs), so nothing is cut."""
+    cells = [[cell(r) for _, cell in columns] for r in rows]
+    widths = [max([len(line) for line in header.split("\n")] + [len(row[i]) for row in cells]) for i, (header, _) in enumerate(columns)]
+    if sum(widths) + 2 * (len(columns) - 1) <= console.width:  # box-less table: two spaces between columns
+        table = Table(title=title, title_justify="left", pad_edge=False, box=None, header_style="bold")
+        for i, (header, _) in enumerate(columns):
+            table.add_column(header, justify="left" if i < 2 else "right", no_wrap=True)
+        for row in cells:
+            table.add_row(*map(escape, row))
+        console.print(table)
+    else:
+        console.print(title, style="bold", markup=False)
+        for r in rows:
+            first, rest = columns[0][1](r), columns[2:]
+            pairs = ", ".join(f"{h.replace(chr(10), ' ')} {cell(r)}" for h, cell in rest)
+            console.print(f"{first}@{columns[1][1](r)}: {pairs}", markup=False)
+    if legend:
+        console.print(legend, style="dim", markup=False)
+
+
+def print_speed(results: list[dict], title: str) -> None:
+    _print_rows(results, SPEED_COLUMNS, title, SPEED_LEGEND)
+
+
+def print_report(rows: list[dict]) -> None:
+    """One table per task (the task's name as its title)."""
+    for task in dict.fromkeys(r["task"] for r in rows):
+        _print_rows([r for r in rows if r["task"] == task], REPORT_COLUMNS, task)
+    console.print(REPORT_LEGEND, style="dim", markup=False)
+
+
+def main() -> None:  # pragma: no cover - console entry point (errors are handled inside the app)
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

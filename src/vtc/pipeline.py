@@ -90,10 +90,17 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model_path: str | Path, clip: str | Path | None = None, dtype: torch.dtype = torch.float32
+        cls, model_path: str | Path, clip: str | Path | None = None, dtype: torch.dtype | str = "auto", device: str = "auto"
     ) -> "Pipeline":
+        """Load a saved LLaVA-1.5 checkpoint (and a CLIP checkpoint for text-guided methods).
+
+        ``device="auto"``: CUDA when available, else CPU. ``dtype="auto"``: float16 on CUDA (as the
+        methods' official code runs), float32 on CPU; or a torch dtype / its name ("float32", "fp16", ...).
+        """
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+        place = resolve_device(device)
+        dtype = resolve_dtype(dtype, place)
         path = Path(model_path)
         if not path.is_dir():
             raise VTCError(f"model '{model_path}' is not a directory with a saved checkpoint")
@@ -103,9 +110,9 @@ class Pipeline:
             raise VTCError(f"model '{model_path}': no readable config.json ({exc})") from None
         if config_type != "llava":
             raise VTCError(f"model '{model_path}' is of type '{config_type}'; vtc supports LLaVA-1.5 ('llava') models")
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(place)
         processor = AutoProcessor.from_pretrained(path, backend="pil")  # torchvision-free image processing
-        scorer = ClipTextScorer.from_pretrained(clip, dtype=dtype) if clip is not None else None
+        scorer = ClipTextScorer.from_pretrained(clip, dtype=dtype).to(place) if clip is not None else None
         return cls(model, processor, scorer)
 
     # ------------------------------------------------------------------ inputs
@@ -123,8 +130,29 @@ class Pipeline:
         if not images:
             raise VTCError("no images given")
         pil = [load_image(img, name=str(img) if isinstance(img, (str, Path)) else f"image {i}") for i, img in enumerate(images)]
-        texts = [self.prompt(check_question(q, i)) for i, q in enumerate(questions)]
-        return self.processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        texts = [self.prompt(self.check_no_special_tokens(check_question(q, i), i)) for i, q in enumerate(questions)]
+        return self.processor(images=pil, text=texts, return_tensors="pt", padding=True).to(self.model.device)
+
+    def special_tokens(self) -> list[str]:
+        """Every special-token string of the processor's tokenizer (the image placeholder included)."""
+        tokenizer = self.processor.tokenizer
+        found = set(tokenizer.all_special_tokens)
+        found |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        image_token = getattr(self.processor, "image_token", None)
+        if image_token:
+            found.add(image_token)
+        return sorted(t for t in found if t)
+
+    def check_no_special_tokens(self, question: str, index: int = 0) -> str:
+        """A question is user text: a special-token string in it (a literal '<image>', '</s>', ...) would be
+        read as that token, not as text, and break the prompt, so it is refused."""
+        for token in self.special_tokens():
+            if token in question:
+                raise VTCError(
+                    f"question {index} contains {token!r}, a special token of the model's tokenizer; "
+                    "remove it (special tokens cannot be part of a question)"
+                )
+        return question
 
     # ------------------------------------------------------------------ run
 
@@ -283,6 +311,37 @@ def _generation_times(start: float, stamps: list[float]) -> dict[str, float]:
         "decode_ms": decode * 1e3,
         "decode_ms_per_token": decode * 1e3 / steps if steps else 0.0,
     }
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        place = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise VTCError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:1, ...): {exc}") from None
+    if place.type == "cuda" and not torch.cuda.is_available():
+        raise VTCError(f"device '{device}': CUDA is not available here (use 'cpu' or 'auto')")
+    return place
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
+    """'auto' -> float16 on CUDA, float32 on CPU; a torch floating dtype or its name as given."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise VTCError(f"dtype {dtype} is not a floating-point type")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise VTCError(f"dtype '{dtype}' is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def _model_type(path: Path) -> str:

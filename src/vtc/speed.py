@@ -46,15 +46,23 @@ class Sample:
     kv_bytes: int
     peak_bytes: int
     tokens: float  # image tokens sent to the LLM (in-LLM methods: averaged over the 32 layers)
-    prefill_32_ms: float = 0.0  # extrapolated to Llama-7B's 32 layers
-    decode_32_ms: float = 0.0
 
 
 @dataclass
 class Row:
+    """The samples of one method at one budget; ``stages`` is an in-LLM method's 32-layer plan, (layer, tokens kept)."""
+
     method: str
     budget: str
     samples: list[Sample] = field(default_factory=list)
+    stages: list[tuple[int, int]] = field(default_factory=list)
+
+    def stage_depths(self) -> list[int] | None:
+        """How many of the 32 layers each stage spans (None: one stage, no pruning inside the LLM)."""
+        if not self.stages:
+            return None
+        bounds = [0] + [layer for layer, _ in self.stages] + [FULL_DEPTH]
+        return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
 
 
 class _LayerClock:
@@ -191,9 +199,9 @@ class SpeedBench:
         _sync(d)
         project_ms = _ms(t)
 
-        pruner, stage_layers, tokens = None, None, float(selections[0].num_tokens)
+        pruner, tokens = None, float(selections[0].num_tokens)
         if in_llm:
-            pruner, stage_layers, tokens = self._pruner(method, budget, ids, mask)
+            pruner, tokens = self._pruner(method, budget, ids, mask)
         clock = _LayerClock(self.layers)
         try:
             with pruner if pruner is not None else nullcontext():
@@ -219,11 +227,7 @@ class SpeedBench:
                 decode_layers = [x / self.decode_tokens for x in clock.take_ms()]
         finally:
             clock.remove()
-        sample = Sample(tower, signals_ms, select_ms, project_ms, prefill_ms, layers_ms, decode, decode_layers, kv_bytes,
-                        peak["peak"], tokens)
-        sample.prefill_32_ms = self.to_full_depth(prefill_ms, layers_ms, stage_layers)
-        sample.decode_32_ms = self.to_full_depth(decode, decode_layers, stage_layers)
-        return sample
+        return Sample(tower, signals_ms, select_ms, project_ms, prefill_ms, layers_ms, decode, decode_layers, kv_bytes, peak["peak"], tokens)
 
     def _pruner(self, method, budget: Budget, ids, mask):
         """The in-LLM method's 32-layer plan, replayed on the built layers 1..S (one built layer per stage)."""
@@ -234,26 +238,27 @@ class SpeedBench:
         plan = method.plan(n, FULL_DEPTH, budget)
         if len(plan) + 1 > self.llm_layers:
             raise VTCError(f"{method.name} prunes in {len(plan)} stages: build at least {len(plan) + 1} decoder layers (--llm-layers)")
-        bounds = [0] + [st.layer for st in plan] + [FULL_DEPTH]
-        virtual = [bounds[i + 1] - bounds[i] for i in range(len(plan) + 1)]  # 32-layer depth of each stage
         replay = PlanOverride(method, [st.keep for st in plan])
         pruner = InLLMPruner(self.model.model.language_model, replay, Budget.parse(1.0), ids, mask, self.model.config.image_token_id)
         self.stage_plans[(method.name, str(budget))] = [(st.layer, st.keep) for st in plan]
-        return pruner, virtual, average_tokens(plan, n, FULL_DEPTH)
+        return pruner, average_tokens(plan, n, FULL_DEPTH)
 
-    def to_full_depth(self, measured_ms: float, layers_ms, stage_layers: list[int] | None = None) -> float:
-        """Extrapolate a timing with ``llm_layers`` built decoder layers to Llama-7B's 32.
 
-        Vision-side methods: every layer sees the same tokens, so the mean layer time x 32.
-        In-LLM methods: built layer s runs stage s (the last stage on the remaining built
-        layers); each stage's mean layer time is multiplied by its depth in the 32-layer plan.
-        """
-        layers_ms = list(layers_ms)
-        outside = measured_ms - sum(layers_ms)
-        if not stage_layers:
-            return outside + sum(layers_ms) / len(layers_ms) * FULL_DEPTH
-        groups = [[t] for t in layers_ms[: len(stage_layers) - 1]] + [layers_ms[len(stage_layers) - 1 :]]
-        return outside + sum(depth * sum(g) / len(g) for depth, g in zip(stage_layers, groups))
+def to_full_depth(measured_ms: float, layers_ms, stage_depths: list[int] | None = None) -> float:
+    """Extrapolate a timing with a few built decoder layers to Llama-7B's 32.
+
+    Vision-side methods: every layer sees the same tokens, so the mean layer time x 32.
+    In-LLM methods (``stage_depths``: how many of the 32 layers each stage spans): built layer s
+    runs stage s, the last stage runs on all remaining built layers; each stage's mean layer
+    time is multiplied by its depth in the 32-layer plan.
+    """
+    layers_ms = list(layers_ms)
+    outside = measured_ms - sum(layers_ms)
+    if not stage_depths:
+        return outside + sum(layers_ms) / len(layers_ms) * FULL_DEPTH
+    last = len(stage_depths) - 1
+    groups = [[t] for t in layers_ms[:last]] + [layers_ms[last:]]
+    return outside + sum(depth * sum(g) / len(g) for depth, g in zip(stage_depths, groups))
 
 
 def _cache_bytes(cache) -> int:
@@ -267,28 +272,47 @@ def _cache_bytes(cache) -> int:
 
 
 def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
-    """Medians (and spread) per method/budget, extrapolated to 32 layers, next to the analytical FLOPs ratio."""
+    """The summary of one `vtc speed` run (see ``summarise_rows``)."""
+    return summarise_rows(rows, bench.shape, bench.text_tokens)
+
+
+def summarise_rows(rows: list[Row], shape: Shape, text_tokens: int) -> list[dict]:
+    """Medians (and spread) per method/budget, extrapolated to 32 layers, next to the analytical FLOPs ratio.
+
+    A pure function of the measured samples: ``rows[0]`` is the full-token run ('none', whose
+    samples carry the stock tower time); ``shape`` is the 32-layer model the costs are for.
+    End-to-end prefill = our tower run + selection + projector + the 32-layer LLM prefill; a
+    method's own overhead = its tower run minus the stock tower, plus its selection.
+    """
     med = statistics.median
     full = rows[0]
-    assert full.method == "none"
+    if full.method != "none":
+        raise VTCError(f"the first speed row must be the full-token run 'none', got '{full.method}'")
 
-    def e2e(s: Sample) -> float:
-        return s.signals_ms + s.select_ms + s.project_ms + s.prefill_32_ms
+    def prefill_32(s: Sample, row: Row) -> float:
+        return to_full_depth(s.prefill_ms, s.layers_ms, row.stage_depths())
 
-    full_e2e = med(e2e(s) for s in full.samples)
+    def decode_32(s: Sample, row: Row) -> float:
+        return to_full_depth(s.decode_ms_per_token, s.decode_layers_ms, row.stage_depths())
+
+    def e2e(s: Sample, row: Row) -> float:
+        return s.signals_ms + s.select_ms + s.project_ms + prefill_32(s, row)
+
+    full_e2e = med(e2e(s, full) for s in full.samples)
     stock_tower = med(s.tower_ms for s in full.samples)
     full_tokens = int(full.samples[0].tokens)
-    full_flops = request_cost(bench.shape, full_tokens, bench.text_tokens)["total_prefill_flops"]
+    full_flops = request_cost(shape, full_tokens, text_tokens)["total_prefill_flops"]
     out = []
     for row in rows:
         s = row.samples
         tokens = med(x.tokens for x in s)
-        e2e_all = [e2e(x) for x in s]
+        e2e_all = [e2e(x, row) for x in s]
         own = [x.signals_ms - stock_tower + x.select_ms for x in s]  # what the method adds to the stock tower
-        plan = bench.stage_plans.get((row.method, row.budget))
-        cost = request_cost(bench.shape, round(tokens), bench.text_tokens)
-        if plan:  # in-LLM: the LLM prefill sees N image tokens until the first stage, fewer after
-            cost = staged_cost(bench.shape, bench.adapter.num_patches, plan, bench.text_tokens)
+        cost = request_cost(shape, round(tokens), text_tokens)
+        if row.stages:  # in-LLM: the LLM prefill sees N image tokens until the first stage, fewer after
+            cost = staged_cost(shape, full_tokens, row.stages, text_tokens)
+        speedup = full_e2e / med(e2e_all)
+        flops_ratio = full_flops / cost["total_prefill_flops"]
         out.append(
             {
                 "method": row.method,
@@ -299,22 +323,21 @@ def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
                 "select_ms": round(med(x.select_ms for x in s), 2),
                 "project_ms": round(med(x.project_ms for x in s), 2),
                 "prefill_ms_measured": round(med(x.prefill_ms for x in s), 1),
-                "prefill_ms_32_layers": round(med(x.prefill_32_ms for x in s), 1),
+                "prefill_ms_32_layers": round(med(prefill_32(x, row) for x in s), 1),
                 "e2e_prefill_ms_32_layers": round(med(e2e_all), 1),
                 "e2e_spread_ms": round(max(e2e_all) - min(e2e_all), 1),
-                "decode_ms_per_token_32_layers": round(med(x.decode_32_ms for x in s), 1),
-                "stages": plan or [],
+                "decode_ms_per_token_32_layers": round(med(decode_32(x, row) for x in s), 1),
+                "stages": list(row.stages),
                 "kv_bytes_measured": int(med(x.kv_bytes for x in s)),
                 "kv_bytes_32_layers_fp16": int(cost["kv_cache_bytes"]),
                 "peak_prefill_bytes": int(med(x.peak_bytes for x in s)),
                 "method_overhead_ms": round(med(own), 1),
                 "overhead_share_of_full_prefill": round(med(own) / full_e2e, 4),
-                "speedup": round(full_e2e / med(e2e_all), 3),
-                "flops_ratio": round(full_flops / cost["total_prefill_flops"], 3),
+                "speedup": round(speedup, 3),
+                "flops_ratio": round(flops_ratio, 3),
+                "speedup_vs_flops": round(speedup / flops_ratio, 3),
             }
         )
-    for r in out:
-        r["speedup_vs_flops"] = round(r["speedup"] / r["flops_ratio"], 3)
     return out
 
 
@@ -348,6 +371,8 @@ def run_speed(
             row.samples.append(bench.run_once(instances[name], budget, time_tower=name == "none"))
             if progress:
                 progress.update(task, advance=1, description=f"speed {name}@{budget}")
+    for row in rows:
+        row.stages = bench.stage_plans.get((row.method, row.budget), [])
     return bench, summarise(bench, rows)
 
 

@@ -8,10 +8,13 @@
   when the humans disagree; like EvalAI's answer processor (and lmms-eval) we always
   normalise it.
 * GQA: exact match after lower-casing and stripping (LLaVA's GQA evaluation).
-* POPE: yes/no from the first words (LLaVA's eval_pope: "no" / "not" -> no, else yes);
+* POPE: yes/no as LLaVA's eval_pope reads it: the first sentence, commas deleted, split
+  on spaces; the word "No", "no" or "not" -> no, else yes (case-sensitive, as there);
   accuracy, precision, recall, F1 and yes-ratio per split.
-* MME: per subtask, acc (per question) + acc+ (both questions of an image right), x100
-  each; perception = sum over its 10 subtasks, cognition = sum over its 4.
+* MME: the answer read as MME's calculation.py does (lower-cased; "yes" / "no", else the
+  first 4 characters containing "yes" or "no", else "other", which is wrong for both);
+  per subtask, acc (per question) + acc+ (every question of an image right), x100 each;
+  perception = sum over its 10 subtasks, cognition = sum over its 4.
 * ScienceQA-IMG / MMBench: the option letter; MMBench's circular evaluation counts a
   question right only if every circular shift of its options is answered right.
 """
@@ -102,10 +105,20 @@ def exact_match(prediction: str, answer: str) -> float:
 
 
 def yes_no(prediction: str) -> str:
-    """POPE's reading of a free-form answer: its first sentence says no / not -> 'no', else 'yes'."""
-    first = prediction.strip().split(".")[0].replace(",", " ")
-    words = first.lower().split()
-    return "no" if ("no" in words or "not" in words) else "yes"
+    """POPE's reading of a free-form answer (LLaVA's eval_pope): the words of its first sentence,
+    commas deleted, split on single spaces; 'No', 'no' or 'not' among them -> 'no', else 'yes'."""
+    words = prediction.split(".")[0].replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def mme_label(prediction: str) -> str:
+    """MME's reading of a free-form answer (its calculation.py): 'yes', 'no' or 'other'.
+
+    calculation.py first takes an exact 'yes' / 'no', which the 4-character prefix rule below already covers."""
+    prefix = prediction.lower()[:4]
+    if "yes" in prefix:
+        return "yes"
+    return "no" if "no" in prefix else "other"
 
 
 def pope_scores(pairs: list[tuple[str, str]]) -> dict:
@@ -133,7 +146,7 @@ def mme_scores(rows: list[tuple[str, str, str, str]]) -> dict:
     """(subtask, image, prediction, yes/no label) rows -> per-subtask acc + acc+ and the perception / cognition sums."""
     per_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for task, image, pred, label in rows:
-        per_task[task][image].append(yes_no(pred) == label.strip().lower())
+        per_task[task][image].append(mme_label(pred) == label.strip().lower())
     subtasks = {}
     for task, images in per_task.items():
         answers = [ok for oks in images.values() for ok in oks]

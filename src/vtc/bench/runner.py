@@ -156,8 +156,8 @@ class BenchRunner:
         for sample in pending[:1]:
             try:
                 self.pipe([sample.load_image()], [sample.question], method=method, budget=budget, max_new_tokens=1)
-            except (VTCError, OSError):
-                pass  # the timed run records the failure
+            except Exception:  # noqa: BLE001 - the timed run records the failure, per sample
+                pass
 
     def _run_batch(self, task: Task, batch: list[TaskSample], records: list[dict], method: str, budget: Budget) -> None:
         """Fill ``records`` in place: predictions and scores, or a per-sample error."""
@@ -175,14 +175,15 @@ class BenchRunner:
             return
         try:
             self._generate(task, ready, images, method, budget)
-        except VTCError:
+        except Exception as exc:  # noqa: BLE001 - one bad sample must not end the run
             if len(ready) == 1:
-                raise
-            for pair, image in zip(ready, images):  # find the one sample at fault; the others still count
+                _record_failure(ready[0][1], exc)
+                return
+            for pair, image in zip(ready, images):  # find the sample at fault; its batch-mates still count
                 try:
                     self._generate(task, [pair], [image], method, budget)
-                except VTCError as exc:
-                    pair[1]["error"] = str(exc)
+                except Exception as single:  # noqa: BLE001
+                    _record_failure(pair[1], single)
 
     def _generate(self, task: Task, pairs, images, method: str, budget: Budget) -> None:
         questions = [s.question for s, _ in pairs]
@@ -209,6 +210,17 @@ class BenchRunner:
                 kv_cache_bytes=cost["kv_cache_bytes"],
                 peak_bytes=int(peak["peak"]),
             )
+
+
+_RESULT_FIELDS = ("prediction", "score", "tokens_before", "tokens_kept", "batch_size", "prefill_ms", "decode_ms_per_token",
+                  "total_ms", "flops", "llm_prefill_flops", "kv_cache_bytes", "peak_bytes")
+
+
+def _record_failure(record: dict, exc: Exception) -> None:
+    """A per-sample failure: the message (with the exception type unless it is a VTCError), no stale results."""
+    for name in _RESULT_FIELDS:
+        record.pop(name, None)
+    record["error"] = str(exc) if isinstance(exc, VTCError) else f"{type(exc).__name__}: {exc}"
 
 
 def process_info() -> tuple[int, int, object]:
