@@ -139,7 +139,7 @@ def bench_cmd(
     """Evaluate methods x budgets x tasks; every sample is stored durably, a re-run resumes. Data-parallel under `accelerate launch`."""
     from rich.progress import Progress
 
-    from .bench.runner import BenchRunner, make_plan, process_info
+    from .bench.runner import BenchRunner, load_tasks, make_plan, process_info
     from .demo.evaluate import CHECKPOINT
     from .pipeline import Pipeline
 
@@ -147,9 +147,11 @@ def bench_cmd(
     if model is None:
         model, clip = CHECKPOINT / "llava", clip or CHECKPOINT / "clip"
     _check_out_dir(out)
+    task_specs = [t for t in tasks.split(",") if t.strip()]
+    loaded = load_tasks(task_specs, limit)  # bad or empty data fails here, before the model loads
     pipe = Pipeline.from_pretrained(model, clip=clip, dtype=dtype)
-    plan = make_plan(pipe, [t for t in tasks.split(",") if t.strip()], [m.strip() for m in methods.split(",") if m.strip()],
-                     [b.strip() for b in budgets.split(",") if b.strip()], limit)
+    plan = make_plan(pipe, task_specs, [m.strip() for m in methods.split(",") if m.strip()],
+                     [b.strip() for b in budgets.split(",") if b.strip()], limit, tasks=loaded)
     for note in plan.skipped:
         console.print(f"[yellow]skipped[/] {escape(note)}")
     runner = BenchRunner(pipe, out, batch_size, rank, world)

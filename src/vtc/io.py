@@ -92,7 +92,9 @@ def check_question(question: object, index: int | str = 0) -> str:
     if surrogate:
         raise VTCError(f"question {index} is not valid Unicode text: a lone surrogate {surrogate.group()!r} at character {surrogate.start()}")
     if IMAGE_PLACEHOLDER in question:
-        raise VTCError(f"question {index} contains '{IMAGE_PLACEHOLDER}', the model's image placeholder; remove it")
+        raise VTCError(
+            f"question {index} contains '{IMAGE_PLACEHOLDER}', a special token (the model's image placeholder); remove it"
+        )
     text = question.strip()
     if not text:
         raise VTCError(f"question {index} is empty")

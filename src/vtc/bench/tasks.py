@@ -383,7 +383,7 @@ def mme(path: Path, limit: int | None = None) -> Task:
             samples += _mme_file(txt, task_dir, images)
     if not samples:
         raise VTCError(f"no MME subtask folders with question files under {path}")
-    return Task("mme", samples[:limit], lambda p, s: float(metrics.yes_no(p) == s.answer), mme_aggregate, 8)
+    return Task("mme", samples[:limit], lambda p, s: float(metrics.mme_label(p) == s.answer), mme_aggregate, 8)
 
 
 def mme_aggregate(records: list[dict]) -> dict:

@@ -1,7 +1,10 @@
 """Recoverable Compression: keep the salient tokens, recover what the question points at, merge the rest.
 
-Paper: "Recoverable Compression: A Multimodal Vision Token Recovery Mechanism
-Guided by Text Information" (training-free; LLaVA-1.5; ~10% of tokens on average).
+Paper: "Recoverable Compression: A Multimodal Vision Token Recovery Mechanism Guided by Text
+Information" (Chen et al., arXiv:2409.01179; training-free; LLaVA-1.5; ~10% of tokens on average).
+Official code: https://github.com/banjiuyufen/Recoverable-Compression,
+``llava/model/multimodal_encoder/clip_encoder.py`` (``CLIPTextEncoder.forward``,
+``get_score_by_text``, ``token_recycling_with_text_in_vision_and_clustring``).
 
 Algorithm for one image of N patch tokens (features x: layer -2 patch states):
   1. Visual score a: the CLS query's attention over the patches, from the LAST
@@ -13,34 +16,56 @@ Algorithm for one image of N patch tokens (features x: layer -2 patch states):
      'auto') on the 1-D scores a; keep the top int(N r_v) patches by a.
   4. Text recovery: the kept patches' t is set to min(t); LOF on t gives r_t;
      add the top int((N - n_vis) r_t) not-yet-kept patches by t.
-  5. Merge the leftovers: LOF on the leftovers' a gives r_c and the number of
-     centers int(L r_c) (L = number of leftovers), the top leftovers by a.
-     Each center absorbs its 32 nearest leftovers, nearness_j =
-     cos(k_center, k_j) + 50 t_j, weighted by CLS attention a. One extra token
-     summarises the leftovers that are not centers, weighted by a.
+  5. Merge the leftovers: LOF (20 neighbours) on the leftovers' a gives r_c and
+     the number of centers int(L r_c) (L = number of leftovers), the top
+     leftovers by a. Each center absorbs its 32 nearest other leftovers,
+     nearness_j = cos(k_center, k_j) + 50 t_j, as an average weighted by CLS
+     attention a. One extra token averages the leftovers that are not centers.
   6. Output: kept + recovered patches in raster order, then the merged centers
      (raster order of the centers), then the extra token.
+  ``info["centres"]`` lists the centre patches in output order.
 
-Default (``compat="intent"``) vs the published code (``compat="original"``):
-  * Text query: the question (intent) vs the first line of the formatted prompt,
-    usually the system text (original; the adapter does this when
-    ``text_source == "prompt_first_line"``).
-  * Neighbour keys: the leftovers' own keys (intent) vs the keys at positions
-    0..L-1 of the full sequence, i.e. leftover-relative indices applied to the
-    whole key array (original's indexing slip).
-  * Center count: int(L r_c) (intent) vs int(D r_c) with D the hidden width,
-    e.g. 1024 (original), clamped to L - 1 here so it stays defined.
-  * Merging: attention-weighted averages, a center weighted by its own a too,
-    so merged tokens stay in the feature distribution (intent, the paper's
-    "weighted") vs x_c + sum_j a_j x_j and sum_j a_j x_j (original, PruMerge's
-    unnormalised sums).
-  Not reproduced because they change nothing or are limitations: padding the
-  text to an unset length (CLIP pools at EOS under a causal mask, so the
-  embedding is the same) and batch size 1 only (we run any batch).
+``compat="original"`` reproduces the published code (tests/test_recoverable_parity.py checks it
+against the official functions to 1e-4: same count, rows and order). Where it differs from the default:
+  1. Text query: the first line of LLaVA-1.5's evaluation prompt (conv_vicuna_v1, system
+     sentence first), decoded with special tokens: "<s> A chat between ... questions. USER:",
+     THE SAME FOR EVERY QUESTION (the pipeline builds it: ``Pipeline.eval_prompt_first_line``).
+     It is padded/cut to 20 CLIP tokens (``config.max_length``; vtc clamps to the tower's
+     context), read WITHOUT attention mask at the last position, then text_projection.
+     Default: the question, pooled at EOS as CLIP does, up to the tower's context.
+  2. Patch side: visual_projection on the final states WITHOUT post_layernorm, and the cosine
+     multiplied by projection_dim ** -0.5 (so the merge's 50 t is ~28x weaker for
+     ViT-L/14-336's 768). Default: post_layernorm, plain cosine (options ``text_post_layernorm``,
+     ``text_scale="published"`` toggle each alone).
+  3. Centre count: LOF with 10 neighbours (the function's default), times the hidden width D
+     (e.g. 1024) instead of L; vtc clamps it to L - 1 (the published topk would fail above L).
+     Default: 20 neighbours, times L (option ``centre_neighbours``).
+  4. Keys in the merge: leftover-relative positions index the full key array, for the centres
+     and for the candidates alike (an indexing slip). Default: each leftover's own keys.
+  5. Centres in descending attention order (topk order). Default: raster order (option
+     ``centre_order``).
+  6. Merging: x_c + sum_j a_j x_j and sum_j a_j x_j (unnormalised sums, as PruMerge); with no
+     centre at all the extra token is dropped too. Default: attention-weighted averages (the
+     paper's "weighted"), so merged tokens stay in the feature distribution; the extra token
+     is kept whenever leftovers remain. Under a fixed budget the extra token is always kept,
+     so the count stays exact.
+  7. LOF runs on float32 scores (default: float64) and n_vis = int(N r_v) may be 0 (default:
+     at least one patch is kept visually, e.g. under flat attention).
+  Not reproduced because they are limitations: batch size 1 only (we run any batch); the
+  merge's topk of exactly 32 fails with 32 or fewer other leftovers (we take min(32, L - 1)).
+  The LLM prompt stays the checkpoint's chat template in both modes.
+
+Measured on the demo benchmark (scripts/measure_recoverable_variants.py; README, "Fidelity"):
+  600 questions (300 test split + 300 from seeds outside every split), accuracy at 'auto' / at 10%:
+  default 87.8 (69.6 tokens) / 85.3; original 86.8 (60.1) / 85.2; the default with one published
+  choice each: text score scaled 87.7 / 85.0, no post_layernorm 87.5 / 85.0, centre LOF with 10
+  neighbours 86.8 (64.4 tokens) / 85.5, centres in attention order 87.8 / 85.3. No published choice
+  measured better by more than noise, so the default keeps the paper's intent. On this benchmark the
+  constant published query does as well as the question at 10% (small-target 91.1 vs 90.6): each scene's
+  small object is its most unusual patch, which any text score ranks high (see the demo v2 issue).
 
 Other deliberate choices:
-  * LOF needs n_neighbors < n; on tiny inputs it uses n - 1 neighbours. At least
-    one patch is kept visually even when LOF finds no outlier (flat attention).
+  * LOF needs n_neighbors < n; on tiny inputs it uses n - 1 neighbours.
   * Budgets. 'auto' is the method's own rule. A fixed count T (or a ratio) scales
     the three stages proportionally: the auto rule first sizes (n_vis, n_txt,
     n_ctr); then one slot goes to the extra token and T - 1 is split over the
