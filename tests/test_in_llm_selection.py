@@ -284,7 +284,7 @@ class ScoredContext:
 
     def attention(self, layer, states, queries, rope=True, keys=None):
         row = torch.cat([torch.arange(99.0, -1.0, -1.0), torch.zeros(4)]) / 1e4
-        return [row.expand(len(q), -1) for q in queries]
+        return [row[keys[0]].expand(len(q), -1) if keys else row.expand(len(q), -1) for q in queries]
 
 
 def test_sparsevlm_pool_reaches_ranks_just_inside_the_budget():
@@ -337,6 +337,13 @@ def test_feather_stage_one_is_top_plus_grid_and_stage_two_keeps_nine_percent_of_
         scores = feather_scores(eager, inputs, 2, b, sorted(kept[1][b]))
         assert_top(kept[2][b], scores, int(m1 * 0.3 * 0.3))  # the official rule: int(0.09 x M1), not of N
         assert int(m1 * 0.09) != int(64 * 0.09)  # the two rules differ here
+
+
+def test_feather_second_stage_takes_its_share_of_the_tokens_actually_present():
+    """Hand case: 100 image tokens reach stage 2 (planned 50); the official rule keeps int(0.09 x 100) = 9, the best."""
+    stage = get("feather").plan(576, 32, Budget.parse("auto"))[1]
+    choice = get("feather").choose(1, [Stage(16, 50, share=stage.share)], ScoredContext(torch.zeros(104, 8)))[0]
+    assert choice.keep.tolist() == list(range(9))
 
 
 def test_feather_official_counts_on_llava_15():
