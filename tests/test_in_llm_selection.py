@@ -363,7 +363,8 @@ def test_dart_keeps_pivots_by_key_norm_and_the_least_duplicated_tokens(models, b
     _, kept = pruned_run(pipe, batch, get("dart", layer=2), keep)
     out, inputs = reference_run(eager, batch, {})
     keys = out.cache.layers[1].keys  # layer K-1's keys after RoPE, as cached by the stock model
-    final = eager.model.language_model.norm(inputs[2])  # final RMSNorm of layer K-1's output
+    with torch.no_grad():
+        final = eager.model.language_model.norm(inputs[2])  # final RMSNorm of layer K-1's output
     for b, positions in enumerate(images):
         norm = {p: float(keys[b, :, p].abs().sum()) for p in range(keys.shape[2])}
         image_pivots = sorted(positions, key=lambda p: -norm[p])[:4]
