@@ -2,7 +2,8 @@
 
 Paper: Wen et al. "Stop Looking for Important Tokens in Multimodal Language Models:
 Duplication Matters More", EMNLP 2025, arXiv 2502.11494.
-Official code: https://github.com/ZichenWen1/DART (llava/model/language_model/modeling_llama_self.py).
+Official code: https://github.com/ZichenWen1/DART (llava/model/language_model/modeling_llama_self.py;
+read from the author's identical fork xqy1111111/DART, as the original had no snapshot here).
 
 Algorithm, as the official code runs it, once before layer K = 2 (prefill only):
   h = the final RMSNorm applied to layer K-1's output; k = layer K-1's keys (after RoPE,

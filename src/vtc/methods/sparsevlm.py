@@ -38,6 +38,8 @@ Deliberate differences from the official code:
     stage l runs layer l first); exact density ties go to the later token (the official
     code adds random noise of 1e-6).
   * Batches of any size (the official code is batch size 1).
+  * A stage whose n_l is at least the image tokens present keeps them all (the official
+    code keeps min(n_l, present - 1), so it always drops and recycles at least one).
 """
 
 from __future__ import annotations
