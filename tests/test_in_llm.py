@@ -324,3 +324,10 @@ def test_plan_override_replays_keep_counts_at_layers_one_to_s():
     with pytest.raises(VTCError, match="3 stages need at least 4 decoder layers"):
         replay.plan(576, 3, Budget.parse(1.0))
     assert get("fastv").describe().startswith("FastV: prune image tokens after layer K-1")
+
+
+@pytest.mark.parametrize("name, options", [("fastv", {"layer": 9}), ("dart", {"layer": 0}), ("pyramiddrop", {"layers": (0, 2)}),
+                                           ("feather", {"layers": (3, 2)}), ("sparsevlm", {"layers": (2, 9)})])
+def test_bad_stage_layers_are_refused_naming_the_method(name, options):
+    with pytest.raises(VTCError, match=f"^{name}: pruning layers"):
+        get(name, **options).plan(64, 4, Budget.parse("auto") if name in ("pyramiddrop", "feather") else Budget.parse(16))
