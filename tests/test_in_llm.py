@@ -255,3 +255,79 @@ def test_single_unpadded_sample_uses_sdpa_causal_path_and_stays_exact(deep):
                 h.remove()
     assert len(seen) == 1 and seen[0][1] is None and seen[0][0] == pruner.rows.index.shape[1] < length
     torch.testing.assert_close(pruned.logits[0], reference.logits[0, pruner.rows.index[0]], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- plans and budgets by hand
+
+
+def test_stage_layers_are_the_official_ones_at_official_depths_and_scaled_elsewhere():
+    auto = Budget.parse("auto")
+    for depth in (32, 40):  # LLaVA-1.5-7B and 13B: the official code keeps its layers
+        assert [s.layer for s in get("pyramiddrop").plan(576, depth, auto)] == [8, 16, 24]
+        assert [s.layer for s in get("sparsevlm").plan(576, depth, Budget.parse(192))] == [2, 6, 15]
+    assert [s.layer for s in get("pyramiddrop").plan(576, 24, auto)] == [6, 12, 18]
+    assert [s.layer for s in get("sparsevlm").plan(576, 16, Budget.parse(192))] == [1, 3, 8]  # 2/32, 6/32, 15/32 of 16
+    assert [s.layer for s in get("feather").plan(576, 40, auto)] == [10, 20]
+
+
+def test_sparsevlm_96_token_schedule_and_rank_schedule():
+    plan = get("sparsevlm").plan(576, 32, Budget.parse(96))
+    # the official 96 schedule (238, 48, 26) averages (2 x 576 + 4 x 238 + 9 x 48 + 17 x 26) / 32 = 93.1: its shape,
+    # scaled up by about 4%, reaches 96
+    assert abs(average_tokens(plan, 576, 32) - 96) < 1
+    assert all(1.0 < s.keep / official < 1.08 for s, official in zip(plan, (238, 48, 26)))
+    assert [(s.layer, s.keep) for s in get("sparsevlm", schedule="rank").plan(576, 32, Budget.parse(64))] == [(2, 576), (6, 576), (15, 576)]
+    with pytest.raises(VTCError, match="'fixed' or 'rank'"):
+        get("sparsevlm", schedule="other")
+    with pytest.raises(VTCError, match="below what stages"):
+        get("sparsevlm").plan(576, 32, Budget.parse(20))
+
+
+def test_layer_averaged_budgets_are_met_and_out_of_reach_ones_refused():
+    for name, target in (("pyramiddrop", 150), ("feather", 180), ("sparsevlm", 128)):
+        plan = get(name).plan(576, 32, Budget.parse(target))
+        assert abs(average_tokens(plan, 576, 32) - target) <= 1, name
+        keeps = [s.keep for s in plan]
+        assert keeps == sorted(keeps, reverse=True) and keeps[0] < 576
+    with pytest.raises(VTCError, match="feather: a layer average of 100 tokens is below the 1[0-9]{2}"):
+        get("feather").plan(576, 32, Budget.parse(100))  # 8 layers of 576 alone average 144
+    with pytest.raises(VTCError, match="layers=\\(2, 8, 16\\)"):
+        get("pyramiddrop").plan(576, 32, Budget.parse(100))
+
+
+def test_check_layers_refuses_bad_stage_layers():
+    LLMMethod.check_layers((1, 3), 4, "m")  # fine
+    for layers in ((0, 2), (1, 4), (3, 2), (2, 2)):
+        with pytest.raises(VTCError, match=r"m: pruning layers .* must be increasing and within 1\.\.3 for a 4-layer LLM"):
+            LLMMethod.check_layers(layers, 4, "m")
+
+
+def test_budget_for_average_finds_the_count_with_that_layer_average():
+    from vtc.methods.llm_base import budget_for_average
+
+    # FastV prunes once before layer 2 of 32: average = (2 x 576 + 30 x k) / 32. k = 30 gives 64.125 (k = 29: 63.19)
+    assert budget_for_average(get("fastv"), 64, 576, 32) == Budget.parse(30)
+    assert budget_for_average(get("fastv"), 100, 576, 32) == Budget.parse(69)  # (1152 + 30 x 69) / 32 = 100.7
+    assert budget_for_average(get("fastv"), 51, 576, 32) == Budget.parse(16)  # exactly (1152 + 30 x 16) / 32 = 51
+    # PyramidDrop's budget is itself a layer average: the target is passed through
+    assert budget_for_average(get("pyramiddrop"), 150, 576, 32) == Budget.parse(150)
+    with pytest.raises(VTCError, match="fastv: a layer average of 30 image tokens is out of reach"):
+        budget_for_average(get("fastv"), 30, 576, 32)  # k = 1 already averages 36.9
+
+
+def test_plan_override_replays_keep_counts_at_layers_one_to_s():
+    from vtc.methods.llm_base import PlanOverride
+
+    replay = PlanOverride(get("pyramiddrop"), [288, 144, 72])
+    assert replay.name == "pyramiddrop"
+    assert replay.plan(576, 4, Budget.parse(1.0)) == [Stage(1, 288), Stage(2, 144), Stage(3, 72)]
+    with pytest.raises(VTCError, match="3 stages need at least 4 decoder layers"):
+        replay.plan(576, 3, Budget.parse(1.0))
+    assert get("fastv").describe().startswith("FastV: prune image tokens after layer K-1")
+
+
+@pytest.mark.parametrize("name, options", [("fastv", {"layer": 9}), ("dart", {"layer": 0}), ("pyramiddrop", {"layers": (0, 2)}),
+                                           ("feather", {"layers": (3, 2)}), ("sparsevlm", {"layers": (2, 9)})])
+def test_bad_stage_layers_are_refused_naming_the_method(name, options):
+    with pytest.raises(VTCError, match=f"^{name}: pruning layers"):
+        get(name, **options).plan(64, 4, Budget.parse("auto") if name in ("pyramiddrop", "feather") else Budget.parse(16))

@@ -2,7 +2,8 @@
 
 Paper: Wen et al. "Stop Looking for Important Tokens in Multimodal Language Models:
 Duplication Matters More", EMNLP 2025, arXiv 2502.11494.
-Official code: https://github.com/ZichenWen1/DART (llava/model/language_model/modeling_llama_self.py).
+Official code: https://github.com/ZichenWen1/DART (llava/model/language_model/modeling_llama_self.py;
+read from the author's identical fork xqy1111111/DART, as the original had no snapshot here).
 
 Algorithm, as the official code runs it, once before layer K = 2 (prefill only):
   h = the final RMSNorm applied to layer K-1's output; k = layer K-1's keys (after RoPE,
@@ -11,6 +12,11 @@ Algorithm, as the official code runs it, once before layer K = 2 (prefill only):
   norm of k.
   Candidates = image tokens minus the image pivots. For each pivot in turn, the t
   candidates least similar to it (cosine of h) are kept and leave the candidate pool.
+  "In turn" is the order in which Python iterates the set of the pivots' sequence
+  positions (image pivots then text pivots, each by descending norm, inserted into a
+  set), as the official code does; vtc iterates the same kind of set. The positions come
+  from vtc's prompt (Hugging Face's LLaVA chat template), not the official one (system
+  sentence first), so on the same image the visiting order can still differ.
   Kept = image pivots + the picks. No attention weights are needed at all.
 Budget: image tokens kept from layer K on. The official code keeps 4 pivots + 8 t with
 t = T // 8 (so "128" keeps 132); here the total is exactly T: t = (T - 4) // 8 for every
@@ -45,6 +51,12 @@ def duplication_picks(h: torch.Tensor, candidates: torch.Tensor, pivots: list[in
     return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long)
 
 
+def visiting_order(pivots: list[int], positions: torch.Tensor) -> list[int]:
+    """Pivot rows in the order Python iterates the set of their original positions (the official code's loop order)."""
+    row_at = {int(positions[row]): row for row in pivots}
+    return [row_at[p] for p in set(row_at)]
+
+
 @register("dart")
 class Dart(LLMMethod):
     """DART: duplication-aware selection around key-norm pivots, no attention needed (Wen et al. 2025)."""
@@ -70,7 +82,7 @@ class Dart(LLMMethod):
             n_img_piv = min(self.image_pivots, stage.keep, img.numel())
             img_piv = img[torch.sort(norms[img], descending=True, stable=True).indices[:n_img_piv]]
             txt_piv = txt[torch.sort(norms[txt], descending=True, stable=True).indices[: min(self.text_pivots, txt.numel())]]
-            pivots = img_piv.tolist() + txt_piv.tolist()
+            pivots = visiting_order(img_piv.tolist() + txt_piv.tolist(), ctx.positions(b))
             rest = stage.keep - n_img_piv
             base, extra = divmod(rest, max(1, len(pivots)))
             quotas = [base + (1 if i < extra else 0) for i in range(len(pivots))]

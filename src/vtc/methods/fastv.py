@@ -14,6 +14,14 @@ Deliberate differences from the official code:
   * The attention row is recomputed from layer K-1's q/k (SDPA stays on); the official
     code runs that layer with eager attention and reads the full map.
   * Batches of any size (the official code reads sample 0 only, with a fixed image offset).
+  * Chosen once, in prefill, and the KV cache keeps only the chosen rows: this is the
+    official repository's KV-cache version (its README: "all subsequent decoding tokens
+    uniformly attend to the same set of image tokens"). The original FastV evaluation ran
+    generate(use_cache=False) and re-chose at every decoding step from the newest token;
+    vtc does not offer that (each new token would re-run the whole prompt, and the speed
+    that in-LLM pruning is for would be gone) and refuses use_cache=False clearly. The two
+    agree on the first generated token, which is all the official multiple-choice
+    evaluation (A-OKVQA, max_new_tokens=1) reads.
 """
 
 from __future__ import annotations

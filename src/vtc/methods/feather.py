@@ -9,8 +9,12 @@ Algorithm, as the official code runs it (prefill only), with N image tokens on a
   K-1's input (input_layernorm, q_proj, k_proj) WITHOUT RoPE, softmax over the image keys
   only, mean over heads (RoPE's long-range decay is what made FastV keep the bottom rows).
   stage 1 (before layer 8): the top int(N * (1 - 0.7)) tokens UNION a uniform grid (every
-  3rd row and column); stage 2 (before layer 16): the top int(N * 0.3^2) of the current
-  tokens (the grid is not protected there). Kept tokens keep their original positions.
+  3rd row and column), M1 tokens in all; stage 2 (before layer 16): the top int(M1 * 0.3^2)
+  of those M1 (the grid is not protected there). Kept tokens keep their original positions.
+  LLaVA-1.5 (N = 576): M1 <= 172 + 64 = 236, stage 2 keeps int(0.09 * M1) <= 21; the plan
+  (and ``vtc speed``) counts M1 = 236, a layer average of (8 x 576 + 8 x 236 + 16 x 21) / 32
+  = 213.5 image tokens over 32 layers. More than two stages (``layers=``) continue the rule:
+  stage s keeps int(f^s x the tokens stage s-1 kept).
 Ported to LLaVA-1.5 (the official code targets Prismatic VLMs: SigLIP 27 x 27 tokens right
 after BOS, Llama-2). What changed: the image span is found from the image placeholder
 tokens (after LLaVA's system prompt) instead of a fixed offset after BOS; the grid is
@@ -18,7 +22,10 @@ LLaVA's 24 x 24 (64 uniform tokens with stride 3); stage layers scale with the L
 (8 and 16 of 32). When a vision-side method ran first, or N is not a square, the uniform
 grid is skipped (the image tokens no longer form a grid).
 Budgets: 'auto' is the official setting (ratio 0.7 pruned per stage). A count T is a
-layer-averaged target: the kept fraction per stage is solved (bisection) to match it.
+layer-averaged target: the kept fraction f per stage is solved (bisection) to match it,
+counting M1 without overlap between the top tokens and the grid (an upper bound).
+Deliberate differences from the official code: the image span and grid (above); stage
+layers scale with depth; batches of any size; the score is the same row, computed in fp32.
 """
 
 from __future__ import annotations
@@ -56,8 +63,12 @@ class Feather(LLMMethod):
 
     def _plan(self, layers, n, keep_fraction):
         grid = uniform_grid(n, self.stride).numel()
-        first = min(n, int(n * keep_fraction) + grid)  # upper bound: the grid may overlap the top tokens
-        return [Stage(layers[0], max(1, first))] + [Stage(l, max(1, int(n * keep_fraction ** (s + 2)))) for s, l in enumerate(layers[1:])]
+        current = max(1, min(n, int(n * keep_fraction) + grid))  # upper bound: the grid may overlap the top tokens
+        stages = [Stage(layers[0], current)]
+        for s, layer in enumerate(layers[1:], start=2):  # the official rule: a share of what the previous stage kept
+            current = max(1, int(current * keep_fraction**s))
+            stages.append(Stage(layer, current, share=keep_fraction**s))
+        return stages
 
     def plan(self, n_image, num_layers, budget):
         layers = self.layers or (round(num_layers * 0.25), round(num_layers * 0.5))
@@ -85,6 +96,7 @@ class Feather(LLMMethod):
                 top = torch.sort(scores, descending=True, stable=True).indices[:top_k]
                 chosen = torch.unique(torch.cat([top, grid]))
             else:
-                chosen = torch.sort(scores, descending=True, stable=True).indices[: min(stage.keep, n)]
+                keep = stage.keep if stage.share is None else max(1, int(n * stage.share))
+                chosen = torch.sort(scores, descending=True, stable=True).indices[: min(keep, n)]
             choices.append(Choice(img[chosen].sort().values))
         return choices

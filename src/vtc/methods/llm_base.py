@@ -22,10 +22,15 @@ from .primitives import top_in_raster_order
 
 @dataclass(frozen=True)
 class Stage:
-    """Before decoder layer ``layer`` runs, keep ``keep`` of the image tokens (per sample)."""
+    """Before decoder layer ``layer`` runs, keep ``keep`` of the image tokens (per sample).
+
+    ``share``: when set, the stage keeps ``int(share * current image tokens)`` and ``keep`` is
+    the planned value of that count (FEATHER's second stage depends on how many the first kept).
+    """
 
     layer: int
     keep: int
+    share: float | None = None
 
 
 class StageContext(Protocol):

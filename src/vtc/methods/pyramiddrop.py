@@ -4,8 +4,10 @@ Paper: Xing et al. "PyramidDrop: Accelerating Your Large Vision-Language Models 
 Pyramid Visual Redundancy Reduction", CVPR 2025, arXiv 2410.17247.
 Official code: https://github.com/Cooperx521/PyramidDrop (llava/model/modeling_llama_pdrop.py).
 
-Algorithm (prefill only): stages before layers 8, 16, 24 of the 32; at stage s the image
-tokens fall to N * lambda^s (lambda = 0.5: 576 -> 288 -> 144 -> 72). The ranking is a
+Algorithm (prefill only): stages before layers 8, 16, 24; at stage s the image tokens fall
+to int(N * lambda^s) (lambda = 0.5: 576 -> 288 -> 144 -> 72). The official scripts use
+8, 16, 24 for LLaVA-1.5-7B (32 layers) and 13B (40 layers) alike; vtc does the same for
+those depths and scales the layers (depth x 1/4, 1/2, 3/4) for others. The ranking is a
 "lightweight attention": the pruning layer's own input_layernorm, q_proj and k_proj with
 RoPE, the LAST instruction token's query against all keys, causal softmax (fp32), mean
 over heads; the top tokens are kept in their original order.
@@ -27,8 +29,12 @@ from .base import Budget, VTCError, register
 from .llm_base import Choice, LLMMethod, Stage, average_tokens, top_rows
 
 
+LAYERS = (8, 16, 24)
+OFFICIAL_DEPTHS = (32, 40)  # LLaVA-1.5-7B and 13B: the official scripts use LAYERS for both
+
+
 def geometric_plan(layers: tuple[int, ...], n: int, lam: float) -> list[Stage]:
-    return [Stage(layer, max(1, round(n * lam ** (s + 1)))) for s, layer in enumerate(layers)]
+    return [Stage(layer, max(1, int(n * lam ** (s + 1)))) for s, layer in enumerate(layers)]
 
 
 def solve_ratio(make_plan, n: int, num_layers: int, target: float, hi: float = 1.0) -> float:
@@ -59,7 +65,8 @@ class PyramidDrop(LLMMethod):
         self.layers, self.ratio = (tuple(layers) if layers else None), ratio
 
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
-        layers = self.layers or tuple(round(num_layers * f) for f in (0.25, 0.5, 0.75))  # 8, 16, 24 of 32
+        scaled = tuple(round(num_layers * f) for f in (0.25, 0.5, 0.75))
+        layers = self.layers or (LAYERS if num_layers in OFFICIAL_DEPTHS else scaled)
         self.check_layers(layers, num_layers, self.name)
         return layers
 

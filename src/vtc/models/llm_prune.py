@@ -14,6 +14,13 @@ decoder layers, so stock ``generate()`` drives prefill and decoding):
 * Decoding. Positions come from the stock model (layer 0's full cache length, i.e. the
   original positions continue); for pruned layers the hook swaps the mask for one that
   matches that layer's shorter cache.
+* Attention implementations. Masks are built for the one the model runs: boolean for
+  SDPA, additive (0 / dtype minimum) for eager, which adds the mask to the scores; any
+  other implementation (flash, flex, ...) is refused, since it cannot take these masks.
+* Refused, with a VTCError, because rows no longer match the prompt: batches expanded by
+  generate (beam search, several return sequences), a second full-length forward
+  (assisted decoding, ``use_cache=False``), multi-token decoding steps, caches other than
+  the dynamic one (a static cache keeps one slot per original position), right padding.
 * Scores. ``PruneContext.attention`` recomputes only the requested query rows from a
   layer's input (its input_layernorm, q_proj, k_proj, RoPE as the model applies it, GQA
   heads repeated), softmax in fp32, mean over heads. The N x N map is never built.
@@ -24,10 +31,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..methods.base import Budget, VTCError
 from ..methods.llm_base import Choice, LLMMethod, Stage, average_tokens
+
+
+MASKABLE = ("sdpa", "eager")  # implementations that take an arbitrary 4-D mask
+
+
+def attention_implementation(language_model) -> str:
+    impl = getattr(language_model.config, "_attn_implementation", None) or "eager"
+    if impl not in MASKABLE:
+        raise VTCError(f"in-LLM pruning needs attention that takes a 4-D mask ({' or '.join(MASKABLE)}); "
+                       f"this model runs '{impl}': load it with attn_implementation='sdpa'")
+    return impl
+
+
+def check_left_padded(pad: torch.Tensor) -> None:
+    """Padding must come first in every row (generate's convention for decoder-only models)."""
+    if (pad[:, :-1] & ~pad[:, 1:]).any():
+        raise VTCError("in-LLM pruning needs left-padded inputs (padding before the prompt); these are right-padded: "
+                       "tokenize with padding_side='left'")
 
 
 @dataclass
@@ -104,7 +130,9 @@ class InLLMPruner:
         self.num_layers = len(self.layers)
         if budget.is_auto and not method.supports_auto:
             raise VTCError(f"in-LLM method '{method.name}' has no default schedule for budget 'auto'; give a token count or ratio")
+        self.attn_impl = attention_implementation(language_model)
         self.pad = attention_mask.bool()
+        check_left_padded(self.pad)
         image = (input_ids == image_token_id) & self.pad
         counts = image.sum(1).tolist()
         if min(counts) == 0:
@@ -114,7 +142,8 @@ class InLLMPruner:
         if len({tuple(s.layer for s in p) for p in self.plans}) != 1:
             raise VTCError(f"{method.name}: samples of one batch must prune at the same layers")
         self.stage_at = {s.layer: i for i, s in enumerate(self.plans[0])}
-        self.average_tokens = [average_tokens(p, n, self.num_layers) for p, n in zip(self.plans, counts)]
+        self.counts = counts
+        self.kept_at: list[dict[int, int]] = [{} for _ in counts]  # per sample: stage layer -> image tokens it kept
         b, length = input_ids.shape
         self.full = Rows(torch.arange(length).expand(b, length).clone(), self.pad.clone(), image)  # padding is not a real row
         self.rows: Rows | None = None  # None until the first stage prunes
@@ -134,11 +163,17 @@ class InLLMPruner:
         ok = (ki[None, :] <= qi[:, None]) & rows.valid[b][cols][None, :] & self.pad[b][ki][None, :]
         return ok | (qrows[:, None] == cols[None, :])
 
-    def _prefill_mask(self) -> torch.Tensor:
+    def _prefill_mask(self, dtype: torch.dtype) -> torch.Tensor:
         rows = self.rows
         n = rows.index.shape[1]
         all_rows = torch.arange(n)
-        return torch.stack([self.allowed(b, all_rows, all_rows) for b in range(rows.index.shape[0])])[:, None]
+        return self._for_implementation(torch.stack([self.allowed(b, all_rows, all_rows) for b in range(rows.index.shape[0])])[:, None], dtype)
+
+    def _for_implementation(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """SDPA takes the boolean mask as is; eager adds the mask to the scores, so it needs 0 / -large."""
+        if self.attn_impl == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def _row_kwargs(self, kwargs: dict) -> dict:
         """The model's full-length layer arguments, restricted to the current rows.
@@ -152,7 +187,7 @@ class InLLMPruner:
             pick = lambda t: t.expand(idx.shape[0], *t.shape[1:]).gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
             self._row_args = {
                 "position_embeddings": (pick(cos), pick(sin)),
-                "attention_mask": None if self._plainly_causal() else self._prefill_mask(),
+                "attention_mask": None if self._plainly_causal() else self._prefill_mask(cos.dtype),
             }
             if isinstance(kwargs.get("position_ids"), torch.Tensor):
                 self._row_args["position_ids"] = kwargs["position_ids"].expand(idx.shape[0], -1).gather(1, idx)
@@ -161,7 +196,7 @@ class InLLMPruner:
     def _plainly_causal(self) -> bool:
         """No dummy rows, no padding, positions increasing along the rows: SDPA's own causal path is exact (and faster)."""
         rows = self.rows
-        return bool(rows.valid.all() and self.pad.all() and (rows.index[:, 1:] > rows.index[:, :-1]).all())
+        return self.attn_impl == "sdpa" and bool(rows.valid.all() and self.pad.all() and (rows.index[:, 1:] > rows.index[:, :-1]).all())
 
     def _apply(self, choices: list[Choice], hidden: torch.Tensor) -> torch.Tensor:
         """New rows: every non-image real row, the kept image rows, merged tokens after them; left-padded."""
@@ -194,17 +229,27 @@ class InLLMPruner:
         self._row_args = None
         return new_h
 
+    @property
+    def average_tokens(self) -> list[float]:
+        """Image tokens per decoder layer, averaged over the layers: as kept once prefill ran, as planned before."""
+        out = []
+        for plan, n, kept in zip(self.plans, self.counts, self.kept_at):
+            out.append(average_tokens([Stage(s.layer, kept.get(s.layer, s.keep)) for s in plan], n, self.num_layers))
+        return out
+
     # ------------------------------------------------------------------ hooks
 
     def _pre_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
+            if layer_idx == 0:
+                self._check_forward(hidden, kwargs)
             if self.prefilled:
                 if layer_idx == 0:
                     self.decode_step += 1
                 if layer_idx in self.layer_rows:
                     kwargs = dict(kwargs)
-                    kwargs["attention_mask"] = self._decode_mask(layer_idx)
+                    kwargs["attention_mask"] = self._decode_mask(layer_idx, hidden.dtype)
                 return args, kwargs
             if layer_idx == 0:
                 self.embeds = hidden
@@ -216,6 +261,8 @@ class InLLMPruner:
                 ctx = PruneContext(self, hidden, previous, current["position_embeddings"])
                 choices = self.method.choose(stage_no, [p[stage_no] for p in self.plans], ctx)
                 hidden = self._apply(choices, hidden)
+                for b, n in enumerate(self.kept_counts()):
+                    self.kept_at[b][layer_idx] = n
                 current = self._row_kwargs(kwargs)
             if self.rows is not None:
                 self.layer_rows[layer_idx] = self.rows
@@ -227,13 +274,29 @@ class InLLMPruner:
 
         return hook
 
-    def _decode_mask(self, layer_idx: int) -> torch.Tensor:
+    def _decode_mask(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
         rows = self.layer_rows[layer_idx]
         prompt = rows.valid & self.pad.gather(1, rows.index)
         if prompt.all():
             return None  # every cached row is real: one query row may attend to all of them
         new = torch.ones(prompt.shape[0], self.decode_step, dtype=torch.bool)
-        return torch.cat([prompt, new], dim=1)[:, None, None, :]
+        return self._for_implementation(torch.cat([prompt, new], dim=1)[:, None, None, :], dtype)
+
+    def _check_forward(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        """Refuse forwards whose rows are not the prompt the pruner was built for (or its one-token continuation)."""
+        batch, length = self.full.index.shape
+        if hidden.shape[0] != batch:
+            raise VTCError(f"in-LLM pruning was set up for {batch} prompts but the model ran {hidden.shape[0]} rows: "
+                           "beam search and several return sequences are not supported (use num_beams=1)")
+        expected = 1 if self.prefilled else length
+        if hidden.shape[1] != expected:
+            what = "a one-token decoding step" if self.prefilled else f"the {length}-token prompt"
+            raise VTCError(f"in-LLM pruning expected {what} but the model ran {hidden.shape[1]} tokens: assisted decoding, "
+                           "generate(use_cache=False) and repeated forwards in one pruning context are not supported")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise VTCError(f"in-LLM pruning needs the dynamic KV cache (pruned layers cache fewer rows); got {type(cache).__name__}: "
+                           "do not pass a static cache or cache_implementation")
 
     def _done_prefill(self, module, args, output):
         self.prefilled = True
