@@ -245,3 +245,75 @@ def test_bad_inputs_are_named():
         get("recoverable").select(nan, "auto")
     with pytest.raises(VTCError, match="more than"):
         get("recoverable").select(signals, N + 1)
+
+
+def test_owner_map_follows_centres_then_first_claiming_centre_then_extra_token():
+    """Ownership by hand: kept patches own themselves, each centre owns itself, a leftover belongs to the first
+    centre (output order) that took it as a neighbour, and the rest to the extra token."""
+    signals = make_signals(seed=8, width=64)
+    for compat in ("intent", "original"):
+        [sel] = get("recoverable", compat=compat).select(signals, 30)
+        kept = sel.kept_indices().tolist()
+        first_merged = len(kept)
+        centres = sel.info["centres"]
+        expected = {p: i for i, p in enumerate(kept)}
+        expected.update({c: first_merged + j for j, c in enumerate(centres)})
+        for j, c in enumerate(centres):
+            for p in sel.sources[first_merged + j].tolist():
+                expected.setdefault(p, first_merged + j)
+        extra = first_merged + len(centres)
+        for p in range(N):
+            expected.setdefault(p, extra)
+        assert sel.owner.tolist() == [expected[p] for p in range(N)]
+
+
+def test_split_proportionally_gives_remainders_by_fraction_not_by_size():
+    # raw shares 5.6, 0.7, 0.7: the two leftover slots go to the largest fractions (0.7, 0.7), not to the largest share
+    assert split_proportionally(7, [8, 1, 1]) == [5, 1, 1]
+    # the visual stage takes one slot from the largest other stage when its share rounds to zero
+    assert split_proportionally(4, [1, 10, 10]) == [1, 1, 2]  # shares 0, 2, 2; the first largest gives one up
+
+
+def test_visual_only_and_merge_free_variants_keep_fixed_budgets_exact():
+    signals = make_signals(seed=2)
+    bare = Signals(signals.features, GRID, signals.cls_attn, signals.keys)  # no text score at all
+    for options in ({"recover": False}, {"merge": False}, {"recover": False, "merge": False}):
+        for budget in (7, 30):
+            [sel] = get("recoverable", **options).select(bare if not options.get("recover", True) else signals, budget)
+            assert sel.num_tokens == budget, (options, budget)
+    [auto] = get("recoverable", recover=False).select(bare, "auto")
+    assert auto.info["auto_sizes"][1] == 0 and auto.info["r_t"] == 0.0
+    [auto] = get("recoverable", merge=False).select(signals, "auto")
+    assert auto.info["auto_sizes"][2] == 0 and auto.info["r_c"] == 0.0 and auto.counts()["merged"] == 0
+
+
+def test_text_fraction_is_reported():
+    signals = make_signals(seed=3)
+    [sel] = get("recoverable").select(signals, "auto")
+    n_vis = sel.info["auto_sizes"][0]
+    masked = signals.text_sim[0].clone()
+    masked[signals.cls_attn[0].topk(n_vis).indices] = masked.min()
+    assert math.isclose(sel.info["r_t"], naive_lof_fraction(masked.tolist()))
+
+
+def test_original_clamps_the_width_sized_centre_count_below_the_leftovers():
+    signals = make_signals(seed=8, width=4096)  # int(4096 * r_c) exceeds the leftovers
+    [sel] = get("recoverable", compat="original").select(signals, "auto")
+    n_vis, n_txt, n_ctr = sel.info["auto_sizes"]
+    assert int(4096 * sel.info["r_c"]) > N - n_vis - n_txt
+    assert n_ctr == N - n_vis - n_txt - 1
+
+
+def test_zero_attention_merges_as_a_plain_mean():
+    signals = make_signals(seed=1)
+    signals.cls_attn = torch.zeros_like(signals.cls_attn)
+    [sel] = get("recoverable").select(signals, 10)
+    extra_sources = sel.sources[-1]
+    torch.testing.assert_close(sel.tokens[-1], signals.features[0, extra_sources].mean(0))
+
+
+def test_top_among_a_single_candidate():
+    from vtc.methods.recoverable import top_among
+
+    assert top_among(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([2]), 1).tolist() == [2]
+    assert top_among(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0, 2]), 5).tolist() == [2, 0]
