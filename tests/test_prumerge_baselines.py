@@ -63,17 +63,61 @@ def test_raster_order_option():
     assert anchors == sorted(anchors)
 
 
-def test_prumerge_plus_adds_uniform_patches():
-    s = signals(seed=3, n=576, grid=(24, 24))
-    a = s.cls_attn[0]
-    [plain] = get("prumerge").select(s, "auto")
+def outlier_signals(n, grid, outliers):
+    """Flat CLS attention (0.010 .. 0.012) with the given {patch: score} outliers far above Q3 + 1.5 IQR."""
+    attn = torch.zeros(1, n)
+    background = [i for i in range(n) if i not in outliers]
+    attn[0, background] = torch.linspace(0.010, 0.012, len(background))
+    for i, score in outliers.items():
+        attn[0, i] = score
+    g = torch.Generator().manual_seed(0)
+    return Signals(torch.randn(1, n, D, generator=g), grid, attn, torch.randn(1, n, 5, generator=g))
+
+
+# The official rule (clip_encoder.py, token_prune_merge_advanced_plus): ratio = k / 576, step = int(1 / ratio),
+# uniform picks = arange(0, 575, int(step / 3)) not already in the top-k, appended after the top-k list.
+# Worked by hand below; the code is not consulted for the stride.
+
+
+def test_prumerge_plus_uniform_picks_on_an_8x8_grid_by_hand():
+    # 4 outliers of 64: step = 64 / 4 = 16, stride = int(16 / 3) = 5 -> 0, 5, 10, ..., 60; 5 and 20 are top-k already.
+    s = outlier_signals(64, (8, 8), {20: 0.20, 33: 0.15, 5: 0.10, 62: 0.08})
     [plus] = get("prumerge+").select(s, "auto")
-    k = plain.info["kept_before_merge"]
-    top = a.argsort(descending=True)[:k]
-    stride = max(1, (576 // k) // 3)
-    uniform = [i for i in range(0, 575, stride) if i not in set(top.tolist())]
-    assert plus.info["kept_before_merge"] == k + len(uniform)
-    assert [int(src[0]) for src in plus.sources[k:-1]] == uniform
+    anchors = [int(src[0]) for src in plus.sources[:-1]]
+    assert anchors == [20, 33, 5, 62] + [0, 10, 15, 25, 30, 35, 40, 45, 50, 55, 60]
+    assert plus.num_tokens == 16  # 15 kept + the extra token
+    [plain] = get("prumerge").select(s, "auto")
+    assert [int(src[0]) for src in plain.sources[:-1]] == [20, 33, 5, 62]
+    # 3 outliers: step = int(64 / 3) = 21, stride 7 -> 0, 7, ..., 56; the official range stops before the last patch
+    # (arange(0, 575) on 576), so 63 = 9 * 7 is not picked.
+    s = outlier_signals(64, (8, 8), {20: 0.20, 33: 0.15, 62: 0.08})
+    [plus] = get("prumerge+").select(s, "auto")
+    assert [int(src[0]) for src in plus.sources[:-1]] == [20, 33, 62] + [0, 7, 14, 21, 28, 35, 42, 49, 56]
+
+
+def test_prumerge_plus_uniform_picks_on_llava_grid_by_hand():
+    # 5 outliers of 576: step = int(576 / 5) = int(115.2) = 115, stride = int(115 / 3) = 38 -> 0, 38, ..., 570.
+    s = outlier_signals(576, (24, 24), {100: 0.5, 38: 0.4, 400: 0.3, 574: 0.2, 76: 0.1})
+    [plus] = get("prumerge+").select(s, "auto")
+    uniform = [0, 114, 152, 190, 228, 266, 304, 342, 380, 418, 456, 494, 532, 570]  # 38 and 76 are top-k
+    assert [int(src[0]) for src in plus.sources[:-1]] == [100, 38, 400, 574, 76] + uniform
+
+
+@pytest.mark.parametrize(
+    "total,kept",
+    [
+        # auto would keep 4 top + 11 uniform = 15. Budget T keeps T-1 = `slots` before merging, k = round(slots * 4/15)
+        # top picks, then the uniform grid of stride int(64 / k) // 3 without them, thinned evenly or topped up by score.
+        (9, [20, 33, 0, 10, 30, 40, 50, 60]),  # k = round(2.13) = 2, stride 10: 0, 10, 20, ..., 60 minus 20
+        (6, [20, 0, 21, 42, 33]),  # k = round(1.33) = 1, stride 21: 0, 21, 42; one slot left -> next by score, 33
+        (4, [20, 0, 42]),  # k = round(0.8) = 1, stride 21: 0, 21, 42 thinned evenly to 2 -> 0, 42
+    ],
+)
+def test_prumerge_plus_fixed_budget_split_by_hand(total, kept):
+    s = outlier_signals(64, (8, 8), {20: 0.20, 33: 0.15, 5: 0.10, 62: 0.08})
+    [sel] = get("prumerge+").select(s, total)
+    assert [int(src[0]) for src in sel.sources[:-1]] == kept
+    assert sel.num_tokens == total
 
 
 @pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
