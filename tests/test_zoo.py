@@ -278,3 +278,16 @@ def test_runs_end_to_end_on_a_batch(tiny_pipe, name):
         results = tiny_pipe(imgs, QUESTIONS, method=name, budget=budget, max_new_tokens=2)
         assert [r.tokens_after for r in results] == [Budget.parse(budget).tokens(16)] * 3
         assert all(r.selection.num_patches == 16 for r in results)
+
+
+def test_divprune_never_picks_a_token_twice_when_the_rest_are_duplicates():
+    # three directions, each twice: after one of each is chosen every remaining token is at distance 0 from the set,
+    # the same score a chosen token has to itself; the picks must still be 5 distinct tokens covering all 3 directions.
+    v = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]).repeat(2, 1)  # token i has direction i % 3
+    for k in (4, 5, 6):
+        picks = divprune_indices(v, k).tolist()
+        assert len(set(picks)) == k
+        assert {p % 3 for p in picks} == {0, 1, 2}
+    sig = Signals(features=v[None], grid=(2, 3), projected=v[None].half())  # fp16 projector output, as on GPU
+    [sel] = get("divprune").select(sig, 5)
+    assert len(set(sel.kept_indices().tolist())) == 5
