@@ -120,6 +120,26 @@ def test_prumerge_plus_fixed_budget_split_by_hand(total, kept):
     assert sel.num_tokens == total
 
 
+def test_prumerge_plus_fixed_budget_with_stride_one_by_hand():
+    # 4x4, one outlier (7): auto keeps 7 + uniform 0, 5, 10 (stride int(16 / 1) // 3 = 5) = 4 slots, 1 of them top.
+    # T = 12 -> 11 slots, k = round(11 * 1/4) = 3 top picks: 7, then the largest background scores 15, 14.
+    # stride int(16 / 3) // 3 = 1: 0..14 minus 7, 14 = 13 picks, thinned evenly to 8: positions round(i * 12/7)
+    # = 0, 2, 3, 5, 7, 9, 10, 12 of [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13] -> 0, 2, 3, 5, 8, 10, 11, 13.
+    s = outlier_signals(16, (4, 4), {7: 0.2})
+    [sel] = get("prumerge+").select(s, 12)
+    assert [int(src[0]) for src in sel.sources[:-1]] == [7, 15, 14, 0, 2, 3, 5, 8, 10, 11, 13]
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
+def test_flat_attention_keeps_one_token_not_zero_or_all(name):
+    # no score lies above Q3 + 1.5 IQR = the common value: the official count is 0, vtc keeps 1 (ties: lowest index).
+    # PruMerge+ adds stride int(64 / 1) // 3 = 21: 0, 21, 42, of which 0 is already kept.
+    s = outlier_signals(64, (8, 8), {})
+    s.cls_attn = torch.full((1, 64), 1 / 65)
+    [sel] = get(name).select(s, "auto")
+    assert [int(src[0]) for src in sel.sources[:-1]] == ([0] if name == "prumerge" else [0, 21, 42])
+
+
 @pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
 @pytest.mark.parametrize("budget", [1, 2, 16, 40, 0.3])
 def test_fixed_budgets_exact(name, budget):

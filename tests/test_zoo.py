@@ -228,6 +228,27 @@ def test_tome_matches_looped_bipartite_rounds_and_size_weighted_means():
     for g, v in got.items():
         torch.testing.assert_close(v, expected[g])
         torch.testing.assert_close(v, x[list(g)].mean(0))  # size-weighted averaging = mean of the original patches
+    # output order: untouched patches in raster order, then merged tokens by their first patch
+    singles = sorted(g[0] for g in expected if len(g) == 1)
+    merged = sorted((g for g in expected if len(g) > 1), key=min)
+    assert [s.tolist() for s in sel.sources] == [[i] for i in singles] + [list(g) for g in merged]
+    assert [o for o in sel.origin.tolist()] == [Origin.KEPT] * len(singles) + [Origin.MERGED] * len(merged)
+
+
+def test_tome_on_features_needs_no_keys_and_matches_the_loop():
+    sig = fake_signals(batch=1, n=20, grid=(4, 5))
+    method = get("tome", metric="features")
+    assert method.needs == frozenset({Signal.FEATURES})
+    sig.keys = None  # the adapter computes only what `needs` names
+    [sel] = method.select(sig, 7)  # rounds: 20 -> 10 -> 7
+    x = sig.features[0]
+    xs, ms, sizes, groups = list(x), list(x), [1.0] * 20, [[i] for i in range(20)]
+    while len(xs) > 7:
+        xs, ms, sizes, groups = naive_tome_round(xs, ms, sizes, groups, min(len(xs) - 7, len(xs) // 2))
+    got = {tuple(sorted(s.tolist())): t for s, t in zip(sel.sources, sel.tokens)}
+    assert got.keys() == {tuple(g) for g in groups}
+    for g, v in zip(groups, xs):
+        torch.testing.assert_close(got[tuple(g)], v)
 
 
 # ----------------------------------------------------------------------------- on the model
@@ -291,3 +312,56 @@ def test_divprune_never_picks_a_token_twice_when_the_rest_are_duplicates():
     sig = Signals(features=v[None], grid=(2, 3), projected=v[None].half())  # fp16 projector output, as on GPU
     [sel] = get("divprune").select(sig, 5)
     assert len(set(sel.kept_indices().tolist())) == 5
+
+
+# ----------------------------------------------------------------------------- ties, worked by hand
+# Equal scores must break the same way on every run and device: the lower index first. torch's unstable sort
+# reorders ties from 17 elements on, so these cases are at least that long.
+
+
+def test_evit_score_order_breaks_ties_by_lower_index():
+    sig = fake_signals(batch=1)
+    sig.cls_attn = torch.full((1, 36), 1 / 37)
+    [sel] = get("evit", order="score").select(sig, 6)
+    assert sel.kept_indices().tolist() == [0, 1, 2, 3, 4]
+    assert sel.sources[-1].tolist() == list(range(5, 36))
+
+
+def test_fopru_row_breaks_ties_by_lower_row():
+    sig = fake_signals(batch=1, n=40, grid=(20, 2))
+    sig.received_attn = torch.full((1, 40), 0.5)
+    [sel] = get("fopru-row").select(sig, 5)  # rows 0 and 1 whole, then the first patch of row 2
+    assert sel.kept_indices().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_tome_merges_tied_pairs_in_index_order():
+    # patches 2i and 2i+1 share the one-hot metric e_i: every A token has similarity exactly 1 to its partner, 0 else.
+    sig = fake_signals(batch=1, n=40, grid=(20, 2))
+    sig.keys = torch.eye(20).repeat_interleave(2, dim=0)[None]
+    [sel] = get("tome").select(sig, 30)  # one round, r = 10: the first ten A tokens (0, 2, ..., 18) merge
+    assert sel.kept_indices().tolist() == list(range(20, 40))
+    assert [s.tolist() for s in sel.sources[20:]] == [[2 * i, 2 * i + 1] for i in range(10)]
+    x = sig.features[0]
+    torch.testing.assert_close(sel.tokens[20:], torch.stack([(x[2 * i] + x[2 * i + 1]) / 2 for i in range(10)]))
+
+
+@pytest.mark.parametrize("objective", ["maxmin", "maxsum"])
+def test_todre_never_picks_a_token_twice_when_the_rest_are_duplicates(objective):
+    # three directions, each twice, seed = patch 0. Max-sum by hand: after 0 the sums are 0 (direction 0) or 1, pick 1;
+    # then 2; then every unchosen token sums to 2 and each chosen one (to itself 0) to 2 as well: only exclusion
+    # stops a chosen token from being picked again.
+    v = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]).repeat(2, 1)
+    cls = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    sig = Signals(features=v[None], grid=(2, 3), cls_attn=cls)
+    for k in (4, 5, 6):
+        [sel] = get("todre", objective=objective).select(sig, k)
+        assert sel.kept_indices().tolist() == list(range(k))
+
+
+def test_greedy_primitives_return_index_tensors():
+    from vtc.methods.primitives import greedy_max_min, greedy_max_sum
+
+    distance = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.5], [2.0, 0.5, 0.0]])
+    for greedy, expected in ((greedy_max_min, [0, 2, 1]), (greedy_max_sum, [0, 2, 1])):
+        picks = greedy(distance, 3, 0)
+        assert picks.dtype == torch.long and picks.tolist() == expected

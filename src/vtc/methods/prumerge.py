@@ -9,7 +9,7 @@ Algorithm, as the official code runs it, for one image of N patches:
   1. a = CLS row of the LAST vision layer's attention, recomputed as one head over
      the full width: softmax(q_cls . K^T / sqrt(D)) over 1+N keys, CLS column dropped.
   2. Budget (auto): IQR outliers of a, thr = Q3 + 1.5 (Q3 - Q1); k = #(a > thr).
-     Keep the top-k patches by a (in descending score order).
+     Keep the top-k patches by a (in descending score order; equal scores: lower index first).
   3. Each kept token i absorbs its 32 nearest patches by cosine similarity of the
      last layer's keys (among all other patches, kept ones included):
      x_i' = x_i + sum_j a_j x_j.
@@ -101,7 +101,7 @@ class PruMerge(Method):
     def choose(self, attn: torch.Tensor, budget: Budget) -> tuple[torch.Tensor, bool]:
         """Indices of the patches to keep (before merging) and whether to add the extra token."""
         n = attn.numel()
-        ranked = attn.argsort(descending=True)
+        ranked = torch.sort(attn, descending=True, stable=True).indices  # ties: the lower index first
         if budget.is_auto:
             k = iqr_outlier_count(attn)
             top = ranked[:k]
