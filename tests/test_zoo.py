@@ -365,3 +365,47 @@ def test_greedy_primitives_return_index_tensors():
     for greedy, expected in ((greedy_max_min, [0, 2, 1]), (greedy_max_sum, [0, 2, 1])):
         picks = greedy(distance, 3, 0)
         assert picks.dtype == torch.long and picks.tolist() == expected
+
+
+def naive_visionzip(sig, dominant, count, keep_cls=True, mean=False):
+    """The official steps as loops: (tokens, sources) for one image."""
+    x, a, k = sig.features[0], sig.cls_attn[0], sig.keys[0]
+    n = x.shape[0]
+    kept = naive_top(a, dominant - 1 if keep_cls else dominant)
+    remaining = [i for i in range(n) if i not in kept]
+    targets = [remaining[p] for p in range(0, len(remaining), max(1, len(remaining) // count))][:count] if count else []
+    members = {t: [] for t in targets}
+    for i in remaining:
+        if targets and i not in targets:
+            sims = [float(torch.nn.functional.cosine_similarity(k[i], k[t], dim=0)) for t in targets]
+            members[targets[sims.index(max(sims))]].append(i)
+    tokens = ([sig.cls_feature[0]] if keep_cls else []) + [x[i] for i in kept]
+    sources = ([[]] if keep_cls else []) + [[i] for i in kept]
+    for t in targets:
+        group = members[t]
+        if mean:
+            tokens.append(sum((x[m] for m in group), x[t]) / (len(group) + 1))
+        else:
+            tokens.append(x[t] + sum((x[m] for m in group), torch.zeros_like(x[t])) / max(1, len(group)))
+        sources.append([t] + group)
+    return torch.stack(tokens), sources
+
+
+@pytest.mark.parametrize(
+    "budget,options,split",
+    [
+        (16, {}, (14, 2)),  # round(16 * 54/64) = round(13.5) = 14
+        (30, {"dominant_share": 0.2}, (6, 24)),  # 31 remaining, step max(1, 31 // 24) = 1: many targets own 0 or 1
+        (12, {"keep_cls": False}, (10, 2)),  # round(10.125) = 10 patches, no CLS token
+        (16, {"contextual": "mean"}, (14, 2)),
+        (3, {}, (3, 0)),  # round(2.53) = 3: no contextual token
+        (4, {"dominant_share": 0.1}, (1, 3)),  # round(0.4) = 0 -> at least 1 (the CLS token alone)
+    ],
+)
+def test_visionzip_options_match_the_loop(budget, options, split):
+    sig = fake_signals(batch=1, n=36, seed=5)
+    [sel] = get("visionzip", **options).select(sig, budget)
+    assert sel.info == {"dominant": split[0], "contextual": split[1]}
+    tokens, sources = naive_visionzip(sig, *split, keep_cls=options.get("keep_cls", True), mean=options.get("contextual") == "mean")
+    assert [s.tolist() for s in sel.sources] == sources
+    torch.testing.assert_close(sel.tokens, tokens)
