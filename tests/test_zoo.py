@@ -409,3 +409,77 @@ def test_visionzip_options_match_the_loop(budget, options, split):
     tokens, sources = naive_visionzip(sig, *split, keep_cls=options.get("keep_cls", True), mean=options.get("contextual") == "mean")
     assert [s.tolist() for s in sel.sources] == sources
     torch.testing.assert_close(sel.tokens, tokens)
+
+
+# ----------------------------------------------------------------------------- downsample, worked by hand
+
+
+def test_downsample_input_grid_by_hand():
+    method = get("downsample")
+    assert method.input_grid(Budget.parse(5), (4, 6)) == (3, 3)  # ceil(sqrt(5)) = 3
+    assert method.input_grid(Budget.parse(0.5), (6, 4)) == (4, 4)  # 12 of 24 -> ceil(sqrt(12)) = 4
+    assert method.input_grid(Budget.parse(16), (4, 4)) is None  # the tower's own grid
+    assert method.input_grid(Budget.parse(10), (4, 4)) is None  # ceil(sqrt(10)) = 4: full grid, pooled to 10
+    assert method.input_grid(Budget.parse(20), (4, 6)) is None  # 5 x 5 does not fit in 4 rows: full grid, pooled
+
+
+def test_downsample_pools_a_3x3_tower_output_to_5_tokens_by_hand():
+    # Full grid 4 x 6, budget 5: the tower ran at 3 x 3. Pool layout for 5 on 3 x 3: row bands [0, 2) with 3 columns
+    # and [1, 3) with 2 columns (adaptive-pooling edges), i.e. small cells {0,3} {1,4} {2,5} {3,4,6,7} {4,5,7,8}.
+    # Small row r covers full rows [floor(4r/3), ceil(4(r+1)/3)) = [0,2) [1,3) [2,4); small column c covers full
+    # columns [2c, 2c+2).
+    feats = torch.arange(27, dtype=torch.float32).reshape(1, 9, 3)  # 3 wide: fewer channels than tokens
+    sig = Signals(features=feats, grid=(3, 3), source_grid=(4, 6))
+    [sel] = get("downsample").select(sig, 5)
+    cells = [[0, 3], [1, 4], [2, 5], [3, 4, 6, 7], [4, 5, 7, 8]]
+    torch.testing.assert_close(sel.tokens, torch.stack([feats[0, c].mean(0) for c in cells]))
+    patches = lambda rows, cols: sorted(r * 6 + c for r in rows for c in cols)  # noqa: E731
+    assert [s.tolist() for s in sel.sources] == [
+        patches(range(0, 3), range(0, 2)),
+        patches(range(0, 3), range(2, 4)),
+        patches(range(0, 3), range(4, 6)),
+        patches(range(1, 4), range(0, 4)),
+        patches(range(1, 4), range(2, 6)),
+    ]
+    assert sel.owner.tolist() == [0, 0, 1, 1, 2, 2] * 3 + [3, 3, 3, 3, 4, 4]  # the first token to draw on a patch
+    assert (sel.origin == Origin.MERGED).all() and sel.info == {"input_grid": [3, 3]}
+
+
+def test_downsample_at_full_resolution_pools_or_keeps_by_hand():
+    feats = torch.randn(1, 16, 3, generator=torch.Generator().manual_seed(0))
+    sig = Signals(features=feats, grid=(4, 4))  # no resize: source_grid is None
+    [sel] = get("downsample").select(sig, 10)
+    # 10 on 4 x 4: 3 row bands [0,2) [1,3) [2,4) of 3, 4, 3 columns (the wider band in the middle)
+    cells = [[0, 1, 4, 5], [1, 2, 5, 6], [2, 3, 6, 7], [4, 8], [5, 9], [6, 10], [7, 11],
+             [8, 9, 12, 13], [9, 10, 13, 14], [10, 11, 14, 15]]
+    assert [s.tolist() for s in sel.sources] == cells
+    torch.testing.assert_close(sel.tokens, torch.stack([feats[0, c].mean(0) for c in cells]))
+    [full] = get("downsample").select(sig, 16)
+    assert (full.origin == Origin.KEPT).all() and full.kept_indices().tolist() == list(range(16))
+    torch.testing.assert_close(full.tokens, feats[0])
+
+
+# ----------------------------------------------------------------------------- baselines and options
+
+
+def test_random_seed_default_and_per_image_offset():
+    sig = fake_signals(batch=2)
+    first, second = get("random", seed=5).select(sig, 10)
+    assert second.kept_indices().tolist() == get("random", seed=6).select(sig, 10)[0].kept_indices().tolist()
+    assert get("random").select(sig, 10)[0].kept_indices().tolist() == get("random", seed=0).select(sig, 10)[0].kept_indices().tolist()
+
+
+def test_pool_at_the_full_budget_keeps_every_patch():
+    sig = fake_signals(batch=1)
+    [sel] = get("pool").select(sig, 36)
+    assert (sel.origin == Origin.KEPT).all() and sel.kept_indices().tolist() == list(range(36))
+    torch.testing.assert_close(sel.tokens, sig.features[0])
+
+
+def test_divprune_on_features_needs_no_projector_output():
+    sig = fake_signals(batch=1)
+    method = get("divprune", space="features")
+    assert method.needs == frozenset({Signal.FEATURES})
+    sig.projected = None
+    [sel] = method.select(sig, 8)
+    assert sel.kept_indices().tolist() == divprune_indices(sig.features[0], 8).tolist()
