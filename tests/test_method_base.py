@@ -47,3 +47,12 @@ def test_register_factory_and_describe_without_a_docstring(scratch_names):
         register_factory("bare-preset", Bare)
     with pytest.raises(VTCError, match="unknown method"):
         get("bare-preset-2")
+
+
+def test_kept_indices_is_an_index_tensor_even_when_nothing_is_kept():
+    feats = torch.randn(6, 2)
+    merged_only = Selection.build(feats, torch.empty(0, dtype=torch.long), merged_tokens=feats[:2].clone(),
+                                  merged_sources=[torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])])
+    kept = merged_only.kept_indices()
+    assert kept.dtype == torch.long and kept.numel() == 0
+    assert feats[kept].shape == (0, 2)  # usable as an index

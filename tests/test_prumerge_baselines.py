@@ -214,3 +214,13 @@ def test_text_recovery_composes_with_any_pruning_method():
     assert set(recovered) <= {5, 6, 13} and recovered
     with pytest.raises(VTCError, match="merges every patch"):
         get("pool+text").select(s, 12)
+
+
+def test_merge_on_a_grid_smaller_than_the_neighbour_count():
+    # 16 patches < 32 neighbours: each kept token absorbs every other patch, a_j-weighted (the paper's sum, by loop)
+    s = outlier_signals(16, (4, 4), {7: 0.2, 9: 0.1})
+    x, a = s.features[0], s.cls_attn[0]
+    [sel] = get("prumerge").select(s, 3)  # keeps 7 and 9, plus the extra token
+    for token, src, i in zip(sel.tokens, sel.sources, (7, 9)):
+        assert sorted(src.tolist()) == list(range(16)) and int(src[0]) == i
+        torch.testing.assert_close(token, x[i] + sum(a[j] * x[j] for j in range(16) if j != i))

@@ -483,3 +483,37 @@ def test_divprune_on_features_needs_no_projector_output():
     sig.projected = None
     [sel] = method.select(sig, 8)
     assert sel.kept_indices().tolist() == divprune_indices(sig.features[0], 8).tolist()
+
+
+def test_cosine_distance_by_hand():
+    from vtc.methods.primitives import cosine_distance_matrix
+
+    v = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]])
+    h = 1 - 0.5**0.5  # 45 degrees
+    expected = torch.tensor([[0, 1, 2, h], [1, 0, 1, h], [2, 1, 0, 2 - h], [h, h, 2 - h, 0]])
+    torch.testing.assert_close(cosine_distance_matrix(v), expected)
+
+
+def test_pool_layout_never_puts_more_bins_than_columns_in_a_band():
+    from vtc.methods.baselines import pooling_layout
+
+    # 33 on 3 x 16: round(sqrt(33 * 3 / 16)) = 2 bands would need 17 bins in one band of 16 columns;
+    # ceil(33 / 16) = 3 bands of 11 instead.
+    assert pooling_layout(33, (3, 16)) == [11, 11, 11]
+    assert pooling_layout(64, (24, 24)) == [8] * 8
+    assert pooling_layout(7, (6, 6)) == [2, 3, 2]  # 3 bands (round(sqrt 7)), the wider one in the middle
+    sig = fake_signals(batch=1, n=48, grid=(3, 16))
+    [sel] = get("pool").select(sig, 33)
+    assert len({tuple(s.tolist()) for s in sel.sources}) == 33
+
+
+def test_visionzip_option_checks_and_needs():
+    assert get("visionzip", dominant_share=1.0).select(fake_signals(batch=1), 10)[0].info == {"dominant": 10, "contextual": 0}
+    for bad in (0.0, 1.5):
+        with pytest.raises(VTCError, match=f"dominant_share must be in \\(0, 1\\], got {bad}"):
+            get("visionzip", dominant_share=bad)
+    method = get("visionzip", keep_cls=False)
+    assert method.needs == frozenset({Signal.FEATURES, Signal.CLS_ATTN, Signal.KEYS})
+    sig = fake_signals(batch=1)
+    sig.cls_feature = None
+    assert method.select(sig, 10)[0].counts()["global"] == 0
