@@ -63,17 +63,81 @@ def test_raster_order_option():
     assert anchors == sorted(anchors)
 
 
-def test_prumerge_plus_adds_uniform_patches():
-    s = signals(seed=3, n=576, grid=(24, 24))
-    a = s.cls_attn[0]
-    [plain] = get("prumerge").select(s, "auto")
+def outlier_signals(n, grid, outliers):
+    """Flat CLS attention (0.010 .. 0.012) with the given {patch: score} outliers far above Q3 + 1.5 IQR."""
+    attn = torch.zeros(1, n)
+    background = [i for i in range(n) if i not in outliers]
+    attn[0, background] = torch.linspace(0.010, 0.012, len(background))
+    for i, score in outliers.items():
+        attn[0, i] = score
+    g = torch.Generator().manual_seed(0)
+    return Signals(torch.randn(1, n, D, generator=g), grid, attn, torch.randn(1, n, 5, generator=g))
+
+
+# The official rule (clip_encoder.py, token_prune_merge_advanced_plus): ratio = k / 576, step = int(1 / ratio),
+# uniform picks = arange(0, 575, int(step / 3)) not already in the top-k, appended after the top-k list.
+# Worked by hand below; the code is not consulted for the stride.
+
+
+def test_prumerge_plus_uniform_picks_on_an_8x8_grid_by_hand():
+    # 4 outliers of 64: step = 64 / 4 = 16, stride = int(16 / 3) = 5 -> 0, 5, 10, ..., 60; 5 and 20 are top-k already.
+    s = outlier_signals(64, (8, 8), {20: 0.20, 33: 0.15, 5: 0.10, 62: 0.08})
     [plus] = get("prumerge+").select(s, "auto")
-    k = plain.info["kept_before_merge"]
-    top = a.argsort(descending=True)[:k]
-    stride = max(1, (576 // k) // 3)
-    uniform = [i for i in range(0, 575, stride) if i not in set(top.tolist())]
-    assert plus.info["kept_before_merge"] == k + len(uniform)
-    assert [int(src[0]) for src in plus.sources[k:-1]] == uniform
+    anchors = [int(src[0]) for src in plus.sources[:-1]]
+    assert anchors == [20, 33, 5, 62] + [0, 10, 15, 25, 30, 35, 40, 45, 50, 55, 60]
+    assert plus.num_tokens == 16  # 15 kept + the extra token
+    [plain] = get("prumerge").select(s, "auto")
+    assert [int(src[0]) for src in plain.sources[:-1]] == [20, 33, 5, 62]
+    # 3 outliers: step = int(64 / 3) = 21, stride 7 -> 0, 7, ..., 56; the official range stops before the last patch
+    # (arange(0, 575) on 576), so 63 = 9 * 7 is not picked.
+    s = outlier_signals(64, (8, 8), {20: 0.20, 33: 0.15, 62: 0.08})
+    [plus] = get("prumerge+").select(s, "auto")
+    assert [int(src[0]) for src in plus.sources[:-1]] == [20, 33, 62] + [0, 7, 14, 21, 28, 35, 42, 49, 56]
+
+
+def test_prumerge_plus_uniform_picks_on_llava_grid_by_hand():
+    # 5 outliers of 576: step = int(576 / 5) = int(115.2) = 115, stride = int(115 / 3) = 38 -> 0, 38, ..., 570.
+    s = outlier_signals(576, (24, 24), {100: 0.5, 38: 0.4, 400: 0.3, 574: 0.2, 76: 0.1})
+    [plus] = get("prumerge+").select(s, "auto")
+    uniform = [0, 114, 152, 190, 228, 266, 304, 342, 380, 418, 456, 494, 532, 570]  # 38 and 76 are top-k
+    assert [int(src[0]) for src in plus.sources[:-1]] == [100, 38, 400, 574, 76] + uniform
+
+
+@pytest.mark.parametrize(
+    "total,kept",
+    [
+        # auto would keep 4 top + 11 uniform = 15. Budget T keeps T-1 = `slots` before merging, k = round(slots * 4/15)
+        # top picks, then the uniform grid of stride int(64 / k) // 3 without them, thinned evenly or topped up by score.
+        (9, [20, 33, 0, 10, 30, 40, 50, 60]),  # k = round(2.13) = 2, stride 10: 0, 10, 20, ..., 60 minus 20
+        (6, [20, 0, 21, 42, 33]),  # k = round(1.33) = 1, stride 21: 0, 21, 42; one slot left -> next by score, 33
+        (4, [20, 0, 42]),  # k = round(0.8) = 1, stride 21: 0, 21, 42 thinned evenly to 2 -> 0, 42
+    ],
+)
+def test_prumerge_plus_fixed_budget_split_by_hand(total, kept):
+    s = outlier_signals(64, (8, 8), {20: 0.20, 33: 0.15, 5: 0.10, 62: 0.08})
+    [sel] = get("prumerge+").select(s, total)
+    assert [int(src[0]) for src in sel.sources[:-1]] == kept
+    assert sel.num_tokens == total
+
+
+def test_prumerge_plus_fixed_budget_with_stride_one_by_hand():
+    # 4x4, one outlier (7): auto keeps 7 + uniform 0, 5, 10 (stride int(16 / 1) // 3 = 5) = 4 slots, 1 of them top.
+    # T = 12 -> 11 slots, k = round(11 * 1/4) = 3 top picks: 7, then the largest background scores 15, 14.
+    # stride int(16 / 3) // 3 = 1: 0..14 minus 7, 14 = 13 picks, thinned evenly to 8: positions round(i * 12/7)
+    # = 0, 2, 3, 5, 7, 9, 10, 12 of [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13] -> 0, 2, 3, 5, 8, 10, 11, 13.
+    s = outlier_signals(16, (4, 4), {7: 0.2})
+    [sel] = get("prumerge+").select(s, 12)
+    assert [int(src[0]) for src in sel.sources[:-1]] == [7, 15, 14, 0, 2, 3, 5, 8, 10, 11, 13]
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
+def test_flat_attention_keeps_one_token_not_zero_or_all(name):
+    # no score lies above Q3 + 1.5 IQR = the common value: the official count is 0, vtc keeps 1 (ties: lowest index).
+    # PruMerge+ adds stride int(64 / 1) // 3 = 21: 0, 21, 42, of which 0 is already kept.
+    s = outlier_signals(64, (8, 8), {})
+    s.cls_attn = torch.full((1, 64), 1 / 65)
+    [sel] = get(name).select(s, "auto")
+    assert [int(src[0]) for src in sel.sources[:-1]] == ([0] if name == "prumerge" else [0, 21, 42])
 
 
 @pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
@@ -150,3 +214,13 @@ def test_text_recovery_composes_with_any_pruning_method():
     assert set(recovered) <= {5, 6, 13} and recovered
     with pytest.raises(VTCError, match="merges every patch"):
         get("pool+text").select(s, 12)
+
+
+def test_merge_on_a_grid_smaller_than_the_neighbour_count():
+    # 16 patches < 32 neighbours: each kept token absorbs every other patch, a_j-weighted (the paper's sum, by loop)
+    s = outlier_signals(16, (4, 4), {7: 0.2, 9: 0.1})
+    x, a = s.features[0], s.cls_attn[0]
+    [sel] = get("prumerge").select(s, 3)  # keeps 7 and 9, plus the extra token
+    for token, src, i in zip(sel.tokens, sel.sources, (7, 9)):
+        assert sorted(src.tolist()) == list(range(16)) and int(src[0]) == i
+        torch.testing.assert_close(token, x[i] + sum(a[j] * x[j] for j in range(16) if j != i))

@@ -228,6 +228,27 @@ def test_tome_matches_looped_bipartite_rounds_and_size_weighted_means():
     for g, v in got.items():
         torch.testing.assert_close(v, expected[g])
         torch.testing.assert_close(v, x[list(g)].mean(0))  # size-weighted averaging = mean of the original patches
+    # output order: untouched patches in raster order, then merged tokens by their first patch
+    singles = sorted(g[0] for g in expected if len(g) == 1)
+    merged = sorted((g for g in expected if len(g) > 1), key=min)
+    assert [s.tolist() for s in sel.sources] == [[i] for i in singles] + [list(g) for g in merged]
+    assert [o for o in sel.origin.tolist()] == [Origin.KEPT] * len(singles) + [Origin.MERGED] * len(merged)
+
+
+def test_tome_on_features_needs_no_keys_and_matches_the_loop():
+    sig = fake_signals(batch=1, n=20, grid=(4, 5))
+    method = get("tome", metric="features")
+    assert method.needs == frozenset({Signal.FEATURES})
+    sig.keys = None  # the adapter computes only what `needs` names
+    [sel] = method.select(sig, 7)  # rounds: 20 -> 10 -> 7
+    x = sig.features[0]
+    xs, ms, sizes, groups = list(x), list(x), [1.0] * 20, [[i] for i in range(20)]
+    while len(xs) > 7:
+        xs, ms, sizes, groups = naive_tome_round(xs, ms, sizes, groups, min(len(xs) - 7, len(xs) // 2))
+    got = {tuple(sorted(s.tolist())): t for s, t in zip(sel.sources, sel.tokens)}
+    assert got.keys() == {tuple(g) for g in groups}
+    for g, v in zip(groups, xs):
+        torch.testing.assert_close(got[tuple(g)], v)
 
 
 # ----------------------------------------------------------------------------- on the model
@@ -278,3 +299,221 @@ def test_runs_end_to_end_on_a_batch(tiny_pipe, name):
         results = tiny_pipe(imgs, QUESTIONS, method=name, budget=budget, max_new_tokens=2)
         assert [r.tokens_after for r in results] == [Budget.parse(budget).tokens(16)] * 3
         assert all(r.selection.num_patches == 16 for r in results)
+
+
+def test_divprune_never_picks_a_token_twice_when_the_rest_are_duplicates():
+    # three directions, each twice: after one of each is chosen every remaining token is at distance 0 from the set,
+    # the same score a chosen token has to itself; the picks must still be 5 distinct tokens covering all 3 directions.
+    v = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]).repeat(2, 1)  # token i has direction i % 3
+    for k in (4, 5, 6):
+        picks = divprune_indices(v, k).tolist()
+        assert len(set(picks)) == k
+        assert {p % 3 for p in picks} == {0, 1, 2}
+    sig = Signals(features=v[None], grid=(2, 3), projected=v[None].half())  # fp16 projector output, as on GPU
+    [sel] = get("divprune").select(sig, 5)
+    assert len(set(sel.kept_indices().tolist())) == 5
+
+
+# ----------------------------------------------------------------------------- ties, worked by hand
+# Equal scores must break the same way on every run and device: the lower index first. torch's unstable sort
+# reorders ties from 17 elements on, so these cases are at least that long.
+
+
+def test_evit_score_order_breaks_ties_by_lower_index():
+    sig = fake_signals(batch=1)
+    sig.cls_attn = torch.full((1, 36), 1 / 37)
+    [sel] = get("evit", order="score").select(sig, 6)
+    assert sel.kept_indices().tolist() == [0, 1, 2, 3, 4]
+    assert sel.sources[-1].tolist() == list(range(5, 36))
+
+
+def test_fopru_row_breaks_ties_by_lower_row():
+    sig = fake_signals(batch=1, n=40, grid=(20, 2))
+    sig.received_attn = torch.full((1, 40), 0.5)
+    [sel] = get("fopru-row").select(sig, 5)  # rows 0 and 1 whole, then the first patch of row 2
+    assert sel.kept_indices().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_tome_merges_tied_pairs_in_index_order():
+    # patches 2i and 2i+1 share the one-hot metric e_i: every A token has similarity exactly 1 to its partner, 0 else.
+    sig = fake_signals(batch=1, n=40, grid=(20, 2))
+    sig.keys = torch.eye(20).repeat_interleave(2, dim=0)[None]
+    [sel] = get("tome").select(sig, 30)  # one round, r = 10: the first ten A tokens (0, 2, ..., 18) merge
+    assert sel.kept_indices().tolist() == list(range(20, 40))
+    assert [s.tolist() for s in sel.sources[20:]] == [[2 * i, 2 * i + 1] for i in range(10)]
+    x = sig.features[0]
+    torch.testing.assert_close(sel.tokens[20:], torch.stack([(x[2 * i] + x[2 * i + 1]) / 2 for i in range(10)]))
+
+
+@pytest.mark.parametrize("objective", ["maxmin", "maxsum"])
+def test_todre_never_picks_a_token_twice_when_the_rest_are_duplicates(objective):
+    # three directions, each twice, seed = patch 0. Max-sum by hand: after 0 the sums are 0 (direction 0) or 1, pick 1;
+    # then 2; then every unchosen token sums to 2 and each chosen one (to itself 0) to 2 as well: only exclusion
+    # stops a chosen token from being picked again.
+    v = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]).repeat(2, 1)
+    cls = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    sig = Signals(features=v[None], grid=(2, 3), cls_attn=cls)
+    for k in (4, 5, 6):
+        [sel] = get("todre", objective=objective).select(sig, k)
+        assert sel.kept_indices().tolist() == list(range(k))
+
+
+def test_greedy_primitives_return_index_tensors():
+    from vtc.methods.primitives import greedy_max_min, greedy_max_sum
+
+    distance = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.5], [2.0, 0.5, 0.0]])
+    for greedy, expected in ((greedy_max_min, [0, 2, 1]), (greedy_max_sum, [0, 2, 1])):
+        picks = greedy(distance, 3, 0)
+        assert picks.dtype == torch.long and picks.tolist() == expected
+
+
+def naive_visionzip(sig, dominant, count, keep_cls=True, mean=False):
+    """The official steps as loops: (tokens, sources) for one image."""
+    x, a, k = sig.features[0], sig.cls_attn[0], sig.keys[0]
+    n = x.shape[0]
+    kept = naive_top(a, dominant - 1 if keep_cls else dominant)
+    remaining = [i for i in range(n) if i not in kept]
+    targets = [remaining[p] for p in range(0, len(remaining), max(1, len(remaining) // count))][:count] if count else []
+    members = {t: [] for t in targets}
+    for i in remaining:
+        if targets and i not in targets:
+            sims = [float(torch.nn.functional.cosine_similarity(k[i], k[t], dim=0)) for t in targets]
+            members[targets[sims.index(max(sims))]].append(i)
+    tokens = ([sig.cls_feature[0]] if keep_cls else []) + [x[i] for i in kept]
+    sources = ([[]] if keep_cls else []) + [[i] for i in kept]
+    for t in targets:
+        group = members[t]
+        if mean:
+            tokens.append(sum((x[m] for m in group), x[t]) / (len(group) + 1))
+        else:
+            tokens.append(x[t] + sum((x[m] for m in group), torch.zeros_like(x[t])) / max(1, len(group)))
+        sources.append([t] + group)
+    return torch.stack(tokens), sources
+
+
+@pytest.mark.parametrize(
+    "budget,options,split",
+    [
+        (16, {}, (14, 2)),  # round(16 * 54/64) = round(13.5) = 14
+        (30, {"dominant_share": 0.2}, (6, 24)),  # 31 remaining, step max(1, 31 // 24) = 1: many targets own 0 or 1
+        (12, {"keep_cls": False}, (10, 2)),  # round(10.125) = 10 patches, no CLS token
+        (16, {"contextual": "mean"}, (14, 2)),
+        (3, {}, (3, 0)),  # round(2.53) = 3: no contextual token
+        (4, {"dominant_share": 0.1}, (1, 3)),  # round(0.4) = 0 -> at least 1 (the CLS token alone)
+    ],
+)
+def test_visionzip_options_match_the_loop(budget, options, split):
+    sig = fake_signals(batch=1, n=36, seed=5)
+    [sel] = get("visionzip", **options).select(sig, budget)
+    assert sel.info == {"dominant": split[0], "contextual": split[1]}
+    tokens, sources = naive_visionzip(sig, *split, keep_cls=options.get("keep_cls", True), mean=options.get("contextual") == "mean")
+    assert [s.tolist() for s in sel.sources] == sources
+    torch.testing.assert_close(sel.tokens, tokens)
+
+
+# ----------------------------------------------------------------------------- downsample, worked by hand
+
+
+def test_downsample_input_grid_by_hand():
+    method = get("downsample")
+    assert method.input_grid(Budget.parse(5), (4, 6)) == (3, 3)  # ceil(sqrt(5)) = 3
+    assert method.input_grid(Budget.parse(0.5), (6, 4)) == (4, 4)  # 12 of 24 -> ceil(sqrt(12)) = 4
+    assert method.input_grid(Budget.parse(16), (4, 4)) is None  # the tower's own grid
+    assert method.input_grid(Budget.parse(10), (4, 4)) is None  # ceil(sqrt(10)) = 4: full grid, pooled to 10
+    assert method.input_grid(Budget.parse(20), (4, 6)) is None  # 5 x 5 does not fit in 4 rows: full grid, pooled
+
+
+def test_downsample_pools_a_3x3_tower_output_to_5_tokens_by_hand():
+    # Full grid 4 x 6, budget 5: the tower ran at 3 x 3. Pool layout for 5 on 3 x 3: row bands [0, 2) with 3 columns
+    # and [1, 3) with 2 columns (adaptive-pooling edges), i.e. small cells {0,3} {1,4} {2,5} {3,4,6,7} {4,5,7,8}.
+    # Small row r covers full rows [floor(4r/3), ceil(4(r+1)/3)) = [0,2) [1,3) [2,4); small column c covers full
+    # columns [2c, 2c+2).
+    feats = torch.arange(27, dtype=torch.float32).reshape(1, 9, 3)  # 3 wide: fewer channels than tokens
+    sig = Signals(features=feats, grid=(3, 3), source_grid=(4, 6))
+    [sel] = get("downsample").select(sig, 5)
+    cells = [[0, 3], [1, 4], [2, 5], [3, 4, 6, 7], [4, 5, 7, 8]]
+    torch.testing.assert_close(sel.tokens, torch.stack([feats[0, c].mean(0) for c in cells]))
+    patches = lambda rows, cols: sorted(r * 6 + c for r in rows for c in cols)  # noqa: E731
+    assert [s.tolist() for s in sel.sources] == [
+        patches(range(0, 3), range(0, 2)),
+        patches(range(0, 3), range(2, 4)),
+        patches(range(0, 3), range(4, 6)),
+        patches(range(1, 4), range(0, 4)),
+        patches(range(1, 4), range(2, 6)),
+    ]
+    assert sel.owner.tolist() == [0, 0, 1, 1, 2, 2] * 3 + [3, 3, 3, 3, 4, 4]  # the first token to draw on a patch
+    assert (sel.origin == Origin.MERGED).all() and sel.info == {"input_grid": [3, 3]}
+
+
+def test_downsample_at_full_resolution_pools_or_keeps_by_hand():
+    feats = torch.randn(1, 16, 3, generator=torch.Generator().manual_seed(0))
+    sig = Signals(features=feats, grid=(4, 4))  # no resize: source_grid is None
+    [sel] = get("downsample").select(sig, 10)
+    # 10 on 4 x 4: 3 row bands [0,2) [1,3) [2,4) of 3, 4, 3 columns (the wider band in the middle)
+    cells = [[0, 1, 4, 5], [1, 2, 5, 6], [2, 3, 6, 7], [4, 8], [5, 9], [6, 10], [7, 11],
+             [8, 9, 12, 13], [9, 10, 13, 14], [10, 11, 14, 15]]
+    assert [s.tolist() for s in sel.sources] == cells
+    torch.testing.assert_close(sel.tokens, torch.stack([feats[0, c].mean(0) for c in cells]))
+    [full] = get("downsample").select(sig, 16)
+    assert (full.origin == Origin.KEPT).all() and full.kept_indices().tolist() == list(range(16))
+    torch.testing.assert_close(full.tokens, feats[0])
+
+
+# ----------------------------------------------------------------------------- baselines and options
+
+
+def test_random_seed_default_and_per_image_offset():
+    sig = fake_signals(batch=2)
+    first, second = get("random", seed=5).select(sig, 10)
+    assert second.kept_indices().tolist() == get("random", seed=6).select(sig, 10)[0].kept_indices().tolist()
+    assert get("random").select(sig, 10)[0].kept_indices().tolist() == get("random", seed=0).select(sig, 10)[0].kept_indices().tolist()
+
+
+def test_pool_at_the_full_budget_keeps_every_patch():
+    sig = fake_signals(batch=1)
+    [sel] = get("pool").select(sig, 36)
+    assert (sel.origin == Origin.KEPT).all() and sel.kept_indices().tolist() == list(range(36))
+    torch.testing.assert_close(sel.tokens, sig.features[0])
+
+
+def test_divprune_on_features_needs_no_projector_output():
+    sig = fake_signals(batch=1)
+    method = get("divprune", space="features")
+    assert method.needs == frozenset({Signal.FEATURES})
+    sig.projected = None
+    [sel] = method.select(sig, 8)
+    assert sel.kept_indices().tolist() == divprune_indices(sig.features[0], 8).tolist()
+
+
+def test_cosine_distance_by_hand():
+    from vtc.methods.primitives import cosine_distance_matrix
+
+    v = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]])
+    h = 1 - 0.5**0.5  # 45 degrees
+    expected = torch.tensor([[0, 1, 2, h], [1, 0, 1, h], [2, 1, 0, 2 - h], [h, h, 2 - h, 0]])
+    torch.testing.assert_close(cosine_distance_matrix(v), expected)
+
+
+def test_pool_layout_never_puts_more_bins_than_columns_in_a_band():
+    from vtc.methods.baselines import pooling_layout
+
+    # 33 on 3 x 16: round(sqrt(33 * 3 / 16)) = 2 bands would need 17 bins in one band of 16 columns;
+    # ceil(33 / 16) = 3 bands of 11 instead.
+    assert pooling_layout(33, (3, 16)) == [11, 11, 11]
+    assert pooling_layout(64, (24, 24)) == [8] * 8
+    assert pooling_layout(7, (6, 6)) == [2, 3, 2]  # 3 bands (round(sqrt 7)), the wider one in the middle
+    sig = fake_signals(batch=1, n=48, grid=(3, 16))
+    [sel] = get("pool").select(sig, 33)
+    assert len({tuple(s.tolist()) for s in sel.sources}) == 33
+
+
+def test_visionzip_option_checks_and_needs():
+    assert get("visionzip", dominant_share=1.0).select(fake_signals(batch=1), 10)[0].info == {"dominant": 10, "contextual": 0}
+    for bad in (0.0, 1.5):
+        with pytest.raises(VTCError, match=f"dominant_share must be in \\(0, 1\\], got {bad}"):
+            get("visionzip", dominant_share=bad)
+    method = get("visionzip", keep_cls=False)
+    assert method.needs == frozenset({Signal.FEATURES, Signal.CLS_ATTN, Signal.KEYS})
+    sig = fake_signals(batch=1)
+    sig.cls_feature = None
+    assert method.select(sig, 10)[0].counts()["global"] == 0

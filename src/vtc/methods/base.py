@@ -10,6 +10,7 @@ output token, where it came from.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Callable, ClassVar, Literal
@@ -26,6 +27,8 @@ class VTCError(ValueError):
 # ----------------------------------------------------------------------------- budget
 
 BudgetLike = "Budget | int | float | str"
+# A plain decimal number as a budget string may be written: 64, +64, 0.5, .5, 1., 1e-1, 2.5E-2 (no inf, nan, 1_000).
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,17 @@ class Budget:
     """How many visual tokens to send to the language model.
 
     * ``Budget.parse(64)``      -> a fixed count of 64 tokens,
-    * ``Budget.parse(0.111)``   -> a ratio of the image's N patch tokens,
+    * ``Budget.parse(0.111)``   -> a ratio of the image's N patch tokens, in (0, 1],
     * ``Budget.parse("auto")``  -> the method's own dynamic rule (where it has one).
 
-    Strings are parsed the same way (``"64"``, ``"0.111"``, ``"11.1%"``, ``"auto"``).
+    A ratio r gives ``round(r * N)`` tokens (at least 1). Strings follow how the number
+    is written, not its value: only digits (``"64"``, ``" 64 "``, ``"+64"``) is a count;
+    a decimal point or an exponent makes a ratio (``"1.0"`` is all N tokens, ``"1"`` is
+    one token; ``"0.5"``, ``"1e-1"``, ``"1e0"`` are ratios, as ``str()`` of a small ratio
+    such as ``"1e-05"`` reads back); ``"11%"`` is the ratio 0.11; ``"auto"`` in any case.
+    A decimal or exponent above 1 (``"64.0"``, ``"1e2"``) is an error that suggests the
+    count to write instead, never 100 tokens by guess; so are ``"inf"``, ``"nan"``,
+    ``"1_000"``, ``"0x40"`` and other strings that are not plain decimal numbers.
     """
 
     kind: Literal["count", "ratio", "auto"]
@@ -49,19 +59,7 @@ class Budget:
         if isinstance(budget, bool) or budget is None:
             raise VTCError(f"budget {budget!r}: expected a token count (64), a ratio (0.111) or 'auto'")
         if isinstance(budget, str):
-            text = budget.strip().lower()
-            if text == "auto":
-                return cls("auto")
-            try:
-                if text.endswith("%"):
-                    return cls.parse(float(text[:-1]) / 100.0)
-                number = float(text)
-            except ValueError:
-                raise VTCError(
-                    f"budget {budget!r}: expected a token count (64), a ratio (0.111), a percentage (11%) or 'auto'"
-                ) from None
-            whole = number.is_integer() and not any(c in text for c in ".e")  # "64" is a count, "1.0" a ratio
-            return cls.parse(int(number) if whole else number)
+            return cls._parse_text(budget)
         if isinstance(budget, int):
             if budget <= 0:
                 raise VTCError(f"budget {budget}: a token count must be at least 1")
@@ -71,6 +69,31 @@ class Budget:
                 raise VTCError(f"budget {budget}: a ratio must be in (0, 1]; pass an int for a token count")
             return cls("ratio", budget)
         raise VTCError(f"budget {budget!r}: unsupported type {type(budget).__name__}")
+
+    @classmethod
+    def _parse_text(cls, budget: str) -> "Budget":
+        text = budget.strip().lower()
+        if text == "auto":
+            return cls("auto")
+        percent = text.endswith("%")
+        digits = text[:-1].strip() if percent else text
+        if not _DECIMAL.fullmatch(digits):
+            raise VTCError(
+                f"budget {budget!r}: expected a token count (64), a ratio (0.111), a percentage (11%) or 'auto'"
+            )
+        if percent:
+            return cls._text_ratio(budget, float(digits) / 100.0, hint="")
+        if digits.lstrip("+-").isdigit():  # written as a whole number: a count ("1" is one token)
+            return cls.parse(int(digits))
+        return cls._text_ratio(budget, float(digits))  # a decimal point or an exponent: a ratio ("1.0" is all)
+
+    @classmethod
+    def _text_ratio(cls, budget: str, ratio: float, hint: str | None = None) -> "Budget":
+        if 0 < ratio <= 1:
+            return cls("ratio", ratio)
+        if hint is None:  # "64.0" or "1e2": say which count was probably meant
+            hint = f"; write {int(ratio)} for a token count" if ratio > 1 and ratio.is_integer() else ""
+        raise VTCError(f"budget {budget!r} reads as the ratio {ratio:g}, but a ratio must be in (0, 1]{hint}")
 
     @property
     def is_auto(self) -> bool:

@@ -18,9 +18,20 @@ Needs token-token similarity by design: it builds the (N, N) cosine-distance mat
 Defaults: post-projector tokens (``space="projected"``), the budget's T (the paper's
 main setting is 9.8% of 576 = 56 tokens).
 Option: ``space="features"`` measures diversity on the vision features instead.
-Deliberate differences: none in the selection. The official code slices the image
-tokens out of the merged prompt embeddings with a hard-coded offset; we read them
-straight from the projector, which is the same set of vectors.
+Deliberate differences from the official code (as described in the project's reference
+notes; its CC BY-NC code was not read):
+  * Precision: the official code runs the model, and so the distance matrix, in fp16;
+    vtc computes the distances in fp32 whatever the model's dtype, so near-ties may
+    break differently.
+  * No re-picks: the official loop scores an already chosen token by its distance to
+    the set, i.e. to itself (0, or a small fp16 rounding value), instead of excluding
+    it, so when every remaining token is a duplicate of a chosen one (or rounding
+    makes a self-distance the largest) it can pick the same token again and keep
+    fewer than T distinct tokens. vtc excludes chosen tokens: always T distinct
+    tokens (ties go to the lower index).
+  * The official code slices the image tokens out of the merged prompt embeddings
+    with a hard-coded offset; we read them straight from the projector, which is the
+    same set of vectors.
 """
 
 from __future__ import annotations

@@ -5,13 +5,15 @@ and UniPruneBench (arXiv 2511.02650) report that simply lowering the input resol
 rivals many pruning methods at equal token counts.
 
 Algorithm, for a budget of T tokens on an h x w patch grid:
-  1. s = ceil(sqrt(T)) (at most the tower's grid); the normalised image is resized to
+  1. s = ceil(sqrt(T)); the normalised image is resized to
      s x s patches (bilinear, antialiased: resizing commutes with the per-channel
      normalisation) and the tower runs on it with its position embeddings
      interpolated (bicubic, transformers' ``interpolate_pos_encoding``).
   2. If s * s > T (T not a perfect square), the s x s features are average-pooled to
      exactly T with the ``pool`` method's row-band layout (e.g. 128 -> 12 x 12 = 144
-     -> 128); perfect squares (64, 144, 196, 256...) need no pooling.
+     -> 128); perfect squares (64, 144, 196, 256...) need no pooling. When s x s is the
+     tower's own grid, or would not fit in it (a non-square grid narrower than s), the
+     tower runs at full resolution and its features are pooled to T the same way.
 Provenance: each output token's sources are the full-resolution patches its image
 region covers, so token maps and budgets refer to the original grid.
 Deliberate differences: a training-free tower was never trained at the lower
@@ -29,9 +31,9 @@ from .base import Budget, Method, Origin, Selection, Signal, Signals, register
 from .baselines import _bins, pooled_regions
 
 
-def input_side(total: int, grid: tuple[int, int]) -> int:
-    """The side of the square patch grid the tower runs at for ``total`` tokens."""
-    return min(math.isqrt(total - 1) + 1, min(grid))
+def input_side(total: int) -> int:
+    """The side of the smallest square patch grid with at least ``total`` cells: ceil(sqrt(total))."""
+    return math.isqrt(total - 1) + 1
 
 
 def covered_patches(cell: int, small: tuple[int, int], full: tuple[int, int]) -> torch.Tensor:
@@ -49,9 +51,8 @@ class Downsample(Method):
     paper = "baseline (VTC-Bench arXiv:2510.07143, UniPruneBench arXiv:2511.02650)"
 
     def input_grid(self, budget: Budget, grid: tuple[int, int]) -> tuple[int, int] | None:
-        total = budget.tokens(grid[0] * grid[1])
-        side = input_side(total, grid)
-        return None if (side, side) == tuple(grid) else (side, side)
+        side = input_side(budget.tokens(grid[0] * grid[1]))
+        return None if side > min(grid) or (side, side) == tuple(grid) else (side, side)
 
     def select_one(self, signals: Signals, budget: Budget) -> Selection:
         full = signals.source_grid or signals.grid

@@ -8,7 +8,7 @@ Algorithm, as the official code runs it, at one reduction point:
   a_j = the CLS query's attention to token j, averaged over heads;
   keep the top-(T-1) tokens by a; the rest are fused into ONE extra token
   x_fused = sum_j a_j x_j (attention-weighted sum, not renormalised).
-Output: [kept tokens, fused token] = T tokens.
+Output: [kept tokens, fused token] = T tokens. Equal scores: the lower index is kept first.
 
 Where it acts here: once, on LLaVA's feature-layer patches (layer -2), with that
 layer's CLS attention, as VLM-pruning papers use EViT as a baseline.

@@ -12,7 +12,8 @@ Algorithm, for one image of N patches on an h x w grid:
   * ``fopru-rank`` (global): keep the top-T patches by s.
   * ``fopru-row`` (local): sum s over each grid row and keep whole rows, best first,
     which keeps contiguous strips of the image.
-  Kept patches go back into raster order; nothing is merged.
+  Kept patches go back into raster order; nothing is merged. Equal sums or scores: the
+  lower row or index first.
 
 Defaults: layer -2, mean over heads, column-mean significance.
 Deliberate differences:
@@ -44,7 +45,7 @@ def best_rows(significance: torch.Tensor, grid: tuple[int, int], total: int) -> 
     if rest:
         row = int(ranked_rows[full])
         chosen.append(top_in_raster_order(per_cell[row], rest) + row * w)
-    return torch.cat(chosen).sort().values if chosen else torch.empty(0, dtype=torch.long)
+    return torch.cat(chosen).sort().values  # total >= 1 (a Budget never gives 0), so chosen is never empty
 
 
 class _FoPru(Method):

@@ -24,7 +24,6 @@ def greedy_max_min(distance: torch.Tensor, k: int, first: int) -> torch.Tensor:
     updated with one row per pick: O(k N) after the distance matrix. Ties go to the lower index.
     Returns the picks in pick order.
     """
-    n = distance.shape[0]
     picks = torch.empty(k, dtype=torch.long)
     picks[0] = first
     nearest = distance[first].clone()

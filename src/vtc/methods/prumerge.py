@@ -9,24 +9,33 @@ Algorithm, as the official code runs it, for one image of N patches:
   1. a = CLS row of the LAST vision layer's attention, recomputed as one head over
      the full width: softmax(q_cls . K^T / sqrt(D)) over 1+N keys, CLS column dropped.
   2. Budget (auto): IQR outliers of a, thr = Q3 + 1.5 (Q3 - Q1); k = #(a > thr).
-     Keep the top-k patches by a (in descending score order).
+     Keep the top-k patches by a (in descending score order; equal scores: lower index first).
   3. Each kept token i absorbs its 32 nearest patches by cosine similarity of the
      last layer's keys (among all other patches, kept ones included):
      x_i' = x_i + sum_j a_j x_j.
   4. One extra token: sum over every pruned patch of a_j x_j.
-PruMerge+ adds spatially uniform patches (raster stride int(step/3), step = int(N/k))
-not already chosen, after the top-k list, then merges the same way.
+PruMerge+ adds spatially uniform patches not already chosen, after the top-k list, then
+merges the same way: raster indices 0, s, 2s, ... below N-1 (the official arange(0, 575, s)),
+s = int(step / 3), step = int(N / k) (the official int(1 / ratio) with ratio = k / 576,
+which equals int(576 / k) for every k). E.g. k = 4 of 64: step 16, s = 5.
 
 Budgets: 'auto' is the IQR rule above. A fixed count T (or ratio) keeps the top
 T-1 patches by a plus the extra token (T = 1: the single top patch, merged, no
 extra). For PruMerge+ at a fixed T, the IQR/uniform split of the auto rule is
 scaled to T-1 (top-k share first, then uniform picks), so the total is exact.
 
+Weights: the official inference (README, "Download Checkpoints") loads a LoRA fine-tuned
+LLaVA-1.5 (llava-v1.5-7b-lora-prunemerge, trained with PruMerge in the loop), and the
+paper's headline numbers come from such checkpoints. vtc runs PruMerge training-free on
+the stock LLaVA weights, so expect results below the paper's headline table.
+
 Deliberate differences from the official code:
   * The official percentile is taken over the whole batch (it effectively
     supports batch size 1); here every image gets its own IQR.
   * k is at least 1 (the official code can keep zero tokens on flat attention).
-  * PruMerge+'s stride int(step/3) crashes at 0 for ratios above 1/3; it is clamped to 1.
+  * PruMerge+'s stride int(step/3) is 0 for ratios above 1/3 (an error in torch.arange).
+    The IQR rule never gets there (at most a quarter of the scores lie above Q3), but
+    the fixed-budget split can, so the stride is clamped to 1.
   * ``order="raster"`` is offered to put the kept tokens back in raster order
     (default ``"score"`` keeps the official descending-score order).
 """
@@ -92,7 +101,7 @@ class PruMerge(Method):
     def choose(self, attn: torch.Tensor, budget: Budget) -> tuple[torch.Tensor, bool]:
         """Indices of the patches to keep (before merging) and whether to add the extra token."""
         n = attn.numel()
-        ranked = attn.argsort(descending=True)
+        ranked = torch.sort(attn, descending=True, stable=True).indices  # ties: the lower index first
         if budget.is_auto:
             k = iqr_outlier_count(attn)
             top = ranked[:k]

@@ -8,7 +8,8 @@ One merging round on a sequence of t tokens with metric vectors m and sizes s
 (the number of patches each token stands for; 1 at the start):
   1. Split by alternating position: A = tokens 0, 2, 4, ...; B = tokens 1, 3, 5, ...
   2. For each a in A: its most similar b (cosine of m) and that similarity.
-  3. The r A-tokens with the highest similarity are merged into their b; the rest stay.
+  3. The r A-tokens with the highest similarity are merged into their b; the rest stay
+     (equal similarities: the lower index merges first).
   4. Merge = size-weighted average: x_b <- (s_b x_b + sum s_a x_a) / (s_b + sum s_a), and
      the same for m; s_b <- s_b + sum s_a.
   5. The new sequence is [unmerged A (by descending similarity), B].

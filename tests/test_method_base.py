@@ -1,0 +1,58 @@
+"""The method registry and the Method base class, independent of any one method."""
+
+import pytest
+import torch
+
+from vtc.methods import Selection, Signals, VTCError, available, get
+from vtc.methods.base import _REGISTRY, Method, register, register_factory
+
+
+@pytest.fixture
+def scratch_names():
+    before = set(_REGISTRY)
+    yield
+    for name in set(_REGISTRY) - before:
+        del _REGISTRY[name]
+
+
+def test_register_makes_a_class_available_by_name_once(scratch_names):
+    @register("first-patch")
+    class FirstPatch(Method):
+        """Keeps the first patch.
+
+        More words that are not the summary."""
+
+        def select_one(self, signals, budget):
+            return Selection.build(signals.features[0], torch.tensor([0]))
+
+    assert "first-patch" in available() and FirstPatch.name == "first-patch"
+    method = get("first-patch")
+    assert isinstance(method, FirstPatch) and method.describe() == "Keeps the first patch."
+    [sel] = method.select(Signals(torch.randn(1, 4, 2), (2, 2)), 1)
+    assert sel.kept_indices().tolist() == [0]
+    with pytest.raises(ValueError, match="'first-patch' is registered twice"):
+        register("first-patch")(FirstPatch)
+
+
+def test_register_factory_and_describe_without_a_docstring(scratch_names):
+    class Bare(Method):
+        def select_one(self, signals, budget):
+            return Selection.build(signals.features[0], torch.tensor([1]))
+
+    register_factory("bare-preset", lambda **options: Bare())
+    method = get("bare-preset")
+    assert isinstance(method, Bare) and method.name == "bare-preset"
+    assert method.describe() == "bare-preset"  # no docstring: the name
+    with pytest.raises(ValueError, match="'bare-preset' is registered twice"):
+        register_factory("bare-preset", Bare)
+    with pytest.raises(VTCError, match="unknown method"):
+        get("bare-preset-2")
+
+
+def test_kept_indices_is_an_index_tensor_even_when_nothing_is_kept():
+    feats = torch.randn(6, 2)
+    merged_only = Selection.build(feats, torch.empty(0, dtype=torch.long), merged_tokens=feats[:2].clone(),
+                                  merged_sources=[torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])])
+    kept = merged_only.kept_indices()
+    assert kept.dtype == torch.long and kept.numel() == 0
+    assert feats[kept].shape == (0, 2)  # usable as an index
