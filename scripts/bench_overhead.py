@@ -54,7 +54,7 @@ def main() -> None:
                 b = Budget.parse("auto") if m.name == "none" else b
                 grid = m.input_grid(b, adapter.grid)
                 signal_ms[m.name].append(
-                    timed(lambda: holder.setdefault("s", adapter.signals(pixels, m.needs, m.attention, question, grid=grid)))
+                    timed(lambda: holder.setdefault("s", adapter.signals(pixels, m.needs, m.attention, question, grid=grid, text=m.text)))
                 )
                 select_ms[m.name].append(timed(lambda: m.select(holder["s"], b)))
 

@@ -186,7 +186,7 @@ class SpeedBench:
 
         t = time.perf_counter()
         grid = vision.input_grid(vision_budget, self.adapter.grid)
-        signals = self.adapter.signals(self.pixels, vision.needs, vision.attention, [QUESTION], grid=grid)
+        signals = self.adapter.signals(self.pixels, vision.needs, vision.attention, [QUESTION], grid=grid, text=vision.text)
         _sync(d)
         signals_ms = _ms(t)
         t = time.perf_counter()
