@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -133,6 +134,11 @@ class Pipeline:
         texts = [self.prompt(self.check_no_special_tokens(check_question(q, i), i)) for i, q in enumerate(questions)]
         return self.processor(images=pil, text=texts, return_tensors="pt", padding=True).to(self.model.device)
 
+    @functools.cached_property
+    def special_token_strings(self) -> list[str]:
+        """Every special-token string of the processor's tokenizer (the image placeholder included), read once."""
+        return self.special_tokens()
+
     def special_tokens(self) -> list[str]:
         """Every special-token string of the processor's tokenizer (the image placeholder included)."""
         tokenizer = self.processor.tokenizer
@@ -146,7 +152,7 @@ class Pipeline:
     def check_no_special_tokens(self, question: str, index: int = 0) -> str:
         """A question is user text: a special-token string in it (a literal '<image>', '</s>', ...) would be
         read as that token, not as text, and break the prompt, so it is refused."""
-        for token in self.special_tokens():
+        for token in self.special_token_strings:
             if token in question:
                 raise VTCError(
                     f"question {index} contains {token!r}, a special token of the model's tokenizer; "
