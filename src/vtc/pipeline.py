@@ -95,8 +95,9 @@ class Pipeline:
     ) -> "Pipeline":
         """Load a saved LLaVA-1.5 checkpoint (and a CLIP checkpoint for text-guided methods).
 
-        ``device="auto"``: CUDA when available, else CPU. ``dtype="auto"``: float16 on CUDA (as the
-        methods' official code runs), float32 on CPU; or a torch dtype / its name ("float32", "fp16", ...).
+        ``device="auto"``: the CPU for now (see ``resolve_device``); ``"cuda"`` on request, not yet verified.
+        ``dtype="auto"``: float16 on CUDA (as the methods' official code runs), float32 on CPU; or a torch
+        dtype / its name ("float32", "fp16", ...).
         """
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -320,9 +321,11 @@ def _generation_times(start: float, stamps: list[float]) -> dict[str, float]:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> CUDA when available, else CPU."""
+    """'auto' -> CPU for now: the methods build their index tensors on the CPU and have not been run on CUDA
+    (a CUDA index into a CPU mask fails inside torch), so a GPU machine must not pick CUDA silently.
+    An explicit 'cuda' is accepted, at the user's choice."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     try:
         place = torch.device(device)
     except (RuntimeError, TypeError) as exc:
