@@ -56,3 +56,44 @@ def test_kept_indices_is_an_index_tensor_even_when_nothing_is_kept():
     kept = merged_only.kept_indices()
     assert kept.dtype == torch.long and kept.numel() == 0
     assert feats[kept].shape == (0, 2)  # usable as an index
+
+
+def _signals_with(bad_name: str | None, value: float, b=2, n=16, d=4):
+    from vtc.methods import Signals
+
+    s = Signals(torch.randn(b, n, d), (4, 4), cls_attn=torch.rand(b, n), projected=torch.randn(b, n, 6))
+    if bad_name is not None:
+        getattr(s, bad_name)[1, 3] = value
+    return s
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", ["features", "cls_attn"])
+def test_select_refuses_a_non_finite_signal_it_reads(name, value):
+    from vtc.methods import VTCError, get
+
+    with pytest.raises(VTCError, match=f"signal '{name}' contains NaN or inf"):
+        get("fastervlm").select(_signals_with(name, value), 4)
+
+
+def test_finiteness_is_checked_for_the_signals_a_method_reads_and_once_per_signals_object():
+    from vtc.methods import get
+
+    s = _signals_with("projected", float("nan"))  # fastervlm does not read the projected tokens
+    get("fastervlm").select(s, 4)
+    assert s._finite == {"features", "cls_attn"}
+    s.cls_attn[0, 0] = float("nan")  # changed in place after the check: documented as not re-checked
+    get("fastervlm").select(s, 4)
+    with pytest.raises(Exception, match="projected"):
+        s.validate()  # the full check still sees the unread signal
+
+
+def test_all_finite_survives_an_overflowing_sum():
+    from vtc.methods.base import all_finite
+
+    big = torch.full((4,), 6e4, dtype=torch.float16)  # the fp16 sum overflows unless accumulated wider
+    assert all_finite(big)
+    assert all_finite(torch.full((3,), 3e38))  # fp32 sum overflows to inf: falls back to the entrywise check
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # the sum is NaN, either way refused
+    assert all_finite(torch.arange(5))  # integer tensors cannot hold NaN

@@ -170,6 +170,15 @@ class TextSpec:
     scaled: bool = False
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    """True when no entry is NaN or inf. A finite sum proves it in one pass without a mask tensor;
+    a non-finite sum (NaN/inf inside, or an overflow) falls back to the entrywise check."""
+    if not value.is_floating_point():
+        return True
+    total = value.sum(dtype=torch.float64 if value.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(value).all())
+
+
 @dataclass
 class Signals:
     """What the adapter computed for a batch of B images with N patch tokens each."""
@@ -185,6 +194,7 @@ class Signals:
     index: int = 0  # position of the first image in the caller's batch (seeds per-image randomness)
     # The full-resolution patch grid when the tower ran on a downsampled image (else None: same as ``grid``).
     source_grid: tuple[int, int] | None = None
+    _finite: set[str] = field(default_factory=set, repr=False, compare=False)  # signals checked finite
 
     @property
     def batch_size(self) -> int:
@@ -206,8 +216,13 @@ class Signals:
             raise VTCError(f"signal '{name}' was not computed; declare it in the method's `needs`")
         return value
 
-    def validate(self) -> None:
-        """Shape and finiteness checks, so a bad signal fails here and not deep inside a method."""
+    def validate(self, names: "frozenset[str] | None" = None) -> None:
+        """Shape checks on every signal, and finiteness of ``names`` (default: every signal present).
+
+        Finiteness is checked once per Signals object and signal: the adapter checks what it
+        computes as it makes it, so ``Method.select`` pays for shapes only. A signal changed
+        in place after it was checked is not checked again.
+        """
         if self.features.ndim != 3:
             raise VTCError(f"features must be (B, N, D), got shape {tuple(self.features.shape)}")
         b, n, _ = self.features.shape
@@ -220,8 +235,13 @@ class Signals:
             expected = (b,) if name == Signal.CLS_FEATURE else (b, n)
             if value.shape[: len(expected)] != expected:
                 raise VTCError(f"signal '{name}' has shape {tuple(value.shape)}, expected {expected + ('...',)}")
-            if not torch.isfinite(value).all():
+        for name in Signal.ALL if names is None else names:
+            value = getattr(self, name)
+            if value is None or name in self._finite:
+                continue
+            if not all_finite(value):
                 raise VTCError(f"signal '{name}' contains NaN or inf values")
+            self._finite.add(name)
 
     def image(self, b: int) -> "Signals":
         """The signals of image ``b`` alone (batch of one), for per-image algorithms."""
@@ -237,6 +257,7 @@ class Signals:
             cls_feature=pick(self.cls_feature),
             index=self.index + b,
             source_grid=self.source_grid,
+            _finite=set(self._finite),
         )
 
 
@@ -369,15 +390,29 @@ class Method:
 
     def select(self, signals: Signals, budget: Budget) -> list[Selection]:
         """Compress every image of the batch; returns one Selection per image."""
+        return self.select_batch(signals, self.prepare(signals, budget))
+
+    def prepare(self, signals: Signals, budget: Budget | int | float | str) -> Budget:
+        """Parse and check the budget and the signals this method reads (every ``select`` runs this once)."""
         budget = Budget.parse(budget)
         self.check_budget(budget, signals.source_patches)
         for name in self.needs:
             signals.require(name)
-        signals.validate()
+        signals.validate(self.needs)
+        return budget
+
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        """The whole batch after ``prepare``. Default: one image at a time; methods override it with
+        tensor code over the batch."""
+        if type(self).select_one is Method.select_one:
+            raise NotImplementedError(f"method '{self.name}' implements neither select_batch nor select_one")
         return [self.select_one(signals.image(b), budget) for b in range(signals.batch_size)]
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:  # pragma: no cover - interface
-        raise NotImplementedError
+    def select_one(self, signals: Signals, budget: Budget) -> Selection:
+        """One image (a batch of one), budget already parsed. Batched methods get this for free."""
+        if type(self).select_batch is Method.select_batch:
+            raise NotImplementedError(f"method '{self.name}' implements neither select_batch nor select_one")
+        return self.select_batch(signals, budget)[0]
 
     def input_grid(self, budget: Budget, grid: tuple[int, int]) -> tuple[int, int] | None:
         """The patch grid to run the vision tower at, for methods that shrink the input image (else None)."""
