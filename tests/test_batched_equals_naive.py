@@ -11,6 +11,7 @@ from naive import evit as naive_evit
 from naive import fastervlm as naive_fastervlm
 from naive import fopru as naive_fopru
 from naive import random_none as naive_random_none
+from naive import recoverable as naive_recoverable
 from naive import visionzip as naive_visionzip
 from vtc.methods import Signals, get
 
@@ -23,13 +24,15 @@ def signals(batch: int, seed: int, ties: bool) -> Signals:
     attn = torch.rand(batch, N, generator=g).softmax(-1)
     received = torch.rand(batch, N, generator=g)
     keys = torch.randn(batch, N, 8, generator=g)
+    text = torch.rand(batch, N, generator=g) * 0.3
     if ties:  # repeated scores and duplicate key rows: tie-breaking must match too
         attn = (attn * 50).round() / 50
         received = (received * 4).round() / 4
         keys[:, 1::3] = keys[:, 0:1]
+        text = (text * 20).round() / 20
     return Signals(
         features=torch.randn(batch, N, 16, generator=g), grid=GRID, cls_attn=attn, keys=keys,
-        received_attn=received, cls_feature=torch.randn(batch, 16, generator=g), index=3,
+        received_attn=received, text_sim=text, cls_feature=torch.randn(batch, 16, generator=g), index=3,
     )
 
 
@@ -69,3 +72,45 @@ def test_batched_method_equals_its_per_image_reference(name, options, naive, bat
 def test_none_keeps_every_patch_as_before():
     s = signals(3, 0, False)
     assert_same(get("none").select(s, "auto"), naive_random_none.NoCompression().select(s, "auto"))
+
+
+RECOVERABLE = [
+    {},
+    {"compat": "original"},
+    {"recover": False},
+    {"merge": False},
+    {"recover": False, "merge": False},
+    {"centre_order": "attention", "centre_neighbours": 10},
+    {"text_scale": "published"},
+]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("options", RECOVERABLE, ids=str)
+def test_batched_recoverable_equals_its_per_image_reference(options, batch, ties):
+    new, old = get("recoverable", **options), naive_recoverable.RecoverableCompression(**options)
+    for seed, budget in enumerate(["auto", 1, 2, 3, 7, 12, 0.25, N - 1, N]):
+        s = signals(batch, seed, ties)
+        assert_same(new.select(s, budget), old.select(s, budget))
+
+
+@pytest.mark.parametrize("base,naive_base", [("fastervlm", naive_fastervlm.FasterVLM), ("fopru-rank", naive_fopru.FoPruRank), ("fopru-row", naive_fopru.FoPruRow), ("random", naive_random_none.RandomKeep)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_batched_text_recovery_equals_its_per_image_reference(base, naive_base, batch):
+    new, old = get(f"{base}+text"), naive_recoverable.WithTextRecovery(naive_base())
+    for seed, budget in enumerate([2, 3, 7, 12, 0.25, N - 1]):
+        s = signals(batch, seed, ties=seed % 2 == 1)
+        assert_same(new.select(s, budget), old.select(s, budget))
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_batched_text_recovery_under_auto_equals_its_per_image_reference(batch):
+    base = naive_recoverable.RecoverableCompression(merge=False)  # a base with an 'auto' rule
+    new, old = get("recoverable", merge=False), naive_recoverable.WithTextRecovery(base)
+    from vtc.methods.recoverable import WithTextRecovery
+
+    new = WithTextRecovery(new)
+    for seed in range(4):
+        s = signals(batch, seed, ties=seed % 2 == 1)
+        assert_same(new.select(s, "auto"), old.select(s, "auto"))

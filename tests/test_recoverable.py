@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vtc.methods import Budget, Origin, Signals, VTCError, get
-from vtc.methods.recoverable import MERGE_NEIGHBOURS, TEXT_WEIGHT, lof_outlier_fraction, split_proportionally
+from vtc.methods.lof import lof_outlier_counts
+from vtc.methods.recoverable import MERGE_NEIGHBOURS, TEXT_WEIGHT, split_proportionally
 
 N, D, GRID = 100, 12, (10, 10)
 
@@ -222,10 +223,9 @@ def test_original_keeps_no_patch_when_nothing_stands_out():
     assert intent.counts()["kept"] == 1  # the default keeps at least one
 
 
-def test_lof_fraction_handles_tiny_and_flat_inputs():
-    assert lof_outlier_fraction(torch.tensor([1.0, 2.0])) == 0.0
-    flat = lof_outlier_fraction(torch.ones(50))
-    assert flat == 0.0
+def test_lof_counts_handle_tiny_and_flat_inputs():
+    assert lof_outlier_counts(torch.tensor([[1.0, 2.0]]), 20).tolist() == [0]
+    assert lof_outlier_counts(torch.ones(1, 50), 20).tolist() == [0]
     [sel] = get("recoverable").select(
         Signals(torch.randn(1, 16, 4), (4, 4), torch.full((1, 16), 1 / 17), torch.randn(1, 16, 4), torch.zeros(1, 16)),
         "auto",
@@ -312,8 +312,12 @@ def test_zero_attention_merges_as_a_plain_mean():
     torch.testing.assert_close(sel.tokens[-1], signals.features[0, extra_sources].mean(0))
 
 
-def test_top_among_a_single_candidate():
-    from vtc.methods.recoverable import top_among
+def test_top_mask_picks_among_the_allowed_entries_ties_to_the_lower_index():
+    from vtc.methods.recoverable import top_mask
 
-    assert top_among(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([2]), 1).tolist() == [2]
-    assert top_among(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0, 2]), 5).tolist() == [2, 0]
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.5], [0.3, 0.3, 0.3, 0.3]])
+    allowed = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    picked = top_mask(scores, allowed, torch.tensor([2, 2]))
+    assert picked.tolist() == [[False, False, True, True], [True, True, False, False]]
+    everything = top_mask(scores, allowed, torch.tensor([9, 0]))  # more than allowed: all allowed; 0: none
+    assert everything.tolist() == [[True, False, True, True], [False] * 4]

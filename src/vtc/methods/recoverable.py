@@ -75,12 +75,11 @@ Other deliberate choices:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-from sklearn.neighbors import LocalOutlierFactor
 
 from .base import AttentionSpec, Budget, Method, Origin, Selection, Signal, Signals, TextSpec, VTCError, register
+from .lof import lof_outlier_counts
+from .primitives import gather_rows
 
 LOF_NEIGHBOURS = 20
 ORIGINAL_CENTRE_NEIGHBOURS = 10  # the published code sizes the centres with LOF's function default
@@ -90,18 +89,6 @@ ORIGINAL_TEXT_MAX_LENGTH = 20  # PretrainedConfig.max_length, which the publishe
 PUBLISHED_TEXT = TextSpec(
     source="prompt_first_line", pooling="last", max_length=ORIGINAL_TEXT_MAX_LENGTH, post_layernorm=False, scaled=True
 )
-
-
-def lof_outlier_fraction(scores: torch.Tensor, n_neighbors: int = LOF_NEIGHBOURS, dtype=torch.float64) -> float:
-    """Fraction of 1-D scores that Local Outlier Factor (contamination 'auto') flags as outliers."""
-    n = scores.numel()
-    if n < 3:
-        return 0.0
-    lof = LocalOutlierFactor(n_neighbors=min(n_neighbors, n - 1), contamination="auto")
-    with warnings.catch_warnings():  # ties (e.g. the masked text scores) trigger sklearn's duplicate warning
-        warnings.simplefilter("ignore", UserWarning)
-        labels = lof.fit_predict(scores.detach().to(dtype).cpu().numpy().reshape(-1, 1))
-    return float((labels == -1).mean())
 
 
 def split_proportionally(total: int, sizes: list[int], minimum_first: int = 1) -> list[int]:
@@ -121,33 +108,53 @@ def split_proportionally(total: int, sizes: list[int], minimum_first: int = 1) -
     return counts
 
 
-def top_among(scores: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` candidates with the highest scores, highest first."""
-    if count <= 0 or candidates.numel() == 0:
-        return candidates[:0]
-    return candidates[scores[candidates].topk(min(count, candidates.numel())).indices]
+# ----------------------------------------------------------------------------- batched building blocks
+# Every function below takes a batch: scores (B, N), masks (B, N) bool, counts (B,) long.
 
 
-def complement(n: int, taken: torch.Tensor) -> torch.Tensor:
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[taken] = False
-    return mask.nonzero().squeeze(1)
+def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(B, N) the rank of every entry in its row, highest first; equal scores: the lower index first."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
 
 
-def recover_by_text(
-    text_sim: torch.Tensor, kept: torch.Tensor, count: int | None = None, lof_dtype=torch.float64
-) -> tuple[torch.Tensor, float]:
-    """Step 4: patches the question points at, among those not kept. ``count=None`` sizes it with LOF.
+def top_mask(scores: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: the ``count[b]`` highest scores among the ``allowed`` entries of row b."""
+    ranks = descending_ranks(scores.masked_fill(~allowed, -float("inf")))
+    return allowed & (ranks < count[:, None])
 
-    Returns (recovered indices, r_t).
-    """
-    n = text_sim.numel()
-    masked = text_sim.clone()
-    masked[kept] = text_sim.min()
-    r_t = lof_outlier_fraction(masked, dtype=lof_dtype)
-    if count is None:
-        count = int((n - kept.numel()) * r_t)
-    return top_among(text_sim, complement(n, kept), count), r_t
+
+def scaled_count(size: torch.Tensor, outliers: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
+    """int(size * r) with r = outliers / population, in float64 exactly as Python computes it (0 where empty)."""
+    ratio = outliers.double() / population.double().clamp(min=1)
+    return (size.double() * ratio).floor().long()
+
+
+def text_recovery(
+    text_sim: torch.Tensor, kept: torch.Tensor, lof_dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4's LOF: the kept patches' text score set to the row minimum, LOF on the result.
+
+    Returns the LOF outlier count (B,) (r_t = count / N) and step 4's auto count int((N - kept) r_t) (B,)."""
+    n = text_sim.shape[1]
+    masked = torch.where(kept, text_sim.min(dim=-1, keepdim=True).values, text_sim)
+    outliers = lof_outlier_counts(masked, LOF_NEIGHBOURS, dtype=lof_dtype)
+    return outliers, scaled_count(n - kept.sum(-1), outliers, torch.full_like(outliers, n))
+
+
+def row_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) the position of each True entry among its row's True entries (ascending order)."""
+    return mask.long().cumsum(-1) - 1
+
+
+def first_of_each_row(mask: torch.Tensor, key: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) indices of each row's True entries ordered by ``key`` (a permutation of 0..N-1 per row),
+    then its False entries in the same order (padding, for rows with fewer True entries)."""
+    return torch.sort(torch.where(mask, key, key + mask.shape[1]), dim=-1).indices[:, :width]
+
+
+def raster(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device).expand(batch, n)
 
 
 def merge_leftovers(
@@ -156,57 +163,81 @@ def merge_leftovers(
     attn: torch.Tensor,
     text_sim: torch.Tensor,
     leftovers: torch.Tensor,
-    centers: torch.Tensor,
+    centres: torch.Tensor,
+    n_ctr: torch.Tensor,
+    with_extra: torch.Tensor,
+    group: int,
     original: bool = False,
-    extra_needs_centre: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-    """Step 5: each center absorbs its nearest leftovers; one extra token sums up the non-centers.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 5 for the batch: each centre absorbs its nearest leftovers; one extra token sums up the rest.
 
-    ``leftovers`` ascending, ``centers`` among them in output order. ``extra_needs_centre``: the
-    published rule that drops the extra token when there is no centre. Returns (merged tokens,
-    their source patch lists, their anchor patches).
+    ``leftovers`` (B, N) mask; ``centres`` (B, C) patch indices in output order, the first ``n_ctr[b]``
+    valid; ``with_extra`` (B,) whether row b gets the extra token; ``group``: the most neighbours a centre
+    of the batch takes (min(32, L - 1) over rows with centres). Returns the merged tokens (B, C + 1, D)
+    (centres, then the extra token), each centre's neighbours (B, C, group) in nearness order (the first
+    min(32, L - 1) of row b valid) and the rest mask (B, N) (leftovers that are no centre).
+    Tokens are sums over a sparse (B (C + 1), B N) weight matrix: each centre reads only its members.
     """
-    tokens, sources, anchors = [], [], []
-    if centers.numel():
+    b, n, d = features.shape
+    c = centres.shape[1]
+    valid_ctr = torch.arange(c, device=centres.device) < n_ctr[:, None]
+    is_centre = torch.zeros_like(leftovers).scatter_(1, centres, valid_ctr) if c else torch.zeros_like(leftovers)
+    rest = leftovers & ~is_centre
+    count = leftovers.sum(-1)
+    m = group if c else 0
+    nbrs = centres.new_zeros(b, c, m)
+    if c and m:
+        unit = torch.nn.functional.normalize(keys.float(), dim=-1)
         if original:  # the published indexing slip: leftover-relative positions index the full key array
-            cand_keys, ctr_keys = keys[: leftovers.numel()], keys[torch.searchsorted(leftovers, centers)]
+            slip = row_positions(leftovers).clamp(min=0)
+            cand_unit, ctr_unit = gather_rows(unit, slip), gather_rows(unit, slip.gather(1, centres))
         else:
-            cand_keys, ctr_keys = keys[leftovers], keys[centers]
-        unit_cand = torch.nn.functional.normalize(cand_keys, dim=-1)
-        unit_ctr = torch.nn.functional.normalize(ctr_keys, dim=-1)
-        nearness = unit_ctr @ unit_cand.T + TEXT_WEIGHT * text_sim[leftovers][None, :]  # (C, L)
-        nearness[leftovers[None, :] == centers[:, None]] = -float("inf")  # not its own neighbour
-        m = min(MERGE_NEIGHBOURS, leftovers.numel() - 1)
-        nbrs = leftovers[nearness.topk(m, dim=-1).indices]  # (C, m) patch indices
-        for c, group in zip(centers.tolist(), nbrs):
-            weights = attn[group]
-            if original:
-                token = features[c] + (weights[:, None] * features[group]).sum(0)
-            else:
-                members = torch.cat([torch.tensor([c]), group])
-                token = weighted_mean(features[members], attn[members])
-            tokens.append(token)
-            sources.append(torch.cat([torch.tensor([c]), group]))
-            anchors.append(c)
-    rest = leftovers[~torch.isin(leftovers, centers)]
-    if rest.numel() and not (extra_needs_centre and centers.numel() == 0):
-        if original:
-            token = (attn[rest, None] * features[rest]).sum(0)
-        else:
-            token = weighted_mean(features[rest], attn[rest])
-        tokens.append(token)
-        sources.append(rest)
-        anchors.append(-1)
-    stacked = torch.stack(tokens) if tokens else features[:0]
-    return stacked, sources, anchors
+            cand_unit, ctr_unit = unit, gather_rows(unit, centres)
+        nearness = ctr_unit @ cand_unit.transpose(1, 2) + TEXT_WEIGHT * text_sim.float()[:, None, :]  # (B, C, N)
+        allowed = leftovers[:, None, :].expand(b, c, n).clone()
+        allowed.scatter_(2, centres[..., None], False)  # not its own neighbour
+        nearness = nearness.masked_fill(~allowed, -float("inf"))
+        nbrs = torch.sort(nearness, dim=-1, descending=True, stable=True).indices[..., :m]  # ties: lower index
+    m_row = (count - 1).clamp(min=0, max=MERGE_NEIGHBOURS)  # neighbours each centre of row b takes
+    in_group = valid_ctr[..., None] & (torch.arange(m, device=nbrs.device) < m_row[:, None, None])
+    members = torch.cat([centres[..., None], nbrs], dim=-1)  # (B, C, 1 + M)
+    used = torch.cat([valid_ctr[..., None], in_group], dim=-1)
+    weight = attn.float().gather(1, members.reshape(b, -1)).reshape(members.shape)
+    rest_weight = attn.float() * rest
+    if original:  # x_c + sum a_j x_j, and sum a_j x_j: unnormalised
+        weight[..., 0] = 1.0
+    else:  # attention-weighted averages; a group whose weights sum to <= 0 takes the plain mean
+        weight, rest_weight = normalised(weight.clamp(min=0), used), normalised(rest_weight.clamp(min=0)[:, None, :], rest[:, None, :])[:, 0]
+    weight = weight * used
+    rest_weight = rest_weight * (rest & with_extra[:, None])
+    tokens = sparse_weighted_sums(features, members, weight, rest_weight)
+    return tokens, nbrs, rest
 
 
-def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    weights = weights.clamp_min(0)
-    total = weights.sum()
-    if total <= 0:
-        return x.mean(0)
-    return (weights[:, None] * x).sum(0) / total
+def normalised(weight: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Weights over the last dim divided by their sum; where the sum is <= 0, equal weights over ``used``."""
+    total = (weight * used).sum(-1, keepdim=True)
+    equal = used.float() / used.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(total > 0, weight / total.clamp(min=torch.finfo(weight.dtype).tiny), equal)
+
+
+def sparse_weighted_sums(
+    features: torch.Tensor, members: torch.Tensor, weight: torch.Tensor, rest_weight: torch.Tensor
+) -> torch.Tensor:
+    """(B, C + 1, D): row c of image b is sum_j weight[b, c, j] x[members[b, c, j]]; the last row is
+    sum_i rest_weight[b, i] x[i]. One sparse-dense product for the batch, reading only member rows."""
+    b, n, d = features.shape
+    c, width = members.shape[1], members.shape[2]
+    rows_per_image = c + 1
+    image = torch.arange(b, device=features.device)
+    ctr_rows = (image[:, None, None] * rows_per_image + torch.arange(c, device=features.device)[None, :, None]).expand(b, c, width)
+    ctr_cols = members + image[:, None, None] * n
+    rest_rows = (image[:, None] * rows_per_image + c).expand(b, n)
+    rest_cols = torch.arange(n, device=features.device)[None, :] + image[:, None] * n
+    index = torch.stack([torch.cat([ctr_rows.reshape(-1), rest_rows.reshape(-1)]), torch.cat([ctr_cols.reshape(-1), rest_cols.reshape(-1)])])
+    values = torch.cat([weight.reshape(-1), rest_weight.reshape(-1)])
+    matrix = torch.sparse_coo_tensor(index, values, (b * rows_per_image, b * n), check_invariants=False)
+    return torch.sparse.mm(matrix, features.reshape(b * n, d).float()).reshape(b, rows_per_image, d).to(features.dtype)
 
 
 @register("recoverable")
@@ -257,61 +288,109 @@ class RecoverableCompression(Method):
     def lof_dtype(self) -> torch.dtype:
         return torch.float32 if self.original else torch.float64  # the published code runs LOF on float32
 
-    def stage_sizes(self, attn: torch.Tensor, text: torch.Tensor | None, width: int) -> tuple[int, int, int, dict]:
-        """The auto rule's stage sizes (n_vis, n_txt, n_ctr) and the LOF fractions behind them."""
-        n = attn.numel()
-        r_v = lof_outlier_fraction(attn, dtype=self.lof_dtype)
-        n_vis = int(n * r_v) if self.original else max(1, int(n * r_v))
-        kept = attn.topk(n_vis).indices
-        n_txt, r_t = 0, 0.0
+    def stage_sizes(self, attn: torch.Tensor, text: torch.Tensor | None, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The auto rule for a batch: stage sizes (B, 3) long (n_vis, n_txt, n_ctr) and the LOF
+        fractions behind them (B, 3) float64 (r_v, r_t, r_c)."""
+        b, n = attn.shape
+        every = torch.ones_like(attn, dtype=torch.bool)
+        population = torch.full((b,), n, dtype=torch.long, device=attn.device)
+        outliers = lof_outlier_counts(attn, LOF_NEIGHBOURS, dtype=self.lof_dtype)
+        r_v = outliers.double() / n
+        n_vis = scaled_count(population, outliers, population)
+        if not self.original:  # at least one patch is kept visually (the published code may keep none)
+            n_vis = n_vis.clamp(min=1)
+        kept = top_mask(attn, every, n_vis)
+        n_txt, r_t = torch.zeros_like(n_vis), torch.zeros_like(r_v)
         if self.recover:
-            recovered, r_t = recover_by_text(text, kept, lof_dtype=self.lof_dtype)
-            n_txt = recovered.numel()
-            kept = torch.cat([kept, recovered])
-        leftovers = complement(n, kept)
-        n_ctr, r_c = 0, 0.0
-        if self.merge and leftovers.numel() > 1:
-            r_c = lof_outlier_fraction(attn[leftovers], self.centre_neighbours, self.lof_dtype)
-            n_ctr = min(int((width if self.original else leftovers.numel()) * r_c), leftovers.numel() - 1)
-        return n_vis, n_txt, n_ctr, {"r_v": r_v, "r_t": r_t, "r_c": r_c}
-
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        feats, attn, keys = signals.features[0], signals.cls_attn[0], signals.keys[0]
-        text = signals.text_sim[0] if self.recover else None
-        n = feats.shape[0]
-        if not budget.is_auto and budget.tokens(n) == n:
-            return Selection.build(feats, torch.arange(n), info={"note": "budget equals N: nothing to compress"})
-        n_vis, n_txt, n_ctr, info = self.stage_sizes(attn, text, feats.shape[1])
-        info.update(auto_sizes=(n_vis, n_txt, n_ctr))
-        with_extra = self.merge
-        if not budget.is_auto:
-            total = budget.tokens(n)
-            with_extra = self.merge and total > 1
-            n_vis, n_txt, n_ctr = split_proportionally(total - int(with_extra), [n_vis, n_txt, n_ctr])
-            if not self.merge:  # no merge stage: its share goes to the visual keep
-                n_vis, n_ctr = n_vis + n_ctr, 0
-
-        visual = attn.topk(n_vis).indices
-        recovered = top_among(text, complement(n, visual), n_txt) if self.recover else visual[:0]
-        kept = torch.cat([visual, recovered])
-        order = kept.argsort()
-        origin = torch.cat([torch.full((visual.numel(),), int(Origin.KEPT)), torch.full((recovered.numel(),), int(Origin.RECOVERED))])
-        kept, origin = kept[order], origin[order]
-
-        merged, sources, anchors = feats[:0], [], []
+            outliers, count = text_recovery(text, kept, self.lof_dtype)
+            r_t = outliers.double() / n
+            n_txt = torch.minimum(count, n - n_vis)
+            kept = kept | top_mask(text, ~kept, n_txt)
+        n_ctr, r_c = torch.zeros_like(n_vis), torch.zeros_like(r_v)
         if self.merge:
-            leftovers = complement(n, kept)
-            centers = top_among(attn, leftovers, n_ctr)  # highest attention first
-            if self.centre_order == "raster":
-                centers = centers.sort().values
-            info["centres"] = centers.tolist()
-            merged, sources, anchors = merge_leftovers(
-                feats, keys, attn, text if text is not None else torch.zeros_like(attn), leftovers, centers,
-                original=self.original, extra_needs_centre=self.original and budget.is_auto,
+            leftovers = ~kept
+            size = leftovers.sum(-1)
+            outliers = lof_outlier_counts(attn, self.centre_neighbours, valid=leftovers, dtype=self.lof_dtype)
+            r_c = torch.where(size > 1, outliers.double() / size.clamp(min=1), 0.0)
+            base = torch.full_like(size, width) if self.original else size
+            n_ctr = torch.where(size > 1, torch.minimum(scaled_count(base, outliers, size), size - 1), 0)
+        return torch.stack([n_vis, n_txt, n_ctr], 1), torch.stack([r_v, r_t, r_c], 1)
+
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        feats, attn, keys = signals.features, signals.cls_attn, signals.keys
+        text = signals.text_sim if self.recover else None
+        batch, n, width = feats.shape
+        if not budget.is_auto and budget.tokens(n) == n:
+            note = {"note": "budget equals N: nothing to compress"}
+            return [Selection.build(feats[b], torch.arange(n), info=note) for b in range(batch)]
+        auto_sizes, fractions = self.stage_sizes(attn, text, width)
+        auto_sizes, fractions = auto_sizes.tolist(), fractions.tolist()  # the batch's one host sync for sizes
+        sizes, extra = [], []
+        for auto in auto_sizes:  # integer bookkeeping per image (the fixed-budget split), no tensors
+            n_vis, n_txt, n_ctr = auto
+            with_extra = self.merge
+            if not budget.is_auto:
+                total = budget.tokens(n)
+                with_extra = self.merge and total > 1
+                n_vis, n_txt, n_ctr = split_proportionally(total - int(with_extra), [n_vis, n_txt, n_ctr])
+                if not self.merge:  # no merge stage: its share goes to the visual keep
+                    n_vis, n_ctr = n_vis + n_ctr, 0
+            sizes.append((n_vis, n_txt, n_ctr))
+            extra.append(with_extra)
+        counts = torch.tensor(sizes, dtype=torch.long, device=attn.device)
+        every = torch.ones_like(attn, dtype=torch.bool)
+        visual = top_mask(attn, every, counts[:, 0])
+        recovered = top_mask(text, ~visual, counts[:, 1]) if self.recover else torch.zeros_like(visual)
+        kept = visual | recovered
+        kept_order = first_of_each_row(kept, raster(batch, n, attn.device), n)
+        origin = torch.where(recovered.gather(1, kept_order), int(Origin.RECOVERED), int(Origin.KEPT))
+        infos = [
+            {"r_v": r[0], "r_t": r[1], "r_c": r[2], "auto_sizes": tuple(a)} for r, a in zip(fractions, auto_sizes)
+        ]
+        if not self.merge:
+            return [
+                Selection.build(feats[b], kept_order[b, : s[0] + s[1]], origin[b, : s[0] + s[1]], info=infos[b])
+                for b, s in enumerate(sizes)
+            ]
+        return self._merge_and_build(signals, budget, sizes, extra, kept, kept_order, origin, infos)
+
+    def _merge_and_build(self, signals, budget, sizes, extra, kept, kept_order, origin, infos) -> list[Selection]:
+        feats, attn = signals.features, signals.cls_attn
+        text = signals.text_sim if self.recover else torch.zeros_like(attn)
+        batch, n, _ = feats.shape
+        device = attn.device
+        n_ctr = torch.tensor([s[2] for s in sizes], dtype=torch.long, device=device)
+        leftovers = ~kept
+        centre_mask = top_mask(attn, leftovers, n_ctr)
+        key = descending_ranks(attn) if self.centre_order == "attention" else raster(batch, n, device)
+        centres = first_of_each_row(centre_mask, key, max(s[2] for s in sizes))
+        group = max([min(MERGE_NEIGHBOURS, n - s[0] - s[1] - 1) for s in sizes if s[2]], default=0)
+        # The extra token: whenever leftovers remain, except with no centre under the published auto rule,
+        # and not when a fixed budget of one token leaves no room for it.
+        no_centre_drop = self.original and budget.is_auto
+        wants_extra = [e and not (no_centre_drop and s[2] == 0) for e, s in zip(extra, sizes)]
+        with_extra = torch.tensor(wants_extra, device=device)
+        tokens, nbrs, rest = merge_leftovers(
+            feats, signals.keys, attn, text, leftovers, centres, n_ctr, with_extra, group, self.original
+        )
+        rest_order = first_of_each_row(rest, raster(batch, n, device), n)
+        selections = []
+        for b, (n_vis, n_txt, c) in enumerate(sizes):
+            k = n_vis + n_txt
+            left = n - k
+            group = min(MERGE_NEIGHBOURS, left - 1)
+            rest_count = left - c
+            has_extra = wants_extra[b] and rest_count > 0
+            members = torch.cat([centres[b, :c, None], nbrs[b, :c, :group]], dim=-1).reshape(-1)
+            flat = torch.cat([members, rest_order[b, :rest_count]]) if has_extra else members
+            source_sizes = torch.tensor([group + 1] * c + ([rest_count] if has_extra else []), dtype=torch.long)
+            merged = torch.cat([tokens[b, :c], tokens[b, -1:]]) if has_extra else tokens[b, :c]
+            anchors = torch.cat([centres[b, :c], torch.tensor([-1] if has_extra else [], dtype=torch.long)])
+            info = dict(infos[b], centres=centres[b, :c].tolist())
+            selections.append(
+                Selection.build(feats[b], kept_order[b, :k], origin[b, :k], merged, (flat, source_sizes), anchors, info=info)
             )
-            if not with_extra and len(sources) > centers.numel():  # fixed budget of 1: no room for the extra token
-                merged, sources, anchors = merged[:-1], sources[:-1], anchors[:-1]
-        return Selection.build(feats, kept, origin, merged, sources, anchors, info=info)
+        return selections
 
 
 class WithTextRecovery(Method):
@@ -324,6 +403,8 @@ class WithTextRecovery(Method):
     count is LOF-sized against the base's T-token choice (at most T - 1), then
     the base runs again with the remaining slots, so the total is exactly T.
     Kept and recovered patches go back in raster order; the base's merged tokens follow.
+    The base runs on the whole batch; under a fixed budget, images whose recovery count
+    is not 0 run the base once more, alone, with their own remaining slot count.
     """
 
     def __init__(self, base: Method):
@@ -336,36 +417,51 @@ class WithTextRecovery(Method):
         self.supports_auto = base.supports_auto
         self.text = base.text
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        feats, text = signals.features[0], signals.text_sim[0]
-        n = feats.shape[0]
-        first = self.base.select_one(signals, budget)
-        dropped = (first.owner < 0).nonzero().squeeze(1)
-        if first.num_tokens < n and dropped.numel() == 0:
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        text, n = signals.text_sim, signals.num_patches
+        first = self.base.select_batch(signals, budget)
+        dropped = torch.stack([s.owner < 0 for s in first])
+        nothing_dropped = (dropped.sum(-1) == 0).tolist()
+        if any(sel.num_tokens < n and none for sel, none in zip(first, nothing_dropped)):
             raise VTCError(f"'{self.name}': the base method merges every patch, so no dropped patch is left to recover")
+        outliers, auto_count = text_recovery(text, ~dropped)
+        r_t = outliers.double() / n
         if budget.is_auto:
-            base_sel = first
-            recovered, r_t = recover_by_text(text, complement(n, dropped))
+            chosen, n_txt = first, auto_count
         else:
             total = budget.tokens(n)
-            _, r_t = recover_by_text(text, complement(n, dropped), count=0)
-            n_txt = min(int((n - total) * r_t), total - 1)
-            base_sel = self.base.select_one(signals, Budget("count", total - n_txt)) if n_txt else first
-            dropped = (base_sel.owner < 0).nonzero().squeeze(1)
-            recovered = top_among(text, dropped, n_txt)
+            shared = scaled_count(torch.full_like(outliers, n - total), outliers, torch.full_like(outliers, n))
+            counts = [min(c, total - 1) for c in shared.tolist()]
+            chosen = [
+                self.base.select_one(signals.image(b), Budget("count", total - c)) if c else first[b]
+                for b, c in enumerate(counts)
+            ]
+            dropped = torch.stack([s.owner < 0 for s in chosen])
+            n_txt = torch.tensor(counts, dtype=torch.long, device=text.device)
+        recovered = top_mask(text, dropped, n_txt)
+        r_list = r_t.tolist()
+        return [self._with_recovered(signals.features[b], chosen[b], recovered[b], r_list[b]) for b in range(len(chosen))]
+
+    @staticmethod
+    def _with_recovered(feats: torch.Tensor, base_sel: Selection, recovered: torch.Tensor, r_t: float) -> Selection:
         single = (base_sel.origin == Origin.KEPT) | (base_sel.origin == Origin.RECOVERED)
-        kept = torch.cat([base_sel.kept_indices(), recovered])
-        origin = torch.cat([base_sel.origin[single], torch.full((recovered.numel(),), int(Origin.RECOVERED))])
+        added = recovered.nonzero().squeeze(1)
+        kept = torch.cat([base_sel.kept_indices(), added])
+        origin = torch.cat([base_sel.origin[single], torch.full((added.numel(),), int(Origin.RECOVERED))])
         order = kept.argsort()
-        merged_idx = (base_sel.origin == Origin.MERGED).nonzero().squeeze(1).tolist()
-        global_idx = (base_sel.origin == Origin.GLOBAL).nonzero().squeeze(1)
+        is_merged = base_sel.origin == Origin.MERGED
+        starts = base_sel.source_sizes.cumsum(0) - base_sel.source_sizes
+        merged_sizes = base_sel.source_sizes[is_merged]
+        merged_flat = base_sel.source_index[is_merged.repeat_interleave(base_sel.source_sizes)]
+        anchors = torch.where(merged_sizes == 1, base_sel.source_index[starts[is_merged]], -1)  # a lone source anchors
+        is_global = base_sel.origin == Origin.GLOBAL
         return Selection.build(
             feats,
             kept[order],
             origin[order],
-            base_sel.tokens[merged_idx] if merged_idx else None,
-            [base_sel.sources[i] for i in merged_idx],
-            [int(base_sel.sources[i][0]) if len(base_sel.sources[i]) == 1 else -1 for i in merged_idx],
-            info={**base_sel.info, "r_t": r_t, "recovered": int(recovered.numel())},
-            global_tokens=base_sel.tokens[global_idx] if global_idx.numel() else None,
+            base_sel.tokens[is_merged] if bool(is_merged.any()) else None,
+            (merged_flat, merged_sizes),
+            anchors,
+            info={**base_sel.info, "r_t": r_t, "recovered": int(added.numel())},
+            global_tokens=base_sel.tokens[is_global] if bool(is_global.any()) else None,
         )
