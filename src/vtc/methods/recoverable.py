@@ -71,6 +71,17 @@ Other deliberate choices:
     n_ctr); then one slot goes to the extra token and T - 1 is split over the
     three stages in proportion to those sizes (largest remainder, n_vis >= 1),
     and the stages select with these counts. T = N returns every patch.
+  * Ties. Every "top k" (visual keep, text recovery, centres, a centre's 32 neighbours)
+    ranks with a stable sort: among equal scores the lower patch index wins. The published
+    code (and vtc before batching) used torch.topk, whose order among equal values is
+    unspecified and changes with N and k.
+
+Serving speed (issue 21): the whole batch is selected with tensor operations on the signals'
+device. LOF is vtc's torch implementation (methods/lof.py: scikit-learn's labels, batched);
+the stage sizes are the batch's one host synchronisation; the merge is one sparse-dense
+product in which each centre reads only its members' rows. tests/naive/recoverable.py keeps
+the per-image implementation this replaced, and the tests check that both give the same
+tokens, order, provenance and info.
 """
 
 from __future__ import annotations
