@@ -198,13 +198,19 @@ def merge_leftovers(
     m = group if c else 0
     nbrs = centres.new_zeros(b, c, m)
     if c and m:
-        unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-        if original:  # the published indexing slip: leftover-relative positions index the full key array
-            slip = row_positions(leftovers).clamp(min=0)
-            cand_unit, ctr_unit = gather_rows(unit, slip), gather_rows(unit, slip.gather(1, centres))
+        keys = keys.float()
+        # The published indexing slip: leftover-relative positions index the full key array.
+        key_of = row_positions(leftovers).clamp(min=0) if original else raster(b, n, keys.device)
+        ctr_keys = gather_rows(keys, key_of.gather(1, centres))
+        # Cosines as dot products over norms: the (B, N, D) keys are read, never normalised into a copy.
+        dots = ctr_keys @ keys.transpose(1, 2)  # (B, C, N) against every patch's own key
+        norms = keys.norm(dim=-1).clamp(min=1e-12)  # F.normalize's eps
+        if original:
+            dots, cand_norms = dots.gather(2, key_of[:, None, :].expand(b, c, n)), norms.gather(1, key_of)
         else:
-            cand_unit, ctr_unit = unit, gather_rows(unit, centres)
-        nearness = ctr_unit @ cand_unit.transpose(1, 2) + TEXT_WEIGHT * text_sim.float()[:, None, :]  # (B, C, N)
+            cand_norms = norms
+        cosine = dots / (ctr_keys.norm(dim=-1).clamp(min=1e-12)[..., None] * cand_norms[:, None, :])
+        nearness = cosine + TEXT_WEIGHT * text_sim.float()[:, None, :]  # (B, C, N)
         allowed = leftovers[:, None, :].expand(b, c, n).clone()
         allowed.scatter_(2, centres[..., None], False)  # not its own neighbour
         nearness = nearness.masked_fill(~allowed, -float("inf"))
