@@ -1,0 +1,209 @@
+"""Local Outlier Factor on 1-D scores: scikit-learn's labels, batched in torch.
+
+``lof_outliers(scores, k, valid, dtype)`` labels, for every row of ``scores`` (B, n), the entries that
+``sklearn.neighbors.LocalOutlierFactor(n_neighbors=min(k, L - 1), contamination="auto")
+.fit_predict(row[valid].reshape(-1, 1))`` labels -1, L being the row's number of valid entries (rows with
+L < 3 have no outliers). It runs on the scores' device with tensor operations only: no numpy, no host
+synchronisation, no Python loop over rows or entries (the loops below run over the k neighbour ranks).
+
+What scikit-learn 1.9 computes, and how it is reproduced here
+-------------------------------------------------------------
+* Input precision: the scores are first rounded to ``dtype`` (float32 is a float32 numpy input, float64 a
+  float64 one). Distances are computed in float64 in both cases, as scikit-learn does; with float32 input
+  it casts them to float32 and computes everything after that in float32.
+* Neighbour search: ``algorithm="auto"`` takes brute force when ``k >= L // 2`` (k after the clamp to
+  L - 1), a KD-tree otherwise. The KD-tree compares ``(x - y) ** 2`` and returns its square root. Brute
+  force ranks by ``(x * x - 2 * x * y) + y * y`` (the GEMM expansion, clipped at 0) and returns the square
+  root of that, so its distances are slightly off for close points; both are reproduced per row.
+* In 1-D, after sorting a row, the k nearest other entries of the entry at sorted position i are a window
+  i - a .. i + k - a (without i): a merge of the left and right neighbours, nearest first, which also
+  gives them in the order of increasing distance that scikit-learn returns (the merge is a loop over the k
+  neighbour ranks, each step a few (B, n) operations; no N x N matrix, no sort of the candidates).
+* The sample itself: scikit-learn asks for k + 1 neighbours and drops the sample, or, when k + 1 duplicates
+  hide it, the first duplicate. Either way the k neighbours are the k nearest *other* entries, and the
+  choice among exact duplicates does not change any density (equal scores have equal k-distances).
+* Local reachability density ``1 / (mean(max(d(p, o), k_distance(o))) + 1e-10)``, the factor
+  ``mean(lrd(o) / lrd(p))``, and the label ``-factor < -1.5`` (strict) are computed with numpy's summation
+  order: ``np.mean`` over the neighbours (sorted by distance) is a pairwise sum, eight interleaved partial
+  sums combined as a tree, then the remainder added one by one (``_pairwise_sum``); so the factors equal
+  scikit-learn's bit for bit when the neighbours are unique (beyond 128 neighbours a plain sum is used).
+
+Ties (equidistant neighbours)
+-----------------------------
+When the k-th nearest distance d is shared by entries on both sides (scores p - d and p + d) and not all of
+them fit, the multiset of the k distances is fixed but the choice between the two sides changes which
+densities are averaged. scikit-learn's choice is an accident of its max-heap: the first k candidates it
+visits are kept and a tie never displaces an entry, while a closer candidate evicts whichever tied entry
+sits at the heap's root; the visiting order is the KD-tree's (leaves in ``std::nth_element`` order) or,
+for brute force, the row order. That order cannot be reproduced without rebuilding the tree. The rule
+here: **among equidistant neighbours the lower score comes first** (in 1-D sorted order: the left one).
+Measured against scikit-learn (tests/test_lof.py, scripts/bench_lof.py): the KD-tree keeps the left side
+in about 60% of such ties, the right side in 12%, a mixture in the rest; brute force shows no side
+preference. Exact duplicates are never ambiguous, so scores with many copies of one value (e.g. the masked
+text scores of Recoverable Compression, where the kept patches are set to the minimum) give scikit-learn's
+labels exactly; rows quantised to a coarse grid can differ (see the report numbers in the tests).
+
+Scores must be finite: on the CPU this is checked (free there), on an accelerator it is not (a check
+would synchronise); vtc validates finiteness where the signals are made.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import VTCError
+
+LRD_EPSILON = 1e-10  # scikit-learn's guard against a zero mean reachability distance (duplicates)
+OFFSET = 1.5  # contamination="auto": an entry is an outlier when -factor < -1.5
+PAIRWISE_BLOCKSIZE = 128  # numpy sums at most this many terms with its unrolled loop before recursing
+ACCUMULATORS = 8  # numpy's unrolled pairwise sum keeps eight partial sums
+
+
+def lof_outlier_counts(
+    scores: Tensor, n_neighbors: int, valid: Tensor | None = None, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """(B,) long: per row, how many valid entries scikit-learn's LOF labels as outliers (module docstring)."""
+    return lof_outliers(scores, n_neighbors, valid, dtype).sum(-1)
+
+
+def lof_outliers(
+    scores: Tensor, n_neighbors: int, valid: Tensor | None = None, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """(B, n) bool: the valid entries scikit-learn's LOF labels -1; rows with fewer than 3 valid entries have none."""
+    factors, valid, count = _factors(scores, n_neighbors, valid, dtype)
+    return (-factors < -OFFSET) & valid & (count >= 3).unsqueeze(-1)
+
+
+def local_outlier_factors(
+    scores: Tensor, n_neighbors: int, valid: Tensor | None = None, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """(B, n) ``dtype``: scikit-learn's ``-negative_outlier_factor_`` per valid entry (NaN elsewhere and in
+    rows with fewer than 2 valid entries), with ``n_neighbors`` clamped to L - 1 as in ``lof_outliers``."""
+    factors, valid, count = _factors(scores, n_neighbors, valid, dtype)
+    return torch.where(valid & (count >= 2).unsqueeze(-1), factors, torch.nan)
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _check(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torch.dtype) -> Tensor:
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or not scores.is_floating_point():
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise VTCError(f"LOF scores: expected a floating (batch, n) tensor, got {shape}")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
+        raise VTCError(f"LOF n_neighbors: expected an int >= 1, got {n_neighbors!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise VTCError(f"LOF dtype: expected torch.float32 or torch.float64, got {dtype}")
+    if valid is None:
+        valid = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    elif not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != scores.shape:
+        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, Tensor) else type(valid).__name__
+        raise VTCError(f"LOF valid: expected a bool tensor of the scores' shape {tuple(scores.shape)}, got {got}")
+    elif valid.device != scores.device:
+        raise VTCError(f"LOF valid: on {valid.device}, the scores on {scores.device}")
+    if scores.device.type == "cpu" and not bool(torch.isfinite(scores).logical_or(~valid).all()):
+        raise VTCError("LOF scores: valid entries must be finite (found NaN or inf)")
+    return valid
+
+
+def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torch.dtype):
+    """Per entry LOF factor (garbage where invalid), the valid mask and the rows' valid counts."""
+    masked = valid is not None
+    valid = _check(scores, n_neighbors, valid, dtype)
+    batch, n = scores.shape
+    count = valid.sum(-1)
+    if n < 2:
+        return torch.zeros(scores.shape, dtype=dtype, device=scores.device), valid, count
+    values = torch.where(valid, scores.to(dtype).to(torch.float64), torch.inf)  # invalid entries sort last
+    ordered, order = values.sort(dim=-1)  # equal scores get equal results: their order does not matter
+    width = min(n_neighbors, n - 1)  # neighbour ranks computed; a row uses the first k of them
+    if masked:
+        k = (count - 1).clamp(min=1, max=n_neighbors).unsqueeze(-1)  # scikit-learn's n_neighbors_ per row
+        brute = k >= (count // 2).unsqueeze(-1)
+    else:  # every row is a full row: one k, one algorithm
+        k, brute = width, (True if width >= n // 2 else None)
+    neighbours, metrics = _merge_neighbours(ordered, width, brute)
+    distances = [m.sqrt().to(dtype) for m in metrics]
+    kth = _select(distances, k - 1)  # the merge gives the distances sorted
+    reach = [torch.maximum(d, kth.gather(-1, j)) for d, j in zip(distances, neighbours)]
+    lrd = 1.0 / (_mean(reach, k) + LRD_EPSILON)
+    factor = _mean([lrd.gather(-1, j) / lrd for j in neighbours], k)
+    return torch.empty_like(factor).scatter_(-1, order, factor), valid, count
+
+
+def _merge_neighbours(ordered: Tensor, width: int, brute: Tensor | bool | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Merge each sorted entry's left and right neighbours, nearest first (ties: left first).
+
+    Returns, per neighbour rank, the (B, n) sorted positions of the neighbours and scikit-learn's squared
+    distances to them (inf past the row's valid entries; the position is then meaningless).
+    """
+    batch, n = ordered.shape
+    pad = torch.full((batch, width), torch.inf, dtype=ordered.dtype, device=ordered.device)
+    padded = torch.cat([-pad, ordered, pad], dim=-1)  # -inf / +inf beyond either end: never chosen
+    nearest_left = torch.arange(width - 1, width - 1 + n, device=ordered.device).expand(batch, n)
+    neighbours, metrics = [], []
+    for rank in range(width):  # nearest_left: the padded position of the nearest left entry not yet taken
+        nearest_right = nearest_left + (rank + 2)
+        left = _squared(ordered, padded.gather(-1, nearest_left), brute)
+        right = _squared(ordered, padded.gather(-1, nearest_right), brute)
+        go_left = left <= right
+        neighbours.append(torch.where(go_left, nearest_left, nearest_right).sub_(width).clamp_(0, n - 1))
+        metrics.append(torch.minimum(left, right))
+        nearest_left = nearest_left - go_left.long()
+    return neighbours, metrics
+
+
+def _squared(centre: Tensor, other: Tensor, brute: Tensor | bool | None) -> Tensor:
+    """scikit-learn's squared distance: KD-tree ``(x - y)**2``; brute force ``(x*x - 2xy) + y*y`` clipped at 0."""
+    diff = centre - other
+    exact = diff * diff  # inf when other is +-inf (padding, invalid entries)
+    if brute is None:
+        return exact
+    expanded = ((centre * centre + -2.0 * (centre * other)) + other * other).clamp(min=0.0)
+    expanded = torch.where(torch.isinf(exact), exact, expanded)  # the expansion is NaN against inf
+    return expanded if brute is True else torch.where(brute, expanded, exact)
+
+
+def _select(columns: list[Tensor], index: Tensor | int) -> Tensor:
+    """Per row, the column ``index[b]`` (an int: the same column for every row)."""
+    if isinstance(index, int):
+        return columns[index]
+    return torch.stack(columns, -1).gather(-1, index.unsqueeze(-1).expand(-1, columns[0].shape[1], 1)).squeeze(-1)
+
+
+def _mean(terms: list[Tensor], k: Tensor | int) -> Tensor:
+    """np.mean over the first k[b] terms, in numpy's summation order."""
+    if not isinstance(k, int):  # rows with fewer terms: zeros past k[b] (adding an exact zero changes nothing)
+        terms = [torch.where(j < k, t, 0.0) for j, t in enumerate(terms)]
+    return _pairwise_sum(terms, k) / k
+
+
+def _pairwise_sum(terms: list[Tensor], k: Tensor | int) -> Tensor:
+    """numpy's pairwise sum of the first k[b] terms (the rest are zeros).
+
+    numpy sums fewer than 8 terms one by one; up to 128 terms in eight interleaved partial sums
+    (r_j = t_j + t_{j+8} + ...) over the largest multiple of 8, combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)),
+    then adds the remaining terms one by one. A row's multiple of 8 depends on its own k.
+    """
+    width = len(terms)
+    if width > PAIRWISE_BLOCKSIZE:
+        return torch.stack(terms).sum(0)  # numpy recurses here; not reproduced (differences in the last bits)
+    blocked = k - k % ACCUMULATORS  # how many terms the partial sums take
+    uniform = isinstance(k, int)
+    total = torch.zeros_like(terms[0])
+    if width >= ACCUMULATORS:
+        r = list(terms[:ACCUMULATORS])
+        for j in range(ACCUMULATORS, width - width % ACCUMULATORS):
+            if uniform:
+                r[j % ACCUMULATORS] = r[j % ACCUMULATORS] + terms[j]
+            else:
+                r[j % ACCUMULATORS] = r[j % ACCUMULATORS] + torch.where(j < blocked, terms[j], 0.0)
+        tree = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        total = tree if uniform else torch.where(blocked > 0, tree, total)
+    for j in range(width):
+        if uniform and j >= blocked:
+            total = total + terms[j]
+        elif not uniform:
+            total = total + torch.where(j >= blocked, terms[j], 0.0)
+    return total
