@@ -119,39 +119,51 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
     ordered, order = values.sort(dim=-1)  # equal scores get equal results: their order does not matter
     width = min(n_neighbors, n - 1)  # neighbour ranks computed; a row uses the first k of them
     if masked:
-        k = (count - 1).clamp(min=1, max=n_neighbors).unsqueeze(-1)  # scikit-learn's n_neighbors_ per row
-        brute = k >= (count // 2).unsqueeze(-1)
+        k = (count - 1).clamp(min=1, max=n_neighbors)  # scikit-learn's n_neighbors_ per row
+        brute = (k >= count // 2).view(-1, 1)
     else:  # every row is a full row: one k, one algorithm
         k, brute = width, (True if width >= n // 2 else None)
-    neighbours, metrics = _merge_neighbours(ordered, width, brute)
-    distances = [m.sqrt().to(dtype) for m in metrics]
-    kth = _select(distances, k - 1)  # the merge gives the distances sorted
-    reach = [torch.maximum(d, kth.gather(-1, j)) for d, j in zip(distances, neighbours)]
-    lrd = 1.0 / (_mean(reach, k) + LRD_EPSILON)
-    factor = _mean([lrd.gather(-1, j) / lrd for j in neighbours], k)
+    padded = _padded(ordered, width, torch.inf)
+    position = _neighbours(padded, ordered, width, brute)  # (w, B, n) padded positions, nearest first
+    neighbour = _at(padded, position)
+    if brute is None:  # KD-tree: sqrt((x - y)**2) == |x - y| (no under- or overflow for sane scores)
+        distance = (neighbour - ordered).abs().to(dtype)
+    else:
+        distance = _squared(ordered, neighbour, brute).sqrt().to(dtype)
+    kth = distance[width - 1] if not masked else distance.gather(0, (k - 1).view(1, batch, 1).expand(1, batch, n))[0]
+    reach = torch.maximum(distance, _at(_padded(kth, width, 0.0), position))
+    lrd = 1.0 / (_mean(reach, k) + LRD_EPSILON)  # (B, n)
+    factor = _mean(_at(_padded(lrd, width, 1.0), position) / lrd, k)
     return torch.empty_like(factor).scatter_(-1, order, factor), valid, count
 
 
-def _merge_neighbours(ordered: Tensor, width: int, brute: Tensor | bool | None) -> tuple[list[Tensor], list[Tensor]]:
-    """Merge each sorted entry's left and right neighbours, nearest first (ties: left first).
+def _padded(rows: Tensor, width: int, fill: float) -> Tensor:
+    """(B, w + n + w): ``rows`` with ``-fill`` before and ``fill`` after (padded position = position + w)."""
+    pad = torch.full((rows.shape[0], width), fill, dtype=rows.dtype, device=rows.device)
+    return torch.cat([-pad, rows, pad], dim=-1)
 
-    Returns, per neighbour rank, the (B, n) sorted positions of the neighbours and scikit-learn's squared
-    distances to them (inf past the row's valid entries; the position is then meaningless).
-    """
+
+def _at(rows: Tensor, index: Tensor) -> Tensor:
+    """rows (B, m) at index (w, B, n): (w, B, n)."""
+    return rows.unsqueeze(0).expand(index.shape[0], -1, -1).gather(-1, index)
+
+
+def _neighbours(padded: Tensor, ordered: Tensor, width: int, brute: Tensor | bool | None) -> Tensor:
+    """Padded positions (w, B, n) of each sorted entry's ``width`` nearest others, nearest first, the left
+    (lower) one first on a tie: a merge, one rank per step, of its left and right neighbours. The padding
+    (-inf before, +inf after, like the invalid entries) is never nearer than a valid entry."""
     batch, n = ordered.shape
-    pad = torch.full((batch, width), torch.inf, dtype=ordered.dtype, device=ordered.device)
-    padded = torch.cat([-pad, ordered, pad], dim=-1)  # -inf / +inf beyond either end: never chosen
     nearest_left = torch.arange(width - 1, width - 1 + n, device=ordered.device).expand(batch, n)
-    neighbours, metrics = [], []
-    for rank in range(width):  # nearest_left: the padded position of the nearest left entry not yet taken
+    positions = torch.empty((width, batch, n), dtype=torch.long, device=ordered.device)
+    go_left = torch.empty((batch, n), dtype=torch.long, device=ordered.device)
+    for rank in range(width):  # the nearest right entry not taken is at nearest_left + rank + 2
         nearest_right = nearest_left + (rank + 2)
         left = _squared(ordered, padded.gather(-1, nearest_left), brute)
         right = _squared(ordered, padded.gather(-1, nearest_right), brute)
-        go_left = left <= right
-        neighbours.append(torch.where(go_left, nearest_left, nearest_right).sub_(width).clamp_(0, n - 1))
-        metrics.append(torch.minimum(left, right))
-        nearest_left = nearest_left - go_left.long()
-    return neighbours, metrics
+        torch.le(left, right, out=go_left)  # 1: take the left one (on a tie too), 0: the right one
+        torch.add(nearest_right, go_left, alpha=-(rank + 2), out=positions[rank])
+        nearest_left = nearest_left - go_left
+    return positions
 
 
 def _squared(centre: Tensor, other: Tensor, brute: Tensor | bool | None) -> Tensor:
@@ -165,45 +177,42 @@ def _squared(centre: Tensor, other: Tensor, brute: Tensor | bool | None) -> Tens
     return expanded if brute is True else torch.where(brute, expanded, exact)
 
 
-def _select(columns: list[Tensor], index: Tensor | int) -> Tensor:
-    """Per row, the column ``index[b]`` (an int: the same column for every row)."""
-    if isinstance(index, int):
-        return columns[index]
-    return torch.stack(columns, -1).gather(-1, index.unsqueeze(-1).expand(-1, columns[0].shape[1], 1)).squeeze(-1)
-
-
-def _mean(terms: list[Tensor], k: Tensor | int) -> Tensor:
-    """np.mean over the first k[b] terms, in numpy's summation order."""
+def _mean(terms: Tensor, k: Tensor | int) -> Tensor:
+    """np.mean over the first k[b] of the w terms of (w, B, n), in numpy's summation order: (B, n)."""
     if not isinstance(k, int):  # rows with fewer terms: zeros past k[b] (adding an exact zero changes nothing)
-        terms = [torch.where(j < k, t, 0.0) for j, t in enumerate(terms)]
+        k = k.view(-1, 1)
+        terms = torch.where(torch.arange(terms.shape[0], device=terms.device).view(-1, 1, 1) < k, terms, 0.0)
     return _pairwise_sum(terms, k) / k
 
 
-def _pairwise_sum(terms: list[Tensor], k: Tensor | int) -> Tensor:
-    """numpy's pairwise sum of the first k[b] terms (the rest are zeros).
+def _pairwise_sum(terms: Tensor, k: Tensor | int) -> Tensor:
+    """numpy's pairwise sum over dim 0 of (w, B, n), of the first k terms (k: an int or (B, 1); the rest are 0).
 
     numpy sums fewer than 8 terms one by one; up to 128 terms in eight interleaved partial sums
     (r_j = t_j + t_{j+8} + ...) over the largest multiple of 8, combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)),
-    then adds the remaining terms one by one. A row's multiple of 8 depends on its own k.
+    then adds the remaining terms one by one. With a per-row k, each row has its own multiple of 8.
     """
-    width = len(terms)
+    width = terms.shape[0]
     if width > PAIRWISE_BLOCKSIZE:
-        return torch.stack(terms).sum(0)  # numpy recurses here; not reproduced (differences in the last bits)
-    blocked = k - k % ACCUMULATORS  # how many terms the partial sums take
+        return terms.sum(0)  # numpy recurses here; not reproduced (differences in the last bits only)
     uniform = isinstance(k, int)
+    blocked = k - k % ACCUMULATORS  # how many terms the partial sums take (per row, or one int)
     total = torch.zeros_like(terms[0])
     if width >= ACCUMULATORS:
-        r = list(terms[:ACCUMULATORS])
-        for j in range(ACCUMULATORS, width - width % ACCUMULATORS):
-            if uniform:
-                r[j % ACCUMULATORS] = r[j % ACCUMULATORS] + terms[j]
-            else:
-                r[j % ACCUMULATORS] = r[j % ACCUMULATORS] + torch.where(j < blocked, terms[j], 0.0)
-        tree = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        partial = terms[:ACCUMULATORS]
+        for start in range(ACCUMULATORS, width - width % ACCUMULATORS, ACCUMULATORS):
+            block = terms[start : start + ACCUMULATORS]
+            partial = partial + (block if uniform else torch.where(start < blocked, block, 0.0))
+        pairs = partial[0::2] + partial[1::2]
+        quads = pairs[0::2] + pairs[1::2]
+        tree = quads[0] + quads[1]
         total = tree if uniform else torch.where(blocked > 0, tree, total)
-    for j in range(width):
-        if uniform and j >= blocked:
+    if uniform:
+        for j in range(blocked, width):
             total = total + terms[j]
-        elif not uniform:
-            total = total + torch.where(j >= blocked, terms[j], 0.0)
+        return total
+    for step in range(ACCUMULATORS - 1):  # each row's remaining terms, one by one
+        index = (blocked + step).clamp(max=width - 1).unsqueeze(0)  # (1, B, 1)
+        term = terms.gather(0, index.expand(1, -1, terms.shape[2]))[0]
+        total = total + torch.where(blocked + step < width, term, 0.0)
     return total
