@@ -120,7 +120,7 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
     width = min(n_neighbors, n - 1)  # neighbour ranks computed; a row uses the first k of them
     if masked:
         k = (count - 1).clamp(min=1, max=n_neighbors)  # scikit-learn's n_neighbors_ per row
-        brute = (k >= count // 2).view(-1, 1)
+        brute = (k >= count // 2).view(-1, 1, 1)
     else:  # every row is a full row: one k, one algorithm
         k, brute = width, (True if width >= n // 2 else None)
     padded = _padded(ordered, width, torch.inf)
@@ -129,7 +129,11 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
     if brute is None:  # KD-tree: sqrt((x - y)**2) == |x - y| (no under- or overflow for sane scores)
         distance = (neighbour - ordered).abs().to(dtype)
     else:
-        distance = _squared(ordered, neighbour, brute).sqrt().to(dtype)
+        # brute force roots a float32 input's squared distance after rounding it to float32
+        squared = _squared(ordered, neighbour, brute.squeeze(-1) if brute is not True else brute)
+        distance = _sqrt(squared.to(dtype).to(torch.float64)).to(dtype)
+        if brute is not True:  # rows on the KD-tree
+            distance = torch.where(brute.squeeze(-1), distance, (neighbour - ordered).abs().to(dtype))
     kth = distance[width - 1] if not masked else distance.gather(0, (k - 1).view(1, batch, 1).expand(1, batch, n))[0]
     reach = torch.maximum(distance, _at(_padded(kth, width, 0.0), position))
     lrd = 1.0 / (_mean(reach, k) + LRD_EPSILON)  # (B, n)
@@ -153,17 +157,40 @@ def _neighbours(padded: Tensor, ordered: Tensor, width: int, brute: Tensor | boo
     (lower) one first on a tie: a merge, one rank per step, of its left and right neighbours. The padding
     (-inf before, +inf after, like the invalid entries) is never nearer than a valid entry."""
     batch, n = ordered.shape
-    nearest_left = torch.arange(width - 1, width - 1 + n, device=ordered.device).expand(batch, n)
+    start = torch.arange(width - 1, width - 1 + n, device=ordered.device)
+    nearest = torch.stack([start, start + 2]).expand(batch, 2, n).contiguous()  # nearest left, right not taken
     positions = torch.empty((width, batch, n), dtype=torch.long, device=ordered.device)
-    go_left = torch.empty((batch, n), dtype=torch.long, device=ordered.device)
-    for rank in range(width):  # the nearest right entry not taken is at nearest_left + rank + 2
-        nearest_right = nearest_left + (rank + 2)
-        left = _squared(ordered, padded.gather(-1, nearest_left), brute)
-        right = _squared(ordered, padded.gather(-1, nearest_right), brute)
-        torch.le(left, right, out=go_left)  # 1: take the left one (on a tie too), 0: the right one
-        torch.add(nearest_right, go_left, alpha=-(rank + 2), out=positions[rank])
-        nearest_left = nearest_left - go_left
+    go_left = torch.empty((batch, 1, n), dtype=torch.long, device=ordered.device)
+    for rank in range(width):  # nearest right = nearest left + rank + 2
+        square = _squared(ordered.unsqueeze(1), padded.gather(-1, nearest.view(batch, 2 * n)).view(batch, 2, n), brute)
+        torch.le(square[:, :1], square[:, 1:], out=go_left)  # 1: take the left one (on a tie too), 0: the right one
+        torch.add(nearest[:, 1], go_left[:, 0], alpha=-(rank + 2), out=positions[rank])
+        nearest -= go_left
+        nearest[:, 1] += 1
     return positions
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded float64 square root, as numpy's (torch's vectorised sqrt is off by one ulp in about
+    1% of cases): of the approximation and its two neighbours, the one whose square is nearest x, the squares
+    computed exactly (Dekker's product)."""
+    root = x.sqrt()
+    best, best_error = root, _square_error(root, x)
+    for candidate in (torch.nextafter(root, torch.full_like(root, torch.inf)), torch.nextafter(root, torch.zeros_like(root))):
+        error = _square_error(candidate, x)
+        closer = error < best_error
+        best, best_error = torch.where(closer, candidate, best), torch.where(closer, error, best_error)
+    return best
+
+
+def _square_error(root: Tensor, x: Tensor) -> Tensor:
+    """|root * root - x|, with root * root = product + error exactly (Veltkamp split, Dekker's product)."""
+    scaled = root * 134217729.0  # 2**27 + 1
+    high = scaled - (scaled - root)
+    low = root - high
+    product = root * root
+    error = ((high * high - product) + 2.0 * high * low) + low * low
+    return ((x - product) - error).abs()
 
 
 def _squared(centre: Tensor, other: Tensor, brute: Tensor | bool | None) -> Tensor:
