@@ -12,36 +12,46 @@ What scikit-learn 1.9 computes, and how it is reproduced here
   float64 one). Distances are computed in float64 in both cases, as scikit-learn does; with float32 input
   it casts them to float32 and computes everything after that in float32.
 * Neighbour search: ``algorithm="auto"`` takes brute force when ``k >= L // 2`` (k after the clamp to
-  L - 1), a KD-tree otherwise. The KD-tree compares ``(x - y) ** 2`` and returns its square root. Brute
-  force ranks by ``(x * x - 2 * x * y) + y * y`` (the GEMM expansion, clipped at 0) and returns the square
-  root of that, so its distances are slightly off for close points; both are reproduced per row.
+  L - 1), a KD-tree otherwise (so rows of more than 2k + 1 entries use the tree), decided per row here.
+  The KD-tree (float64 data) ranks by ``(x - y) ** 2`` and returns its root, which is ``|x - y|`` exactly
+  (computed so; the two differ only if a difference is below 1e-154 or above 1e154). Brute force ranks by
+  the GEMM expansion ``(x * x + -2 * (x * y)) + y * y`` clipped at 0 and returns its root, so its distances
+  are slightly off for close points; with float32 input the squared distance is rounded to float32 before
+  the root (``EuclideanDistance32._rdist_to_dist`` takes a float32). Roots are correctly rounded as numpy's
+  are (torch's vectorised sqrt is not: ``_sqrt`` corrects it).
 * In 1-D, after sorting a row, the k nearest other entries of the entry at sorted position i are a window
-  i - a .. i + k - a (without i): a merge of the left and right neighbours, nearest first, which also
-  gives them in the order of increasing distance that scikit-learn returns (the merge is a loop over the k
-  neighbour ranks, each step a few (B, n) operations; no N x N matrix, no sort of the candidates).
+  i - a .. i + k - a (without i): a merge of its left and right neighbours, nearest first, which also
+  gives them in the order of increasing distance in which scikit-learn returns and sums them. The merge is
+  a loop over the k neighbour ranks, each step a few (B, n) operations: no N x N matrix, no sort of the
+  candidates.
 * The sample itself: scikit-learn asks for k + 1 neighbours and drops the sample, or, when k + 1 duplicates
   hide it, the first duplicate. Either way the k neighbours are the k nearest *other* entries, and the
-  choice among exact duplicates does not change any density (equal scores have equal k-distances).
+  choice among exact duplicates changes no density (equal scores have equal k-distances and densities).
 * Local reachability density ``1 / (mean(max(d(p, o), k_distance(o))) + 1e-10)``, the factor
-  ``mean(lrd(o) / lrd(p))``, and the label ``-factor < -1.5`` (strict) are computed with numpy's summation
-  order: ``np.mean`` over the neighbours (sorted by distance) is a pairwise sum, eight interleaved partial
-  sums combined as a tree, then the remainder added one by one (``_pairwise_sum``); so the factors equal
-  scikit-learn's bit for bit when the neighbours are unique (beyond 128 neighbours a plain sum is used).
+  ``mean(lrd(o) / lrd(p))``, and the label ``-factor < -1.5`` (strict), in numpy's summation order:
+  ``np.mean`` over a row of neighbours is a pairwise sum (fewer than 8 terms one by one; else eight
+  interleaved partial sums combined as a tree, then the remainder one by one: ``_pairwise_sum``). So the
+  factors equal scikit-learn's bit for bit when no two neighbours are equidistant (tests/test_lof.py checks
+  this; beyond 128 neighbours a plain sum is used, which may differ in the last bit).
 
 Ties (equidistant neighbours)
 -----------------------------
 When the k-th nearest distance d is shared by entries on both sides (scores p - d and p + d) and not all of
 them fit, the multiset of the k distances is fixed but the choice between the two sides changes which
-densities are averaged. scikit-learn's choice is an accident of its max-heap: the first k candidates it
-visits are kept and a tie never displaces an entry, while a closer candidate evicts whichever tied entry
-sits at the heap's root; the visiting order is the KD-tree's (leaves in ``std::nth_element`` order) or,
-for brute force, the row order. That order cannot be reproduced without rebuilding the tree. The rule
-here: **among equidistant neighbours the lower score comes first** (in 1-D sorted order: the left one).
-Measured against scikit-learn (tests/test_lof.py, scripts/bench_lof.py): the KD-tree keeps the left side
-in about 60% of such ties, the right side in 12%, a mixture in the rest; brute force shows no side
-preference. Exact duplicates are never ambiguous, so scores with many copies of one value (e.g. the masked
-text scores of Recoverable Compression, where the kept patches are set to the minimum) give scikit-learn's
-labels exactly; rows quantised to a coarse grid can differ (see the report numbers in the tests).
+densities are averaged. scikit-learn's choice is an accident of its max-heap: a candidate at the current
+k-th distance is rejected, a closer one evicts whichever tied entry sits at the heap's root, and the
+candidates come in the KD-tree's order (leaves in ``std::nth_element`` order) or, for brute force, in row
+order. That cannot be reproduced without rebuilding the tree and replaying the heap. The rule here:
+**among equidistant neighbours the lower score comes first** (in sorted order: the left one), which makes
+every result a function of the score alone. On rows rounded to a coarse grid, the KD-tree kept all of the
+lower side in 62% of such ties, all of the upper side in 12%, a mixture in the rest; brute force has no
+side preference. Tied distances also come out of scikit-learn's sort in an arbitrary order, so factors
+can differ in the last bit there.
+
+Exact duplicates are never ambiguous, so scores with many copies of one value (the masked text scores of
+Recoverable Compression, the kept patches set to the minimum) give scikit-learn's labels; only two-sided
+ties at the k-th distance with different densities can change a label (rows quantised to fp16 or to a grid;
+the rates measured against scikit-learn are in scripts/bench_lof.py's docstring).
 
 Scores must be finite: on the CPU this is checked (free there), on an accelerator it is not (a check
 would synchronise); vtc validates finiteness where the signals are made.
