@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .base import Budget, Method, Origin, Selection, Signals, VTCError, register
@@ -78,6 +80,17 @@ def pooled_regions(total: int, grid: tuple[int, int]) -> list[torch.Tensor]:
     return regions
 
 
+@lru_cache(maxsize=64)
+def _pooling_plan(total: int, grid: tuple[int, int]) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The regions of ``pooled_regions`` flattened once per (total, grid) for a whole batch:
+    (cells per region, the regions' cells one after another, region of each cell, region sizes).
+    Shared by every call: never handed out (each Selection gets its own copy of the cells)."""
+    regions = pooled_regions(total, grid)
+    counts = tuple(r.numel() for r in regions)
+    region_of_cell = torch.repeat_interleave(torch.arange(total), torch.tensor(counts))
+    return counts, torch.cat(regions), region_of_cell, torch.tensor(counts, dtype=torch.float32)
+
+
 @register("pool")
 class SpatialPool(Method):
     """Average pooling of the patch grid to exactly the budget's token count.
@@ -87,18 +100,24 @@ class SpatialPool(Method):
     divide). For budgets that factor into a near-square grid (64 on 24x24 -> 8x8)
     this is exactly ``adaptive_avg_pool2d``; other budgets (e.g. a prime) get bands
     whose column counts differ by one, so any budget is honoured exactly.
+    The regions depend only on the budget and the grid: they are computed once and
+    the whole batch is averaged with one gather and one index_add.
     LLaVA-1.5 ablations and LLaVolta use pooling as the simplest compressor.
     """
 
     paper = "baseline (LLaVolta, NeurIPS 2024)"
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        n = signals.num_patches
-        h, w = signals.grid
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        n, feats = signals.num_patches, signals.features
         total = budget.tokens(n)
-        feats = signals.features[0]
         if total == n:  # nothing to pool
-            return Selection.build(feats, torch.arange(n))
-        sources = pooled_regions(total, (h, w))
-        pooled = torch.stack([feats[src].mean(0) for src in sources])
-        return Selection.build(feats, torch.empty(0, dtype=torch.long), merged_tokens=pooled, merged_sources=sources)
+            return [Selection.build(x, torch.arange(n)) for x in feats]
+        counts, cells, region_of_cell, sizes = _pooling_plan(total, tuple(signals.grid))
+        gathered = feats[:, cells.to(feats.device)]  # (B, sum of region sizes, D)
+        sums = feats.new_zeros(feats.shape[0], total, feats.shape[2]).index_add_(1, region_of_cell.to(feats.device), gathered)
+        pooled = sums / sizes.to(feats)[:, None]
+        nothing = torch.empty(0, dtype=torch.long)
+        return [
+            Selection.build(x, nothing, merged_tokens=p, merged_sources=list(cells.clone().split(counts)))
+            for x, p in zip(feats, pooled)
+        ]
