@@ -49,6 +49,10 @@ def random_signals(batch: int, seed: int, ties: bool, grid=GRID) -> Signals:
         attn = levels[torch.randint(0, 4, (batch, n), generator=g).clamp(min=torch.randint(0, 2, (batch, n), generator=g))]
         attn[:, : n // 2] = 0.002  # most values repeated
         attn[0, 3] = attn[0, 40] = 0.05  # a tie at the top
+        if batch > 2:  # flat images next to busy ones: the IQR keeps 1 and 3 patches, the batch pads to the longest
+            attn[1:3] = 0.002
+            attn[1, 7] = 0.05
+            attn[2, [8, 30, 31]] = 0.05
         for t in (feats, keys, projected):
             src = torch.randint(0, n, (n // 3,), generator=g)
             dst = torch.randint(0, n, (n // 3,), generator=g)
