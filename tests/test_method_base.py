@@ -97,3 +97,53 @@ def test_all_finite_survives_an_overflowing_sum():
     assert not all_finite(torch.tensor([1.0, float("nan")]))
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # the sum is NaN, either way refused
     assert all_finite(torch.arange(5))  # integer tensors cannot hold NaN
+
+
+def _naive_owner(n, kept, merged_sources, anchors, g=0):
+    """Ownership claimed one token after the other, in output order (the definition)."""
+    owner = [-1] * n
+    for i, p in enumerate(kept):
+        owner[p] = g + i
+    first = g + len(kept)
+    for j, a in enumerate(anchors):
+        if a >= 0 and owner[a] < 0:
+            owner[a] = first + j
+    for j, src in enumerate(merged_sources):
+        for p in src:
+            if owner[p] < 0:
+                owner[p] = first + j
+    return owner
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_build_owner_and_sources_equal_claiming_one_token_after_the_other(seed):
+    from vtc.methods import Origin
+
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 30, (1,), generator=g))
+    perm = torch.randperm(n, generator=g)
+    k = int(torch.randint(0, n + 1, (1,), generator=g))
+    kept = perm[:k]
+    m = int(torch.randint(0, 5, (1,), generator=g))
+    merged_sources = [torch.randint(0, n, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g) for _ in range(m)]
+    anchors = [int(s[0]) if torch.rand(1, generator=g) < 0.6 else -1 for s in merged_sources]
+    glob = int(torch.randint(0, 2, (1,), generator=g))
+    feats = torch.randn(n, 3, generator=g)
+    sel = Selection.build(
+        feats, kept, merged_tokens=torch.randn(m, 3, generator=g), merged_sources=merged_sources,
+        merged_anchors=anchors, global_tokens=torch.randn(glob, 3, generator=g) if glob else None,
+    )
+    assert sel.owner.tolist() == _naive_owner(n, kept.tolist(), [s.tolist() for s in merged_sources], anchors, glob)
+    expected_sources = [[]] * glob + [[p] for p in kept.tolist()] + [s.tolist() for s in merged_sources]
+    assert [s.tolist() for s in sel.sources] == expected_sources
+    assert sel.kept_indices().tolist() == kept.tolist()
+    assert sel.origin.tolist() == [Origin.GLOBAL] * glob + [Origin.KEPT] * k + [Origin.MERGED] * m
+    assert torch.equal(sel.tokens[glob : glob + k], feats[kept])
+
+
+def test_selection_needs_one_form_of_provenance():
+    with pytest.raises(VTCError, match="either a sources list"):
+        Selection(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), owner=torch.zeros(1, dtype=torch.long))
+    listed = Selection(torch.zeros(2, 2), torch.tensor([0, 2]), [torch.tensor([1]), torch.tensor([0, 1])], torch.tensor([1, 0]))
+    assert listed.source_sizes.tolist() == [1, 2] and listed.source_index.tolist() == [1, 0, 1]
+    assert listed.kept_indices().tolist() == [1]

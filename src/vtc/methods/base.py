@@ -17,6 +17,8 @@ from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
+from .primitives import gather_rows
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -273,7 +275,6 @@ class Origin(IntEnum):
     GLOBAL = 3  # a token tied to no patch (e.g. the CLS token VisionZip keeps)
 
 
-@dataclass
 class Selection:
     """The compressed tokens of one image, with provenance.
 
@@ -285,13 +286,43 @@ class Selection:
                         owner: kept patches own themselves; a merged patch belongs to
                         the first merged token (in output order) that draws on it.
     ``info``    method-specific numbers (e.g. the auto ratios it chose)
+
+    Provenance is stored flat (``source_index``: every token's sources one after the
+    other; ``source_sizes``: how many each token has), so building a Selection costs a
+    few tensor operations whatever K is; the ``sources`` list is made on first use.
     """
 
-    tokens: torch.Tensor
-    origin: torch.Tensor
-    sources: list[torch.Tensor]
-    owner: torch.Tensor
-    info: dict[str, Any] = field(default_factory=dict)
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        origin: torch.Tensor,
+        sources: "list[torch.Tensor] | None" = None,
+        owner: torch.Tensor | None = None,
+        info: dict[str, Any] | None = None,
+        *,
+        source_index: torch.Tensor | None = None,
+        source_sizes: torch.Tensor | None = None,
+    ):
+        if (sources is None) == (source_index is None or source_sizes is None):
+            raise VTCError("Selection needs either a sources list or source_index with source_sizes")
+        if owner is None:
+            raise VTCError("Selection needs the owner map")
+        self.tokens, self.origin, self.owner = tokens, origin, owner
+        self.info = dict(info or {})
+        self._sources = None if sources is None else list(sources)
+        if sources is not None:
+            source_sizes = torch.tensor([len(s) for s in sources], dtype=torch.long)
+            source_index = torch.cat([torch.as_tensor(s).reshape(-1).long() for s in sources]) if sources else origin[:0].long()
+        self.source_index, self.source_sizes = source_index, source_sizes
+
+    @property
+    def sources(self) -> list[torch.Tensor]:
+        if self._sources is None:
+            self._sources = list(torch.split(self.source_index, self.source_sizes.tolist()))
+        return self._sources
+
+    def __repr__(self) -> str:
+        return f"Selection({self.num_tokens} tokens of {self.num_patches} patches, {self.counts()})"
 
     @property
     def num_tokens(self) -> int:
@@ -303,11 +334,32 @@ class Selection:
 
     def kept_indices(self) -> torch.Tensor:
         """Patch indices kept as they are (visual or recovered), in output order."""
-        single = [int(s[0]) for s, o in zip(self.sources, self.origin.tolist()) if o in (Origin.KEPT, Origin.RECOVERED)]
-        return torch.tensor(single, dtype=torch.long)
+        single = (self.origin == Origin.KEPT) | (self.origin == Origin.RECOVERED)
+        starts = self.source_sizes.cumsum(0) - self.source_sizes
+        return self.source_index[starts[single]]
 
     def counts(self) -> dict[str, int]:
         return {o.name.lower(): int((self.origin == o).sum()) for o in Origin}
+
+    @classmethod
+    def from_kept(
+        cls, features: torch.Tensor, kept: torch.Tensor, info: "list[dict[str, Any]] | None" = None
+    ) -> "list[Selection]":
+        """One Selection per image for methods that keep patches and merge nothing: ``features`` (B, N, D),
+        ``kept`` (B, k) patch indices in output order. Equal to ``build(features[b], kept[b])`` per image,
+        with the gathers and owner maps made for the whole batch at once."""
+        b, n, d = features.shape
+        kept = kept.to(torch.long)
+        k = kept.shape[1]
+        tokens = gather_rows(features, kept)
+        owner = torch.full((b, n), -1, dtype=torch.long).scatter_(1, kept, torch.arange(k).expand(b, k))
+        origin = torch.full((b, k), int(Origin.KEPT), dtype=torch.long)
+        sizes = torch.ones((b, k), dtype=torch.long)
+        infos = info or [None] * b
+        return [
+            cls(tokens[i], origin[i], owner=owner[i], info=infos[i], source_index=kept[i], source_sizes=sizes[i])
+            for i in range(b)
+        ]
 
     @classmethod
     def build(
@@ -316,54 +368,68 @@ class Selection:
         kept: torch.Tensor,
         kept_origin: torch.Tensor | int = Origin.KEPT,
         merged_tokens: torch.Tensor | None = None,
-        merged_sources: list[torch.Tensor] | None = None,
-        merged_anchors: list[int] | None = None,
+        merged_sources: "list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor] | None" = None,
+        merged_anchors: "list[int] | torch.Tensor | None" = None,
         info: dict[str, Any] | None = None,
         global_tokens: torch.Tensor | None = None,
     ) -> "Selection":
         """Assemble a Selection from kept patch indices and optional merged tokens.
 
         ``features`` (N, D) of one image; ``kept`` (k,) patch indices in output order;
-        merged tokens come after the kept ones. ``merged_anchors`` names, per merged
+        merged tokens come after the kept ones; ``merged_sources`` lists each one's patches, as a
+        list of index tensors or flat as (indices one token after the other, sizes). ``merged_anchors`` names, per merged
         token, the patch it is built around (its center; -1 for none): an anchor
         owns itself before other merged tokens claim their remaining sources.
         """
         n = features.shape[0]
         kept = kept.to(torch.long).reshape(-1)
+        k = kept.numel()
         if isinstance(kept_origin, int):
-            kept_origin = torch.full((kept.numel(),), int(kept_origin), dtype=torch.long)
-        merged_sources = merged_sources or []
+            kept_origin = torch.full((k,), int(kept_origin), dtype=torch.long)
+        if isinstance(merged_sources, tuple):  # already flat: (all sources one after the other, sizes)
+            merged_flat, merged_sizes = merged_sources[0].to(torch.long), merged_sources[1].to(torch.long)
+        else:
+            merged_sources = merged_sources or []
+            merged_sizes = torch.tensor([len(s) for s in merged_sources], dtype=torch.long)
+            merged_flat = torch.cat(merged_sources).to(torch.long) if merged_sources else kept[:0]
+        m = merged_sizes.numel()
         g = 0 if global_tokens is None else global_tokens.shape[0]
-        parts = [features[kept]] if g == 0 else [global_tokens.to(features.dtype), features[kept]]
+        rows = features.index_select(0, kept)  # faster than features[kept] on the CPU
+        parts = [rows] if g == 0 else [global_tokens.to(features.dtype), rows]
         if merged_tokens is not None and merged_tokens.shape[0] > 0:
             parts.append(merged_tokens.to(features.dtype))
-        tokens = torch.cat(parts, dim=0)
-        origin = torch.cat(
-            [
-                torch.full((g,), int(Origin.GLOBAL)),
-                kept_origin.to(torch.long),
-                torch.full((len(merged_sources),), int(Origin.MERGED)),
-            ]
-        )
-        sources = (
-            [torch.empty(0, dtype=torch.long)] * g
-            + [kept[i : i + 1] for i in range(kept.numel())]
-            + [s.to(torch.long) for s in merged_sources]
-        )
-        if tokens.shape[0] != len(sources):
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tokens.shape[0] != g + k + m:
             raise AssertionError("every output token needs a source list")
         owner = torch.full((n,), -1, dtype=torch.long)
-        owner[kept] = g + torch.arange(kept.numel())
-        first_merged = g + kept.numel()
-        anchors = merged_anchors or [-1] * len(merged_sources)
-        for j, anchor in enumerate(anchors):
-            if anchor >= 0 and owner[anchor] < 0:
-                owner[anchor] = first_merged + j
-        for j, src in enumerate(merged_sources):
-            src = src.to(torch.long)
-            src = src[owner[src] < 0]
-            owner[src] = first_merged + j
-        return cls(tokens=tokens, origin=origin, sources=sources, owner=owner, info=dict(info or {}))
+        owner[kept] = torch.arange(g, g + k)
+        if g == 0 and m == 0:  # kept patches only: the common case, a few operations
+            return cls(tokens, kept_origin.to(torch.long), owner=owner, info=info, source_index=kept,
+                       source_sizes=torch.ones(k, dtype=torch.long))
+        origin = torch.cat(
+            [torch.full((g,), int(Origin.GLOBAL)), kept_origin.to(torch.long), torch.full((m,), int(Origin.MERGED))]
+        )
+        sizes = torch.cat([torch.zeros(g, dtype=torch.long), torch.ones(k, dtype=torch.long), merged_sizes])
+        if m:
+            merged_ids = g + k + torch.arange(m)
+            if merged_anchors is not None:  # anchors claim themselves before any merged token claims its sources
+                anchors = torch.as_tensor(merged_anchors, dtype=torch.long)
+                claimed = anchors >= 0
+                owner = _claim_unowned(owner, anchors[claimed], merged_ids[claimed])
+            owner = _claim_unowned(owner, merged_flat, merged_ids.repeat_interleave(merged_sizes))
+        return cls(
+            tokens, origin, owner=owner, info=info, source_index=torch.cat([kept, merged_flat]), source_sizes=sizes
+        )
+
+
+def _claim_unowned(owner: torch.Tensor, patches: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Every patch still unowned goes to the first token (lowest id) that lists it: the result of
+    claiming in output order, one token after the other."""
+    if patches.numel() == 0:
+        return owner
+    first = torch.full_like(owner, torch.iinfo(torch.long).max)
+    first.scatter_reduce_(0, patches, token_ids, reduce="amin")
+    return torch.where((owner < 0) & (first != torch.iinfo(torch.long).max), first, owner)
 
 
 # ----------------------------------------------------------------------------- methods

@@ -24,9 +24,9 @@ class NoCompression(Method):
         if not budget.is_auto and budget.tokens(n) != n:
             raise VTCError(f"method 'none' keeps all {n} tokens; give budget 'auto' (or {n}), not {budget}")
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        n = signals.num_patches
-        return Selection.build(signals.features[0], torch.arange(n))
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        b, n = signals.batch_size, signals.num_patches
+        return Selection.from_kept(signals.features, torch.arange(n).expand(b, n))
 
 
 @register("random")
@@ -42,11 +42,12 @@ class RandomKeep(Method):
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        n = signals.num_patches
-        generator = torch.Generator().manual_seed(self.seed + signals.index)
-        kept = torch.randperm(n, generator=generator)[: budget.tokens(n)].sort().values
-        return Selection.build(signals.features[0], kept)
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        n, k = signals.num_patches, budget.tokens(signals.num_patches)
+        # One generator per image (seed + its index in the caller's batch), so batching never changes a draw.
+        draws = [torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + signals.index + b))[:k]
+                 for b in range(signals.batch_size)]
+        return Selection.from_kept(signals.features, torch.stack(draws).sort(dim=-1).values)
 
 
 def _bins(size: int, out: int) -> list[tuple[int, int]]:

@@ -28,12 +28,12 @@ from typing import Literal
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
-from .primitives import top_in_raster_order
 
 
 def fuse_inattentive(features: torch.Tensor, attn: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    """(1, D) the attention-weighted sum of the dropped tokens."""
-    return (attn[dropped, None].float() * features[dropped].float()).sum(0, keepdim=True).to(features.dtype)
+    """(B, 1, D) the attention-weighted sum of each image's dropped tokens; ``dropped`` (B, R) indices."""
+    weights = torch.zeros_like(attn, dtype=torch.float32).scatter_(1, dropped, attn.gather(1, dropped).float())
+    return (weights[:, None, :] @ features.float()).to(features.dtype)
 
 
 @register("evit")
@@ -50,18 +50,18 @@ class EViT(Method):
             raise VTCError(f"evit: order must be 'raster' or 'score', got {order!r}")
         self.order = order
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        feats, attn, n = signals.features[0], signals.cls_attn[0], signals.num_patches
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        feats, attn, n = signals.features, signals.cls_attn, signals.num_patches
         total = budget.tokens(n)
         if total == n:
-            return Selection.build(feats, torch.arange(n))
-        keep = total - 1
-        if self.order == "score":
-            kept = torch.sort(attn, descending=True, stable=True).indices[:keep]
-        else:
-            kept = top_in_raster_order(attn, keep)
-        dropped = torch.ones(n, dtype=torch.bool)
-        dropped[kept] = False
-        dropped = dropped.nonzero().squeeze(1)
+            return Selection.from_kept(feats, torch.arange(n).expand(signals.batch_size, n))
+        ranked = torch.sort(attn, dim=-1, descending=True, stable=True).indices  # ties: the lower index first
+        kept = ranked[:, : total - 1]
+        if self.order == "raster":
+            kept = kept.sort(dim=-1).values
+        dropped = ranked[:, total - 1 :].sort(dim=-1).values
         fused = fuse_inattentive(feats, attn, dropped)
-        return Selection.build(feats, kept, merged_tokens=fused, merged_sources=[dropped])
+        return [
+            Selection.build(feats[b], kept[b], merged_tokens=fused[b], merged_sources=[dropped[b]])
+            for b in range(signals.batch_size)
+        ]

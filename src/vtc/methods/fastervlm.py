@@ -34,6 +34,6 @@ class FasterVLM(Method):
     paper = "arXiv:2412.01818"
     code = "https://github.com/Theia-4869/FasterVLM"
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        kept = top_in_raster_order(signals.cls_attn[0], budget.tokens(signals.num_patches))
-        return Selection.build(signals.features[0], kept)
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        kept = top_in_raster_order(signals.cls_attn, budget.tokens(signals.num_patches))
+        return Selection.from_kept(signals.features, kept)

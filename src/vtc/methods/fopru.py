@@ -36,16 +36,18 @@ from .primitives import top_in_raster_order
 
 
 def best_rows(significance: torch.Tensor, grid: tuple[int, int], total: int) -> torch.Tensor:
-    """Raster indices of ``total`` patches: whole rows by summed significance, then the best of the next row."""
+    """(B, total) raster indices per image of (B, N) significance: whole rows by summed significance,
+    then the best patches of the next row."""
     h, w = grid
-    per_cell = significance.reshape(h, w)
-    ranked_rows = torch.sort(per_cell.sum(1), descending=True, stable=True).indices
+    per_cell = significance.reshape(-1, h, w)
+    ranked_rows = torch.sort(per_cell.sum(2), dim=-1, descending=True, stable=True).indices  # (B, h)
     full, rest = divmod(total, w)
-    chosen = [torch.arange(w) + int(r) * w for r in ranked_rows[:full]]
+    chosen = [(ranked_rows[:, :full, None] * w + torch.arange(w)).flatten(1)]
     if rest:
-        row = int(ranked_rows[full])
-        chosen.append(top_in_raster_order(per_cell[row], rest) + row * w)
-    return torch.cat(chosen).sort().values  # total >= 1 (a Budget never gives 0), so chosen is never empty
+        row = ranked_rows[:, full]  # (B,) the next best row of each image
+        best = top_in_raster_order(per_cell[torch.arange(per_cell.shape[0]), row], rest)
+        chosen.append(best + row[:, None] * w)
+    return torch.cat(chosen, dim=1).sort(dim=-1).values
 
 
 class _FoPru(Method):
@@ -59,15 +61,15 @@ class _FoPru(Method):
 class FoPruRank(_FoPru):
     """FoPru rank: top-T patches by the attention they receive from all patches (Jiang et al. 2024)."""
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        kept = top_in_raster_order(signals.received_attn[0], budget.tokens(signals.num_patches))
-        return Selection.build(signals.features[0], kept)
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        kept = top_in_raster_order(signals.received_attn, budget.tokens(signals.num_patches))
+        return Selection.from_kept(signals.features, kept)
 
 
 @register("fopru-row")
 class FoPruRow(_FoPru):
     """FoPru row: whole grid rows ranked by received attention, keeping contiguous strips (Jiang et al. 2024)."""
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        kept = best_rows(signals.received_attn[0], signals.grid, budget.tokens(signals.num_patches))
-        return Selection.build(signals.features[0], kept)
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        kept = best_rows(signals.received_attn, signals.grid, budget.tokens(signals.num_patches))
+        return Selection.from_kept(signals.features, kept)

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
-from .primitives import top_in_raster_order
+from .primitives import gather_rows
 
 DOMINANT_SHARE = 54 / 64  # the official 54 + 10 split for 64 tokens
 
@@ -54,22 +54,32 @@ def contextual_targets(remaining: int, count: int) -> torch.Tensor:
 
 def merge_contextual(
     features: torch.Tensor, keys: torch.Tensor, remaining: torch.Tensor, count: int, average: bool
-) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-    """Steps 2-4 on the remaining patches: (C, D) contextual tokens, their sources and their target patches."""
-    pos = contextual_targets(remaining.numel(), count)
-    is_target = torch.zeros(remaining.numel(), dtype=torch.bool)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2-4 for a batch: ``remaining`` (B, R) ascending patch indices per image.
+
+    Returns (B, C, D) contextual tokens, their target patches (B, C), and their sources flat:
+    (B, R) indices, each target followed by its members in raster order, with (B, C) sizes.
+    """
+    b, r = remaining.shape
+    pos = contextual_targets(r, count)
+    is_target = torch.zeros(r, dtype=torch.bool)
     is_target[pos] = True
-    targets, others = remaining[is_target], remaining[~is_target]
+    targets, others = remaining[:, is_target], remaining[:, ~is_target]
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-    assign = (unit[others] @ unit[targets].T).argmax(-1)  # (R - C,) index of each member's target
-    sums = torch.zeros(count, features.shape[1], dtype=torch.float32).index_add_(0, assign, features[others].float())
-    counts = torch.bincount(assign, minlength=count).float()
+    assign = (gather_rows(unit, others) @ gather_rows(unit, targets).transpose(1, 2)).argmax(-1)  # (B, R - C) each member's target
+    membership = torch.zeros(b, count, features.shape[1], dtype=torch.float32)
+    membership.scatter_(2, others[:, None, :].expand(b, count, -1), (assign[:, None, :] == torch.arange(count)[None, :, None]).float())
+    sums = membership @ features.float()
+    counts = membership.sum(-1)
+    target_feats = gather_rows(features, targets).float()
     if average:
-        tokens = (features[targets].float() + sums) / (counts + 1)[:, None]
+        tokens = (target_feats + sums) / (counts + 1)[..., None]
     else:
-        tokens = features[targets].float() + sums / counts.clamp(min=1)[:, None]
-    sources = [torch.cat([targets[j : j + 1], others[assign == j]]) for j in range(count)]
-    return tokens.to(features.dtype), sources, targets.tolist()
+        tokens = target_feats + sums / counts.clamp(min=1)[..., None]
+    # Sources flat: sort (target j, member of j) pairs by 2j (the target) / 2j + 1 (its members), stably.
+    group = torch.cat([torch.arange(count).expand(b, count) * 2, assign * 2 + 1], dim=1)
+    flat = torch.cat([targets, others], dim=1).gather(1, group.argsort(dim=1, stable=True))
+    return tokens.to(features.dtype), targets, flat, counts.long() + 1
 
 
 @register("visionzip")
@@ -89,21 +99,25 @@ class VisionZip(Method):
         base = {Signal.FEATURES, Signal.CLS_ATTN, Signal.KEYS}
         self.needs = frozenset(base | {Signal.CLS_FEATURE} if keep_cls else base)
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        feats, n = signals.features[0], signals.num_patches
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        feats, n, batch = signals.features, signals.num_patches, signals.batch_size
         total = budget.tokens(n)
         if total == n:
-            return Selection.build(feats, torch.arange(n))
+            return Selection.from_kept(feats, torch.arange(n).expand(batch, n))
         dominant, count = split_budget(total, self.dominant_share)
-        cls_token = signals.cls_feature[0:1] if self.keep_cls else None
         patches = dominant - 1 if self.keep_cls else dominant
-        kept = top_in_raster_order(signals.cls_attn[0], patches)
+        ranked = torch.sort(signals.cls_attn, dim=-1, descending=True, stable=True).indices  # ties: lower index
+        kept = ranked[:, :patches].sort(dim=-1).values
+        cls = (lambda b: signals.cls_feature[b : b + 1]) if self.keep_cls else (lambda b: None)
         info = {"dominant": dominant, "contextual": count}
         if count == 0:
-            return Selection.build(feats, kept, info=info, global_tokens=cls_token)
-        remaining = torch.ones(n, dtype=torch.bool)
-        remaining[kept] = False
-        tokens, sources, anchors = merge_contextual(
-            feats, signals.keys[0], remaining.nonzero().squeeze(1), count, self.contextual == "mean"
-        )
-        return Selection.build(feats, kept, merged_tokens=tokens, merged_sources=sources, merged_anchors=anchors, info=info, global_tokens=cls_token)
+            return [Selection.build(feats[b], kept[b], info=info, global_tokens=cls(b)) for b in range(batch)]
+        remaining = ranked[:, patches:].sort(dim=-1).values
+        tokens, targets, flat, sizes = merge_contextual(feats, signals.keys, remaining, count, self.contextual == "mean")
+        return [
+            Selection.build(
+                feats[b], kept[b], merged_tokens=tokens[b], merged_sources=(flat[b], sizes[b]),
+                merged_anchors=targets[b], info=info, global_tokens=cls(b),
+            )
+            for b in range(batch)
+        ]
