@@ -76,7 +76,7 @@ def assert_same(new, old, where: str) -> None:
 @pytest.mark.parametrize("name,options,naive", CASES, ids=[f"{c[0]}{c[1] or ''}" for c in CASES])
 def test_batched_method_equals_its_naive_reference(name, options, naive):
     method, reference = get(name, **options), naive(**options)
-    budgets = [1, 2, 7, 64, 0.25, N] + (["auto"] if method.supports_auto else [])
+    budgets = [1, 2, 3, 7, 64, 0.25, N] + (["auto"] if method.supports_auto else [])
     for ties in (False, True):
         for batch, seed in ((1, 0), (5, 1), (5, 2)):
             signals = random_signals(batch, seed, ties)
