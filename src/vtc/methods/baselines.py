@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -81,15 +82,33 @@ def pooled_regions(total: int, grid: tuple[int, int]) -> list[torch.Tensor]:
     return regions
 
 
+@dataclass(frozen=True)
+class _PoolingPlan:
+    """What pooling to ``total`` regions of a grid needs, made once per (total, grid) and shared by every call
+    (never modified: each Selection gets copies)."""
+
+    first_region: torch.Tensor  # (N,) the first region of every patch (every patch is in at least one)
+    extra_cells: torch.Tensor  # patches that overlapping bins put in a second region too, and those regions
+    extra_regions: torch.Tensor
+    sizes: torch.Tensor  # (total,) patches per region
+    template: Selection  # the provenance, the same for every image (its tokens are empty)
+
+
 @lru_cache(maxsize=64)
-def _pooling_plan(total: int, grid: tuple[int, int]) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The regions of ``pooled_regions`` flattened once per (total, grid) for a whole batch:
-    (cells per region, the regions' cells one after another, region of each cell, region sizes).
-    Shared by every call: never handed out (each Selection gets its own copy of the cells)."""
+def _pooling_plan(total: int, grid: tuple[int, int]) -> _PoolingPlan:
     regions = pooled_regions(total, grid)
-    counts = tuple(r.numel() for r in regions)
-    region_of_cell = torch.repeat_interleave(torch.arange(total), torch.tensor(counts))
-    return counts, torch.cat(regions), region_of_cell, torch.tensor(counts, dtype=torch.float32)
+    sizes = torch.tensor([r.numel() for r in regions])
+    cells, region_of_cell = torch.cat(regions), torch.repeat_interleave(torch.arange(total), sizes)
+    n = grid[0] * grid[1]
+    position = torch.arange(cells.numel())
+    first = torch.full((n,), cells.numel()).scatter_reduce_(0, cells, position, reduce="amin")
+    extra = torch.ones(cells.numel(), dtype=torch.bool)
+    extra[first] = False
+    nothing = torch.empty(0, dtype=torch.long)
+    template = Selection.build(
+        torch.zeros(n, 0), nothing, merged_tokens=torch.zeros(total, 0), merged_sources=(cells, sizes)
+    )
+    return _PoolingPlan(region_of_cell[first], cells[extra], region_of_cell[extra], sizes, template)
 
 
 @register("pool")
@@ -101,8 +120,8 @@ class SpatialPool(Method):
     divide). For budgets that factor into a near-square grid (64 on 24x24 -> 8x8)
     this is exactly ``adaptive_avg_pool2d``; other budgets (e.g. a prime) get bands
     whose column counts differ by one, so any budget is honoured exactly.
-    The regions depend only on the budget and the grid: they are computed once and
-    the whole batch is averaged with one gather and one index_add.
+    The regions (and the provenance) depend only on the budget and the grid: they are
+    made once, and the whole batch is averaged with index_add, no Python loop over regions.
     LLaVA-1.5 ablations and LLaVolta use pooling as the simplest compressor.
     """
 
@@ -112,13 +131,22 @@ class SpatialPool(Method):
         n, feats = signals.num_patches, signals.features
         total = budget.tokens(n)
         if total == n:  # nothing to pool
-            return [Selection.build(x, torch.arange(n)) for x in feats]
-        counts, cells, region_of_cell, sizes = _pooling_plan(total, tuple(signals.grid))
-        gathered = feats[:, cells.to(feats.device)]  # (B, sum of region sizes, D)
-        sums = feats.new_zeros(feats.shape[0], total, feats.shape[2]).index_add_(1, region_of_cell.to(feats.device), gathered)
-        pooled = sums / sizes.to(feats)[:, None]
-        nothing = torch.empty(0, dtype=torch.long)
+            return Selection.from_kept(feats, torch.arange(n).expand(feats.shape[0], n))
+        plan, device = _pooling_plan(total, tuple(signals.grid)), feats.device
+        # every patch added once to its first region in place (no gathered copy of the batch), then the few
+        # patches that overlapping bins share with a second region
+        sums = feats.new_zeros(feats.shape[0], total, feats.shape[2]).index_add_(1, plan.first_region.to(device), feats)
+        if plan.extra_cells.numel():
+            sums.index_add_(1, plan.extra_regions.to(device), feats.index_select(1, plan.extra_cells.to(device)))
+        pooled = sums / plan.sizes.to(feats)[:, None]
+        same = plan.template  # every image has the same provenance: copies of one Selection.build
         return [
-            Selection.build(x, nothing, merged_tokens=p, merged_sources=list(cells.clone().split(counts)))
-            for x, p in zip(feats, pooled)
+            Selection(
+                tokens,
+                same.origin.clone(),
+                owner=same.owner.clone(),
+                source_index=same.source_index.clone(),
+                source_sizes=same.source_sizes.clone(),
+            )
+            for tokens in pooled
         ]

@@ -82,4 +82,4 @@ class DivPrune(Method):
     def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
         vectors = signals.projected if self.space == "projected" else signals.features
         kept = divprune_indices(vectors, budget.tokens(signals.num_patches))  # (B, k): the whole batch at once
-        return [Selection.build(feats, picks) for feats, picks in zip(signals.features, kept)]
+        return Selection.from_kept(signals.features, kept)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
+from .primitives import gather_rows
 
 NEIGHBOURS = 32  # hard-coded in the official code
 
@@ -100,14 +101,14 @@ def merge_into_kept(
     b, n, d = features.shape
     rows = torch.arange(b, device=features.device)[:, None]
     unit = torch.nn.functional.normalize(keys, dim=-1)
-    sim = unit[rows, kept] @ unit.transpose(1, 2)  # (B, K, N): only the kept rows, never N x N
+    sim = gather_rows(unit, kept) @ unit.transpose(1, 2)  # (B, K, N): only the kept rows, never N x N
     sim.scatter_(2, kept[:, :, None], -float("inf"))  # a token is not its own neighbour
     nbrs = sim.topk(min(neighbours, n - 1), dim=-1).indices  # (B, K, m)
     flat = (nbrs + rows[:, :, None] * n).reshape(-1, nbrs.shape[-1])  # rows of features.reshape(B*N, D)
     weighted = torch.nn.functional.embedding_bag(
         flat, features.reshape(b * n, d), per_sample_weights=attn.reshape(-1)[flat], mode="sum"
     )
-    return features[rows, kept] + weighted.reshape(b, -1, d), nbrs
+    return gather_rows(features, kept) + weighted.reshape(b, -1, d), nbrs
 
 
 @register("prumerge")
@@ -180,19 +181,26 @@ class PruMerge(Method):
             pruned = torch.ones(b, n + 1, dtype=torch.bool, device=kept.device)
             pruned = pruned.scatter_(1, torch.where(valid, kept, n), False)[:, :n]
             extra = (attn * pruned)[:, None, :].to(feats.dtype) @ feats  # (B, 1, D)
-        anchors = kept.tolist()
+            raster = torch.arange(n, device=kept.device)
+            pruned_first = torch.where(pruned, raster, n + raster).sort(dim=-1).values  # pruned patches, raster order
+        no_anchor = torch.full((1,), -1, dtype=torch.long, device=kept.device)
         out = []
         for i, count in enumerate(counts):
-            tokens, image_sources, image_anchors = merged[i, :count], list(sources[i, :count].unbind(0)), anchors[i][:count]
+            tokens, flat, anchors = merged[i, :count], sources[i, :count].reshape(-1), kept[i, :count]
+            sizes = torch.full((count,), sources.shape[-1], dtype=torch.long)
             if with_extra:
                 tokens = torch.cat([tokens, extra[i]])
-                image_sources.append(pruned[i].nonzero().squeeze(1))
-                image_anchors.append(-1)
-            empty = torch.empty(0, dtype=torch.long)
-            info = {"kept_before_merge": count}
+                flat = torch.cat([flat, pruned_first[i, : n - count]])
+                sizes = torch.cat([sizes, torch.tensor([n - count])])
+                anchors = torch.cat([anchors, no_anchor])
             out.append(
                 Selection.build(
-                    feats[i], empty, merged_tokens=tokens, merged_sources=image_sources, merged_anchors=image_anchors, info=info
+                    feats[i],
+                    torch.empty(0, dtype=torch.long),  # nothing kept as is: every output token is merged
+                    merged_tokens=tokens,
+                    merged_sources=(flat, sizes),
+                    merged_anchors=anchors,
+                    info={"kept_before_merge": count},
                 )
             )
         return out

@@ -49,4 +49,4 @@ class ToDRE(Method):
         seeds = signals.cls_attn.argmax(dim=-1)  # (B,) the pivot of every image
         greedy = greedy_max_min if self.objective == "maxmin" else greedy_max_sum
         kept = greedy(cosine_distance_matrix(feats), k, seeds).sort(dim=-1).values  # (B, k), one batched loop
-        return [Selection.build(x, picks) for x, picks in zip(feats, kept)]
+        return Selection.from_kept(feats, kept)
