@@ -102,3 +102,18 @@ def test_real_shape_batch_equals_naive_for_the_fast_methods():
             for budget in (64, "auto") if name.startswith("prumerge") else (64, 100):
                 got, want = get(name, **options).select(signals, budget), naive(**options).select(signals, budget)
                 assert_same(got, want, f"{name}{options} {budget} at 576 tokens")
+
+
+def test_most_isolated_batched_leaves_the_distances_as_they_were():
+    from vtc.methods.divprune import most_isolated
+    from vtc.methods.primitives import cosine_distance_matrix
+
+    x = random_signals(3, 5, True).features
+    distance = cosine_distance_matrix(x)
+    before = distance.clone()
+    picks = most_isolated(distance)
+    assert torch.equal(distance, before)
+    # by hand: for each image, the token whose nearest other token is farthest
+    for b in range(3):
+        nearest = [min(float(distance[b, i, j]) for i in range(N) if i != j) for j in range(N)]
+        assert int(picks[b]) == max(range(N), key=lambda j: (nearest[j], -j))
