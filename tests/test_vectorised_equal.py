@@ -117,3 +117,15 @@ def test_most_isolated_batched_leaves_the_distances_as_they_were():
     for b in range(3):
         nearest = [min(float(distance[b, i, j]) for i in range(N) if i != j) for j in range(N)]
         assert int(picks[b]) == max(range(N), key=lambda j: (nearest[j], -j))
+
+
+@pytest.mark.parametrize("name,options,naive", [c for c in CASES if c[0] in ("prumerge", "prumerge+", "tome", "pool")][::2])
+def test_half_precision_features_merge_like_the_naive_code(name, options, naive):
+    signals = random_signals(3, 8, False)
+    signals.features = signals.features.half()
+    for budget in (7, 64) + (("auto",) if name.startswith("prumerge") else ()):
+        got, want = get(name, **options).select(signals, budget), naive(**options).select(signals, budget)
+        for s, t in zip(got, want):
+            assert s.tokens.dtype == t.tokens.dtype == torch.float16
+            torch.testing.assert_close(s.tokens, t.tokens, rtol=2e-3, atol=2e-3)
+            assert [x.tolist() for x in s.sources] == [x.tolist() for x in t.sources]

@@ -135,10 +135,12 @@ class SpatialPool(Method):
         plan, device = _pooling_plan(total, tuple(signals.grid)), feats.device
         # every patch added once to its first region in place (no gathered copy of the batch), then the few
         # patches that overlapping bins share with a second region
-        sums = feats.new_zeros(feats.shape[0], total, feats.shape[2]).index_add_(1, plan.first_region.to(device), feats)
+        work = feats.to(torch.promote_types(feats.dtype, torch.float32))  # sums in float32 at least
+        sums = torch.zeros(feats.shape[0], total, feats.shape[2], dtype=work.dtype, device=device)
+        sums.index_add_(1, plan.first_region.to(device), work)
         if plan.extra_cells.numel():
-            sums.index_add_(1, plan.extra_regions.to(device), feats.index_select(1, plan.extra_cells.to(device)))
-        pooled = sums / plan.sizes.to(feats)[:, None]
+            sums.index_add_(1, plan.extra_regions.to(device), work.index_select(1, plan.extra_cells.to(device)))
+        pooled = (sums / plan.sizes.to(sums)[:, None]).to(feats.dtype)
         same = plan.template  # every image has the same provenance: copies of one Selection.build
         return [
             Selection(

@@ -100,6 +100,7 @@ def merge_into_kept(
     """
     b, n, d = features.shape
     rows = torch.arange(b, device=features.device)[:, None]
+    features = features.to(torch.promote_types(features.dtype, attn.dtype))  # a_j x_j in float32 for fp16 features
     unit = torch.nn.functional.normalize(keys, dim=-1)
     sim = gather_rows(unit, kept) @ unit.transpose(1, 2)  # (B, K, N): only the kept rows, never N x N
     sim.scatter_(2, kept[:, :, None], -float("inf"))  # a token is not its own neighbour
@@ -180,7 +181,8 @@ class PruMerge(Method):
             # step 4: one extra token, the attention-weighted sum of every pruned patch
             pruned = torch.ones(b, n + 1, dtype=torch.bool, device=kept.device)
             pruned = pruned.scatter_(1, torch.where(valid, kept, n), False)[:, :n]
-            extra = (attn * pruned)[:, None, :].to(feats.dtype) @ feats  # (B, 1, D)
+            work = torch.promote_types(feats.dtype, attn.dtype)
+            extra = (attn * pruned)[:, None, :].to(work) @ feats.to(work)  # (B, 1, D)
             raster = torch.arange(n, device=kept.device)
             pruned_first = torch.where(pruned, raster, n + raster).sort(dim=-1).values  # pruned patches, raster order
         no_anchor = torch.full((1,), -1, dtype=torch.long, device=kept.device)

@@ -126,8 +126,10 @@ class ToMe(Method):
             tokens = metric  # the round-by-round weighted averages of the features themselves
         else:  # every token is the mean of its patches' features
             flat_place = (place + torch.arange(bsz, device=place.device)[:, None] * total).reshape(-1)
-            sums = feats.new_zeros(bsz * total, d).index_add_(0, flat_place, feats.reshape(bsz * n, d))
-            tokens = sums.reshape(bsz, total, d) / size[..., None].to(feats.dtype)
+            work = torch.promote_types(feats.dtype, torch.float32)  # sums in float32 at least, as ToMe's rounds
+            sums = torch.zeros(bsz * total, d, dtype=work, device=feats.device)
+            sums.index_add_(0, flat_place, feats.reshape(bsz * n, d).to(work))
+            tokens = (sums.reshape(bsz, total, d) / size[..., None]).to(feats.dtype)
         raster = torch.arange(n, device=place.device).expand(bsz, n)
         merged = size > 1
         # merged tokens ordered by their first patch; single patches are kept, in raster order
