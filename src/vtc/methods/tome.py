@@ -48,8 +48,9 @@ from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTC
 from .primitives import gather_rows
 
 
-def _merge_rows(v: torch.Tensor, size_b: torch.Tensor, flat_dst: torch.Tensor, weighted_a: torch.Tensor,
-                new_size: torch.Tensor) -> torch.Tensor:
+def _merge_rows(
+    v: torch.Tensor, size_b: torch.Tensor, flat_dst: torch.Tensor, weighted_a: torch.Tensor, new_size: torch.Tensor
+) -> torch.Tensor:
     """x_b <- (s_b x_b + sum s_a x_a) / (s_b + sum s_a) for every B-token of every image (float32 sums)."""
     bsz, nb, d = v.shape
     total = (v.float() * size_b[..., None]).reshape(bsz * nb, d).index_add_(0, flat_dst, weighted_a.reshape(-1, d))
