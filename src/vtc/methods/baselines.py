@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 
 from .base import Budget, Method, Origin, Selection, Signals, VTCError, register
@@ -79,6 +82,35 @@ def pooled_regions(total: int, grid: tuple[int, int]) -> list[torch.Tensor]:
     return regions
 
 
+@dataclass(frozen=True)
+class _PoolingPlan:
+    """What pooling to ``total`` regions of a grid needs, made once per (total, grid) and shared by every call
+    (never modified: each Selection gets copies)."""
+
+    first_region: torch.Tensor  # (N,) the first region of every patch (every patch is in at least one)
+    extra_cells: torch.Tensor  # patches that overlapping bins put in a second region too, and those regions
+    extra_regions: torch.Tensor
+    sizes: torch.Tensor  # (total,) patches per region
+    template: Selection  # the provenance, the same for every image (its tokens are empty)
+
+
+@lru_cache(maxsize=64)
+def _pooling_plan(total: int, grid: tuple[int, int]) -> _PoolingPlan:
+    regions = pooled_regions(total, grid)
+    sizes = torch.tensor([r.numel() for r in regions])
+    cells, region_of_cell = torch.cat(regions), torch.repeat_interleave(torch.arange(total), sizes)
+    n = grid[0] * grid[1]
+    position = torch.arange(cells.numel())
+    first = torch.full((n,), cells.numel()).scatter_reduce_(0, cells, position, reduce="amin")
+    extra = torch.ones(cells.numel(), dtype=torch.bool)
+    extra[first] = False
+    nothing = torch.empty(0, dtype=torch.long)
+    template = Selection.build(
+        torch.zeros(n, 0), nothing, merged_tokens=torch.zeros(total, 0), merged_sources=(cells, sizes)
+    )
+    return _PoolingPlan(region_of_cell[first], cells[extra], region_of_cell[extra], sizes, template)
+
+
 @register("pool")
 class SpatialPool(Method):
     """Average pooling of the patch grid to exactly the budget's token count.
@@ -88,18 +120,35 @@ class SpatialPool(Method):
     divide). For budgets that factor into a near-square grid (64 on 24x24 -> 8x8)
     this is exactly ``adaptive_avg_pool2d``; other budgets (e.g. a prime) get bands
     whose column counts differ by one, so any budget is honoured exactly.
+    The regions (and the provenance) depend only on the budget and the grid: they are
+    made once, and the whole batch is averaged with index_add, no Python loop over regions.
     LLaVA-1.5 ablations and LLaVolta use pooling as the simplest compressor.
     """
 
     paper = "baseline (LLaVolta, NeurIPS 2024)"
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        n = signals.num_patches
-        h, w = signals.grid
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        n, feats = signals.num_patches, signals.features
         total = budget.tokens(n)
-        feats = signals.features[0]
         if total == n:  # nothing to pool
-            return Selection.build(feats, torch.arange(n))
-        sources = pooled_regions(total, (h, w))
-        pooled = torch.stack([feats[src].mean(0) for src in sources])
-        return Selection.build(feats, torch.empty(0, dtype=torch.long), merged_tokens=pooled, merged_sources=sources)
+            return Selection.from_kept(feats, torch.arange(n).expand(feats.shape[0], n))
+        plan, device = _pooling_plan(total, tuple(signals.grid)), feats.device
+        # every patch added once to its first region in place (no gathered copy of the batch), then the few
+        # patches that overlapping bins share with a second region
+        work = feats.to(torch.promote_types(feats.dtype, torch.float32))  # sums in float32 at least
+        sums = torch.zeros(feats.shape[0], total, feats.shape[2], dtype=work.dtype, device=device)
+        sums.index_add_(1, plan.first_region.to(device), work)
+        if plan.extra_cells.numel():
+            sums.index_add_(1, plan.extra_regions.to(device), work.index_select(1, plan.extra_cells.to(device)))
+        pooled = (sums / plan.sizes.to(sums)[:, None]).to(feats.dtype)
+        same = plan.template  # every image has the same provenance: copies of one Selection.build
+        return [
+            Selection(
+                tokens,
+                same.origin.clone(),
+                owner=same.owner.clone(),
+                source_index=same.source_index.clone(),
+                source_sizes=same.source_sizes.clone(),
+            )
+            for tokens in pooled
+        ]

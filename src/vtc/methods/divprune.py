@@ -15,6 +15,8 @@ Algorithm (the Max-Min Diversity Problem, solved greedily), for one image of N t
 
 Needs token-token similarity by design: it builds the (N, N) cosine-distance matrix
 (576 x 576 floats = 1.3 MB for LLaVA-1.5); the greedy loop is O(T N) on top of it.
+A batch is selected at once: one batched matmul for the B matrices (its cost, O(N^2 D),
+dominates), then T batched argmax steps for every image together.
 Defaults: post-projector tokens (``space="projected"``), the budget's T (the paper's
 main setting is 9.8% of 576 = 56 tokens).
 Option: ``space="features"`` measures diversity on the vision features instead.
@@ -44,18 +46,23 @@ from .base import Budget, Method, Selection, Signal, Signals, VTCError, register
 from .primitives import cosine_distance_matrix, greedy_max_min
 
 
-def most_isolated(distance: torch.Tensor) -> int:
-    """The token whose nearest other token is farthest away."""
-    masked = distance + torch.diag(torch.full((distance.shape[0],), float("inf")))
-    return int(masked.min(dim=0).values.argmax())
+def most_isolated(distance: torch.Tensor) -> torch.Tensor:
+    """The token whose nearest other token is farthest away: (B,) for (B, N, N), a 0-d tensor for (N, N)."""
+    diagonal = distance.diagonal(dim1=-2, dim2=-1)
+    saved = diagonal.clone()
+    diagonal.fill_(float("inf"))  # a token is not its own nearest neighbour
+    nearest_other = distance.min(dim=-2).values
+    diagonal.copy_(saved)
+    return nearest_other.argmax(dim=-1)
 
 
 def divprune_indices(vectors: torch.Tensor, k: int) -> torch.Tensor:
-    """DivPrune's k picks among (N, D) vectors, in raster order."""
-    if k >= vectors.shape[0]:
-        return torch.arange(vectors.shape[0])
+    """DivPrune's k picks among (N, D) vectors, or (B, N, D) for a batch at once, in raster order."""
+    n = vectors.shape[-2]
+    if k >= n:
+        return torch.arange(n).expand(*vectors.shape[:-2], n)
     distance = cosine_distance_matrix(vectors)
-    return greedy_max_min(distance, k, most_isolated(distance)).sort().values
+    return greedy_max_min(distance, k, most_isolated(distance)).sort(dim=-1).values
 
 
 @register("divprune")
@@ -72,7 +79,7 @@ class DivPrune(Method):
         self.space = space
         self.needs = frozenset({Signal.FEATURES, Signal.PROJECTED if space == "projected" else Signal.FEATURES})
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        vectors = signals.projected[0] if self.space == "projected" else signals.features[0]
-        kept = divprune_indices(vectors, budget.tokens(signals.num_patches))
-        return Selection.build(signals.features[0], kept)
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        vectors = signals.projected if self.space == "projected" else signals.features
+        kept = divprune_indices(vectors, budget.tokens(signals.num_patches))  # (B, k): the whole batch at once
+        return Selection.from_kept(signals.features, kept)

@@ -22,40 +22,56 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_distance_matrix(x: torch.Tensor) -> torch.Tensor:
-    """(N, N) 1 - cos(x_i, x_j). The one place methods that need token-token distances build N x N."""
+    """(..., N, N) 1 - cos(x_i, x_j) for (..., N, D) vectors, one matrix per image of a batch.
+
+    The one place methods that need token-token distances build N x N. A batched matmul
+    gives bit for bit the per-image matrices (ties in the greedy picks break the same way).
+    """
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
-    return (1.0 - unit @ unit.T).clamp_(min=0.0)
+    return (1.0 - unit @ unit.transpose(-1, -2)).clamp_(min=0.0)
 
 
-def greedy_max_min(distance: torch.Tensor, k: int, first: int) -> torch.Tensor:
+def _batched(distance: torch.Tensor, first: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, N) distances, (B,) first picks and the (B,) row numbers, for a batch or one (N, N) matrix."""
+    batch = distance if distance.ndim == 3 else distance[None]
+    rows = torch.arange(batch.shape[0])
+    return batch, torch.as_tensor(first, dtype=torch.long).reshape(-1).expand(batch.shape[0]), rows
+
+
+def greedy_max_min(distance: torch.Tensor, k: int, first: int | torch.Tensor) -> torch.Tensor:
     """Greedy max-min diversity: start from ``first``, then add the point farthest from the chosen set.
 
-    ``distance`` (N, N). Keeps a running (N,) vector of each point's distance to the set,
-    updated with one row per pick: O(k N) after the distance matrix. Ties go to the lower index.
-    Returns the picks in pick order.
+    ``distance`` (N, N), or (B, N, N) with ``first`` (B,) for a batch: every image is picked
+    at once, with one batched argmax per pick. Keeps a running (B, N) distance of each point
+    to its image's set, updated with one row per pick: O(k N) per image after the distance
+    matrix. Ties go to the lower index. Returns the picks in pick order: (k,) or (B, k).
     """
-    picks = torch.empty(k, dtype=torch.long)
-    picks[0] = first
-    nearest = distance[first].clone()
-    nearest[first] = -1.0
+    batch, first, rows = _batched(distance, first)
+    picks = torch.empty(batch.shape[0], k, dtype=torch.long)
+    picks[:, 0] = first
+    nearest = batch[rows, first].clone()
+    nearest[rows, first] = -1.0
     for i in range(1, k):
-        best = int(nearest.argmax())
-        picks[i] = best
-        nearest = torch.minimum(nearest, distance[best])  # earlier picks stay at -1
-        nearest[best] = -1.0
-    return picks
+        best = nearest.argmax(dim=-1)
+        picks[:, i] = best
+        nearest = torch.minimum(nearest, batch[rows, best])  # earlier picks stay at -1
+        nearest[rows, best] = -1.0
+    return picks if distance.ndim == 3 else picks[0]
 
 
-def greedy_max_sum(distance: torch.Tensor, k: int, first: int) -> torch.Tensor:
-    """Greedy max-sum diversity: start from ``first``, then add the point with the largest summed distance to the set."""
-    picks = torch.empty(k, dtype=torch.long)
-    picks[0] = first
-    total = distance[first].clone()
-    chosen = torch.zeros(distance.shape[0], dtype=torch.bool)
-    chosen[first] = True
+def greedy_max_sum(distance: torch.Tensor, k: int, first: int | torch.Tensor) -> torch.Tensor:
+    """Greedy max-sum diversity: start from ``first``, then add the point with the largest summed distance to the set.
+
+    Shapes as ``greedy_max_min`` (one (N, N) matrix, or a batch picked at once).
+    """
+    batch, first, rows = _batched(distance, first)
+    picks = torch.empty(batch.shape[0], k, dtype=torch.long)
+    picks[:, 0] = first
+    total = batch[rows, first].clone()  # summed distance to the set; chosen points are -inf (and stay so)
+    total[rows, first] = -float("inf")
     for i in range(1, k):
-        best = int(total.masked_fill(chosen, -float("inf")).argmax())
-        picks[i] = best
-        chosen[best] = True
-        total += distance[best]
-    return picks
+        best = total.argmax(dim=-1)
+        picks[:, i] = best
+        total[rows, best] = -float("inf")
+        total += batch[rows, best]
+    return picks if distance.ndim == 3 else picks[0]

@@ -38,6 +38,11 @@ Deliberate differences from the official code:
     the fixed-budget split can, so the stride is clamped to 1.
   * ``order="raster"`` is offered to put the kept tokens back in raster order
     (default ``"score"`` keeps the official descending-score order).
+
+Batched: every step runs for the whole batch at once (per-image quantiles, one sort key per
+patch that orders top / uniform / fill picks, neighbour top-k over the kept rows of every
+image, weighted sums with embedding_bag); the kept lists differ in length per image, so they
+are padded to the longest, whose length is read once per batch.
 """
 
 from __future__ import annotations
@@ -45,40 +50,66 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
+from .primitives import gather_rows
 
 NEIGHBOURS = 32  # hard-coded in the official code
 
 
-def iqr_outlier_count(scores: torch.Tensor) -> int:
-    """Number of scores above Q3 + 1.5 IQR (the official adaptive budget), at least 1."""
-    q1, q3 = torch.quantile(scores.double(), torch.tensor([0.25, 0.75], dtype=torch.double))
+def iqr_outlier_counts(scores: torch.Tensor) -> torch.Tensor:
+    """(B,) number of scores above Q3 + 1.5 IQR in every row of (B, N) (the official adaptive budget), at least 1."""
+    scores = scores.double()
+    q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=torch.double, device=scores.device), dim=-1)
     threshold = q3 + 1.5 * (q3 - q1)
-    return max(1, int((scores.double() > threshold).sum()))
+    return (scores > threshold[:, None]).sum(dim=-1).clamp(min=1)
+
+
+def uniform_grid(n: int, stride: torch.Tensor) -> torch.Tensor:
+    """(B, n) mask of the raster indices 0, s, 2s, ... < n-1 of PruMerge+, one stride s per image (at least 1)."""
+    index = torch.arange(n, device=stride.device)
+    return (index < n - 1) & (index % stride.clamp(min=1)[:, None] == 0)
+
+
+def thinning_ordinals(available: torch.Tensor, wanted: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) ordinals round(linspace(0, available-1, wanted)) per image, padded with ``width``.
+
+    torch.linspace's float32 rule (start + step*i in the first half, end - step*(steps-1-i) in the
+    second, step = (end-start)/(steps-1) in float32), so the rounded picks equal the per-image
+    ``torch.linspace(...).round()`` (checked for every available <= 600)."""
+    i = torch.arange(width, device=available.device)
+    end = (available - 1).float()[:, None]
+    step = end / (wanted - 1).clamp(min=1).float()[:, None]
+    value = torch.where(i < (wanted // 2)[:, None], step * i.float(), end - step * ((wanted - 1)[:, None] - i).float())
+    value = torch.where(wanted[:, None] == 1, torch.zeros_like(value), value)  # one step: linspace gives `start`
+    return torch.where(i < wanted[:, None], value.round().long(), width)
+
+
+def first_in_order(mask: torch.Tensor, order: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(B, N) mask of the first ``count`` (B,) entries of ``mask`` when walking each row in ``order``."""
+    walked = mask.gather(1, order)
+    taken = walked & (walked.cumsum(dim=-1) <= count[:, None])
+    return torch.zeros_like(mask).scatter_(1, order, taken)
 
 
 def merge_into_kept(
     features: torch.Tensor, keys: torch.Tensor, attn: torch.Tensor, kept: torch.Tensor, neighbours: int = NEIGHBOURS
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Step 3: x_i' = x_i + sum of a_j x_j over the ``neighbours`` patches whose keys are closest to i's."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 for a batch: x_i' = x_i + sum of a_j x_j over the ``neighbours`` patches whose keys are closest to i's.
+
+    ``kept`` (B, K) patch indices (rows past an image's own count may hold any index: their
+    outputs are ignored). Returns the merged tokens (B, K, D) and the neighbours (B, K, m).
+    """
+    b, n, d = features.shape
+    rows = torch.arange(b, device=features.device)[:, None]
+    features = features.to(torch.promote_types(features.dtype, attn.dtype))  # a_j x_j in float32 for fp16 features
     unit = torch.nn.functional.normalize(keys, dim=-1)
-    sim = unit[kept] @ unit.T  # (k, N): only the kept rows, never N x N
-    sim[torch.arange(kept.numel()), kept] = -float("inf")  # a token is not its own neighbour
-    nbrs = sim.topk(min(neighbours, features.shape[0] - 1), dim=-1).indices  # (k, m)
-    weighted = attn[nbrs, None] * features[nbrs]  # (k, m, D)
-    merged = features[kept] + weighted.sum(dim=1)
-    sources = [torch.cat([kept[i : i + 1], nbrs[i]]) for i in range(kept.numel())]
-    return merged, sources
-
-
-def extra_token(features: torch.Tensor, attn: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
-    """Step 4: the attention-weighted sum of every pruned patch."""
-    return (attn[pruned, None] * features[pruned]).sum(dim=0, keepdim=True)
-
-
-def uniform_extras(n: int, chosen: torch.Tensor, stride: int) -> torch.Tensor:
-    """PruMerge+: raster indices 0, stride, 2*stride, ... < n-1 that are not already chosen."""
-    grid = torch.arange(0, n - 1, max(1, stride))
-    return grid[~torch.isin(grid, chosen)]
+    sim = gather_rows(unit, kept) @ unit.transpose(1, 2)  # (B, K, N): only the kept rows, never N x N
+    sim.scatter_(2, kept[:, :, None], -float("inf"))  # a token is not its own neighbour
+    nbrs = sim.topk(min(neighbours, n - 1), dim=-1).indices  # (B, K, m)
+    flat = (nbrs + rows[:, :, None] * n).reshape(-1, nbrs.shape[-1])  # rows of features.reshape(B*N, D)
+    weighted = torch.nn.functional.embedding_bag(
+        flat, features.reshape(b * n, d), per_sample_weights=attn.reshape(-1)[flat], mode="sum"
+    )
+    return gather_rows(features, kept) + weighted.reshape(b, -1, d), nbrs
 
 
 @register("prumerge")
@@ -98,53 +129,83 @@ class PruMerge(Method):
         self.order = order
         self.neighbours = neighbours
 
-    def choose(self, attn: torch.Tensor, budget: Budget) -> tuple[torch.Tensor, bool]:
-        """Indices of the patches to keep (before merging) and whether to add the extra token."""
-        n = attn.numel()
+    def choose(self, attn: torch.Tensor, budget: Budget) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """For a (B, N) batch: an order key per patch (the kept patches first, in output order), the
+        number kept per image (B,), and whether to add the extra token."""
+        b, n = attn.shape
         ranked = torch.sort(attn, descending=True, stable=True).indices  # ties: the lower index first
+        raster = torch.arange(n, device=attn.device).expand(b, n)
+        rank = torch.empty_like(ranked).scatter_(1, ranked, raster)  # each patch's place in `ranked`
+        never = torch.full_like(rank, 4 * n)
         if budget.is_auto:
-            k = iqr_outlier_count(attn)
-            top = ranked[:k]
-            if self.plus:
-                top = torch.cat([top, uniform_extras(n, top, int(n / k) // 3)])
-            return top, True
+            k = iqr_outlier_counts(attn)
+            top = rank < k[:, None]
+            if not self.plus:
+                return torch.where(top, rank, never), k, True
+            extras = uniform_grid(n, (n // k) // 3) & ~top
+            return torch.where(top, rank, torch.where(extras, n + raster, never)), k + extras.sum(dim=-1), True
         total = budget.tokens(n)
         slots = total - 1 if total > 1 else 1
+        counts = torch.full((b,), slots, dtype=torch.long, device=attn.device)
         if not self.plus:
-            return ranked[:slots], total > 1
+            return torch.where(rank < slots, rank, never), counts, total > 1
         # PruMerge+ at a fixed budget: the auto rule's top-k / uniform split, scaled to `slots`.
-        k_auto = iqr_outlier_count(attn)
-        uniform_auto = uniform_extras(n, ranked[:k_auto], int(n / k_auto) // 3)
-        k = max(1, round(slots * k_auto / (k_auto + uniform_auto.numel())))
-        top = ranked[:k]
-        extras = uniform_extras(n, top, int(n / k) // 3)
-        if extras.numel() > slots - k:  # thin the uniform picks evenly rather than cutting the bottom rows
-            extras = extras[torch.linspace(0, extras.numel() - 1, slots - k).round().long()]
-        fill = ranked[~torch.isin(ranked, torch.cat([top, extras]))][: slots - k - extras.numel()]
-        return torch.cat([top, extras, fill]), total > 1
+        k_auto = iqr_outlier_counts(attn)
+        uniform_auto = (uniform_grid(n, (n // k_auto) // 3) & (rank >= k_auto[:, None])).sum(dim=-1)
+        k = (slots * k_auto / (k_auto + uniform_auto)).round().long().clamp(min=1)  # as Python's round: half to even
+        top = rank < k[:, None]
+        extras = uniform_grid(n, (n // k) // 3) & ~top
+        available, room = extras.sum(dim=-1), slots - k
+        # thin the uniform picks evenly rather than cutting the bottom rows
+        picked = torch.zeros(b, n + 1, dtype=torch.bool, device=attn.device)
+        picked.scatter_(1, thinning_ordinals(available, room, n), True)
+        ordinal = (extras.cumsum(dim=-1) - 1).clamp(min=0)  # each uniform pick's place among its image's picks
+        extras &= (available <= room)[:, None] | picked.gather(1, ordinal)
+        fill = first_in_order(~top & ~extras, ranked, room - extras.sum(dim=-1))
+        key = torch.where(top, rank, torch.where(extras, n + raster, torch.where(fill, 2 * n + rank, never)))
+        return key, counts, total > 1
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        feats, keys, attn = signals.features[0], signals.keys[0], signals.cls_attn[0]
-        kept, with_extra = self.choose(attn, budget)
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        feats, keys, attn = signals.features, signals.keys, signals.cls_attn
+        b, n = attn.shape
+        key, counts, with_extra = self.choose(attn, budget)
+        counts = counts.tolist()  # the one host read per batch: how many patches each image keeps
+        width = max(counts)
+        kept = key.sort(dim=-1).indices[:, :width]  # (B, K) in output order; rows past counts[b] are padding
+        valid = torch.arange(width, device=kept.device) < torch.tensor(counts, device=kept.device)[:, None]
         if self.order == "raster":
-            kept = kept.sort().values
-        merged, sources = merge_into_kept(feats, keys, attn, kept, self.neighbours)
-        anchors = kept.tolist()
+            kept = torch.where(valid, kept, n).sort(dim=-1).values.clamp(max=n - 1)
+        merged, nbrs = merge_into_kept(feats, keys, attn, kept, self.neighbours)
+        sources = torch.cat([kept[:, :, None], nbrs], dim=-1)  # (B, K, 1 + m)
         if with_extra:
-            pruned = torch.ones(feats.shape[0], dtype=torch.bool)
-            pruned[kept] = False
-            pruned = pruned.nonzero().squeeze(1)
-            merged = torch.cat([merged, extra_token(feats, attn, pruned)])
-            sources.append(pruned)
-            anchors.append(-1)
-        return Selection.build(
-            feats,
-            torch.empty(0, dtype=torch.long),
-            merged_tokens=merged,
-            merged_sources=sources,
-            merged_anchors=anchors,
-            info={"kept_before_merge": int(kept.numel())},
-        )
+            # step 4: one extra token, the attention-weighted sum of every pruned patch
+            pruned = torch.ones(b, n + 1, dtype=torch.bool, device=kept.device)
+            pruned = pruned.scatter_(1, torch.where(valid, kept, n), False)[:, :n]
+            work = torch.promote_types(feats.dtype, attn.dtype)
+            extra = (attn * pruned)[:, None, :].to(work) @ feats.to(work)  # (B, 1, D)
+            raster = torch.arange(n, device=kept.device)
+            pruned_first = torch.where(pruned, raster, n + raster).sort(dim=-1).values  # pruned patches, raster order
+        no_anchor = torch.full((1,), -1, dtype=torch.long, device=kept.device)
+        out = []
+        for i, count in enumerate(counts):
+            tokens, flat, anchors = merged[i, :count], sources[i, :count].reshape(-1), kept[i, :count]
+            sizes = torch.full((count,), sources.shape[-1], dtype=torch.long)
+            if with_extra:
+                tokens = torch.cat([tokens, extra[i]])
+                flat = torch.cat([flat, pruned_first[i, : n - count]])
+                sizes = torch.cat([sizes, torch.tensor([n - count])])
+                anchors = torch.cat([anchors, no_anchor])
+            out.append(
+                Selection.build(
+                    feats[i],
+                    torch.empty(0, dtype=torch.long),  # nothing kept as is: every output token is merged
+                    merged_tokens=tokens,
+                    merged_sources=(flat, sizes),
+                    merged_anchors=anchors,
+                    info={"kept_before_merge": count},
+                )
+            )
+        return out
 
 
 @register("prumerge+")

@@ -30,6 +30,12 @@ Deliberate differences from the official code:
   * Output order: patches never merged, in raster order, then merged tokens ordered by
     their first patch (ToMe's [unmerged A, B] order has no spatial meaning; the LLM
     reads sequence order).
+
+Batched: every image has the same token count in every round, so each round runs once for the
+whole batch; only the metric (and each patch's current token) goes through the rounds. A merged
+token is the size-weighted average of its parts' averages, i.e. the mean of its patches'
+features, which is computed once at the end (equal to the round-by-round values to float
+rounding; with ``metric="features"`` the metric is the tokens and is used as is).
 """
 
 from __future__ import annotations
@@ -39,44 +45,60 @@ from typing import Literal
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
+from .primitives import gather_rows
 
 
-def bipartite_round(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, sources: list[torch.Tensor], r: int):
-    """One ToMe round removing ``r`` tokens; returns the new (x, metric, size, sources)."""
-    a, b = slice(0, None, 2), slice(1, None, 2)
+def _merge_rows(
+    v: torch.Tensor, size_b: torch.Tensor, flat_dst: torch.Tensor, weighted_a: torch.Tensor, new_size: torch.Tensor
+) -> torch.Tensor:
+    """x_b <- (s_b x_b + sum s_a x_a) / (s_b + sum s_a) for every B-token of every image (float32 sums)."""
+    bsz, nb, d = v.shape
+    total = (v.float() * size_b[..., None]).reshape(bsz * nb, d).index_add_(0, flat_dst, weighted_a.reshape(-1, d))
+    return (total.reshape(bsz, nb, d) / new_size[..., None]).to(v.dtype)
+
+
+def bipartite_round(metric: torch.Tensor, size: torch.Tensor, place: torch.Tensor, r: int):
+    """One ToMe round removing ``r`` tokens from every image of the batch.
+
+    ``metric`` (B, t, Dm) and ``size`` (B, t) of the current tokens; ``place`` (B, N) the current
+    token of every patch. Returns the new (metric, size, place)."""
+    bsz, t = size.shape
     unit = torch.nn.functional.normalize(metric.float(), dim=-1)
-    scores = unit[a] @ unit[b].T  # (|A|, |B|)
+    scores = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)  # (B, |A|, |B|)
     best, best_b = scores.max(dim=-1)
-    order = torch.sort(best, descending=True, stable=True).indices
-    src, unm = order[:r], order[r:]
-    dst = best_b[src]
-    xa, xb, ma, mb, sa, sb = x[a], x[b], metric[a], metric[b], size[a], size[b]
-    new_size = sb.clone().index_add_(0, dst, sa[src])
-
-    def weighted(va, vb):
-        total = (vb.float() * sb[:, None]).index_add_(0, dst, va[src].float() * sa[src, None])
-        return (total / new_size[:, None]).to(vb.dtype)
-
-    src_a, src_b = sources[0::2], sources[1::2]
-    merged_sources = [s.clone() for s in src_b]
-    for i, j in zip(src.tolist(), dst.tolist()):
-        merged_sources[j] = torch.cat([merged_sources[j], src_a[i]])
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src, unm = order[:, :r], order[:, r:]
+    dst = best_b.gather(1, src)
+    size_a, size_b = size[:, 0::2], size[:, 1::2]
+    nb, nu = size_b.shape[1], unm.shape[1]
+    flat_dst = (dst + torch.arange(bsz, device=dst.device)[:, None] * nb).reshape(-1)  # rows of the flat B-tokens
+    size_src = size_a.gather(1, src)
+    new_size = size_b.reshape(-1).clone().index_add_(0, flat_dst, size_src.reshape(-1)).reshape(bsz, nb)
+    metric_a = metric[:, 0::2]
+    weighted_a = gather_rows(metric_a, src).float() * size_src[..., None]
+    merged = _merge_rows(metric[:, 1::2], size_b, flat_dst, weighted_a, new_size)
+    # new order [unmerged A, B]: where every current token goes
+    a_goes = torch.empty_like(order).scatter_(1, unm, torch.arange(nu, device=order.device).expand(bsz, nu))
+    a_goes.scatter_(1, src, nu + dst)
+    goes = torch.empty_like(place[:, :t])
+    goes[:, 0::2], goes[:, 1::2] = a_goes, nu + torch.arange(nb, device=order.device)
     return (
-        torch.cat([xa[unm], weighted(xa, xb)]),
-        torch.cat([ma[unm], weighted(ma, mb)]),
-        torch.cat([sa[unm], new_size]),
-        [src_a[i] for i in unm.tolist()] + merged_sources,
+        torch.cat([gather_rows(metric_a, unm), merged], dim=1),
+        torch.cat([size_a.gather(1, unm), new_size], dim=1),
+        goes.gather(1, place),
     )
 
 
-def tome_merge(x: torch.Tensor, metric: torch.Tensor, total: int):
-    """Rounds of bipartite matching from N tokens down to ``total``: (tokens, sources in ToMe's order)."""
-    size = torch.ones(x.shape[0], dtype=torch.float32)
-    sources = [torch.tensor([i]) for i in range(x.shape[0])]
-    while x.shape[0] > total:
-        r = min(x.shape[0] - total, x.shape[0] // 2)
-        x, metric, size, sources = bipartite_round(x, metric, size, sources, r)
-    return x, sources
+def tome_merge(metric: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rounds of bipartite matching from N tokens down to ``total`` for a (B, N, Dm) batch:
+    the final metric (B, total, Dm), sizes (B, total) and each patch's token (B, N), in ToMe's order."""
+    bsz, n = metric.shape[:2]
+    size = torch.ones(bsz, n, dtype=torch.float32, device=metric.device)
+    place = torch.arange(n, device=metric.device).expand(bsz, n)
+    while size.shape[1] > total:
+        t = size.shape[1]
+        metric, size, place = bipartite_round(metric, size, place, min(t - total, t // 2))
+    return metric, size, place
 
 
 @register("tome")
@@ -94,16 +116,36 @@ class ToMe(Method):
         self.metric = metric
         self.needs = frozenset({Signal.FEATURES, Signal.KEYS} if metric == "keys" else {Signal.FEATURES})
 
-    def select_one(self, signals: Signals, budget: Budget) -> Selection:
-        feats = signals.features[0]
-        metric = signals.keys[0] if self.metric == "keys" else feats
-        tokens, sources = tome_merge(feats, metric, budget.tokens(signals.num_patches))
-        single = [i for i, s in enumerate(sources) if s.numel() == 1]
-        merged = sorted((i for i, s in enumerate(sources) if s.numel() > 1), key=lambda i: int(sources[i].min()))
-        kept = torch.tensor([int(sources[i][0]) for i in single], dtype=torch.long).sort().values
-        return Selection.build(
-            feats,
-            kept,
-            merged_tokens=tokens[merged] if merged else None,
-            merged_sources=[sources[i].sort().values for i in merged],
-        )
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        feats = signals.features
+        bsz, n, d = feats.shape
+        total = budget.tokens(n)
+        if total == n:  # nothing to merge: every patch kept, in raster order
+            return Selection.from_kept(feats, torch.arange(n).expand(bsz, n))
+        metric, size, place = tome_merge(signals.keys if self.metric == "keys" else feats, total)
+        if self.metric == "features":
+            tokens = metric  # the round-by-round weighted averages of the features themselves
+        else:  # every token is the mean of its patches' features
+            flat_place = (place + torch.arange(bsz, device=place.device)[:, None] * total).reshape(-1)
+            work = torch.promote_types(feats.dtype, torch.float32)  # sums in float32 at least, as ToMe's rounds
+            sums = torch.zeros(bsz * total, d, dtype=work, device=feats.device)
+            sums.index_add_(0, flat_place, feats.reshape(bsz * n, d).to(work))
+            tokens = (sums.reshape(bsz, total, d) / size[..., None]).to(feats.dtype)
+        raster = torch.arange(n, device=place.device).expand(bsz, n)
+        merged = size > 1
+        # merged tokens ordered by their first patch; single patches are kept, in raster order
+        first = torch.full_like(size, n, dtype=torch.long).scatter_reduce_(1, place, raster, reduce="amin")
+        merged_order = torch.where(merged, first, n + first).sort(dim=-1)  # merged ones first, by first patch
+        rank = torch.empty_like(first).scatter_(1, merged_order.indices, torch.arange(total).expand(bsz, total))
+        patch_merged = merged.gather(1, place)
+        patch_key = torch.where(patch_merged, rank.gather(1, place) * n + raster, raster - n)
+        by_output = patch_key.sort(dim=-1).indices  # kept patches (raster), then each merged token's patches
+        sizes = torch.where(merged, size, 0).long().gather(1, merged_order.indices)
+        counts = torch.stack([merged.sum(dim=-1), (~patch_merged).sum(dim=-1)], dim=1).tolist()  # one host read
+        out = []
+        for i, (num_merged, num_kept) in enumerate(counts):
+            kept, merged_patches = by_output[i, :num_kept], by_output[i, num_kept:]
+            merged_tokens = tokens[i, merged_order.indices[i, :num_merged]] if num_merged else None
+            flat_sources = (merged_patches, sizes[i, :num_merged])
+            out.append(Selection.build(feats[i], kept, merged_tokens=merged_tokens, merged_sources=flat_sources))
+        return out
