@@ -10,7 +10,7 @@ from sklearn.neighbors import LocalOutlierFactor
 
 from vtc.methods.base import VTCError
 from vtc.methods.lof import local_outlier_factors, lof_outlier_counts, lof_outliers
-from vtc.methods.recoverable import lof_outlier_fraction
+from naive.recoverable import lof_outlier_fraction  # the per-image scikit-learn code LOF replaced
 
 NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 FIXTURES = Path(__file__).parent / "fixtures" / "recoverable_original"
