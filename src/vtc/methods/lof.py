@@ -190,7 +190,9 @@ def _sqrt(x: Tensor) -> Tensor:
     computed exactly (Dekker's product)."""
     root = x.sqrt()
     best, best_error = root, _square_error(root, x)
-    for candidate in (torch.nextafter(root, torch.full_like(root, torch.inf)), torch.nextafter(root, torch.zeros_like(root))):
+    above = torch.nextafter(root, torch.full_like(root, torch.inf))
+    below = torch.nextafter(root, torch.zeros_like(root))
+    for candidate in (above, below):
         error = _square_error(candidate, x)
         closer = error < best_error
         best, best_error = torch.where(closer, candidate, best), torch.where(closer, error, best_error)
