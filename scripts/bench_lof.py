@@ -65,7 +65,8 @@ def agreement(rows: int, n_neighbors: int, dtype: torch.dtype, kind: str) -> tup
         lof = LocalOutlierFactor(n_neighbors=min(n_neighbors, row.size - 1), contamination="auto")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            theirs = lof.fit_predict(row.astype(np.float32 if dtype == torch.float32 else np.float64).reshape(-1, 1)) == -1
+            numpy_row = row.astype(np.float32 if dtype == torch.float32 else np.float64)
+            theirs = lof.fit_predict(numpy_row.reshape(-1, 1)) == -1
         counts += int(mine.sum() != theirs.sum())
         masks += int((mine != theirs).any())
     return counts, masks
@@ -101,7 +102,8 @@ def main() -> None:
             for dtype in (torch.float32, torch.float64):
                 for k in (10, 20):
                     counts, masks = agreement(args.agreement, k, dtype, kind)
-                    print(f"{kind:>7} {str(dtype).removeprefix('torch.'):>8} k={k:<3} {counts:>6} / {masks}", flush=True)
+                    name = str(dtype).removeprefix("torch.")
+                    print(f"{kind:>7} {name:>8} k={k:<3} {counts:>6} / {masks}", flush=True)
 
 
 if __name__ == "__main__":

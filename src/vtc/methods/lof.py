@@ -50,8 +50,12 @@ can differ in the last bit there.
 
 Exact duplicates are never ambiguous, so scores with many copies of one value (the masked text scores of
 Recoverable Compression, the kept patches set to the minimum) give scikit-learn's labels; only two-sided
-ties at the k-th distance with different densities can change a label (rows quantised to fp16 or to a grid;
-the rates measured against scikit-learn are in scripts/bench_lof.py's docstring).
+ties at the k-th distance with different densities can change a label. Measured against scikit-learn 1.9.1
+(rows of 3-700 entries, half of them 576; ``python scripts/bench_lof.py --agreement ROWS`` repeats this):
+masked text scores (5-30% of a row set to its minimum): 0 of 6,000 rows differ (k = 20 and 10, float32
+and float64); scores rounded to fp16: 2.5% of 1,000 rows differ in their outlier count at k = 20, 15% of
+600 at k = 10; scores on a 1/8 grid: 33% of 1,000 rows at k = 20. Continuous scores: no difference, and
+the factors are bit-identical.
 
 Scores must be finite: on the CPU this is checked (free there), on an accelerator it is not (a check
 would synchronise); vtc validates finiteness where the signals are made.
@@ -186,7 +190,9 @@ def _sqrt(x: Tensor) -> Tensor:
     computed exactly (Dekker's product)."""
     root = x.sqrt()
     best, best_error = root, _square_error(root, x)
-    for candidate in (torch.nextafter(root, torch.full_like(root, torch.inf)), torch.nextafter(root, torch.zeros_like(root))):
+    above = torch.nextafter(root, torch.full_like(root, torch.inf))
+    below = torch.nextafter(root, torch.zeros_like(root))
+    for candidate in (above, below):
         error = _square_error(candidate, x)
         closer = error < best_error
         best, best_error = torch.where(closer, candidate, best), torch.where(closer, error, best_error)
