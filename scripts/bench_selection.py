@@ -126,7 +126,7 @@ def main() -> None:
                 print(f"{name:<16}{str(budget):>7}  skipped: {exc}")
                 continue
             gpu = gpu_request_ms(request_cost(shape, round(new.tokens), TEXT_TOKENS))["prefill_ms"]
-            shares = "".join(f"{100 * v / gpu:>7.2f}%" for v in new.ms_per_image.values())
+            shares = "".join(f"{100 * v / gpu:>7.1f}%" for v in new.ms_per_image.values())
             print(f"{name:<16}{str(budget):>7}{new.tokens:>7.1f}  {ms_cells(new.ms_per_image)}  {gpu:>6.1f}  {shares}", flush=True)
             if twin is not None:
                 old = selection_ms_per_image(twin, budget, shape, batches, args.reps)
