@@ -193,7 +193,9 @@ def test_selection_table_fits_80_columns_with_the_widest_cells(narrow):
     for r in results:  # one line per row: its method, budget, selection at batch 1 (or '-') and the GPU estimate
         first = "123.46" if r["select_ms_per_image"] else "-"
         assert any(line.startswith(r["method"]) and f" {r['budget']} " in line and f" {first} " in line and "123.5" in line
-                   and (">999%" in line) == bool(r["select_ms_per_image"]) for line in _lines(text)), r
+                   and (">9999%" in line) == bool(r["select_ms_per_image"]) for line in _lines(text)), r
+    assert cli._select_cell({"select_share_of_gpu_prefill": {"1": 14.846}}, 1, share=True) == "1485%"
+    assert cli._select_cell({"select_share_of_gpu_prefill": {"1": 0.01234}}, 1, share=True) == "1.2%"
 
 
 def test_report_tables_fit_80_columns(narrow):

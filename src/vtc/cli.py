@@ -294,8 +294,8 @@ def _select_cell(r: dict, batch: int, share: bool = False) -> str:
     value = r.get("select_share_of_gpu_prefill" if share else "select_ms_per_image", {}).get(str(batch))
     if value is None:
         return "-"
-    if share:  # a tiny test model's GPU estimate rounds to 0 ms: its share is meaningless, keep the cell narrow
-        return f"{100 * value:.1f}%" if value < 10 else ">999%"
+    if share:  # at most 6 characters (a tiny test model's GPU estimate is ~0 ms, its share huge and meaningless)
+        return f"{100 * value:.1f}%" if value < 10 else f"{100 * value:.0f}%" if value < 100 else ">9999%"
     return f"{value:.2f}"
 
 
