@@ -1,74 +1,138 @@
-"""Selection time of every method on 576 real-shape tokens, at 64 / 128 / 192 tokens.
+"""Selection time of every vision-side method, per image at batch 1, 16 and 64, next to the estimated GPU prefill.
 
-    python scripts/bench_selection.py [--reps 20] [--budgets 64,128,192]
+    python scripts/bench_selection.py [--reps 10] [--budgets 64,128,192,auto] [--batches 1,16,64]
+                                      [--methods fastervlm,recoverable] [--compare-naive]
 
 Signals have LLaVA-1.5-7B shapes (576 patches on 24 x 24, features 1024-d, keys 1024-d
-or 64-d head means, projected tokens 4096-d) with random values; selection cost
-depends on shapes, not values. The reference is one stock forward of a random-weight
-CLIP ViT-L/14-336 at batch 1 (SDPA), measured in the same process. Signal extraction
-is not included here (see scripts/bench_overhead.py); ``downsample`` is left out
-because its cost is a smaller tower forward, not a selection.
+or 64-d head means, projected tokens 4096-d) with random values, only those each method
+reads; selection cost depends on shapes, not values (``vtc.speed.selection_ms_per_image``:
+one warm-up call per batch size, then the median of ``--reps`` calls, divided by the batch).
+The reference is the same request's prefill on a GPU, estimated from its FLOPs
+(``vtc.cost.gpu_request_ms``: vision tower + projector + 32-layer LLM prefill at the
+method's tokens and 64 text tokens, A100 bf16 peak at the stated utilisation).
+Torch runs on ONE thread (``torch.set_num_threads(1)``) so numbers compare across runs and
+machines. Signal extraction is not included (see scripts/bench_overhead.py); ``none``,
+``downsample`` (a smaller tower forward, not a selection) and in-LLM methods are left out.
+
+``--compare-naive`` also times the frozen per-image implementations in tests/naive/ (the
+code before issue 21's batching) in the same run, for the methods that have one there
+(found by class name), and checks that old and new give the same tokens on one batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import importlib
+import inspect
+import pkgutil
+import sys
+from pathlib import Path
 
 import torch
 
-from vtc.methods import Budget, Signals, available, get
-from vtc.shapes import build_llava15
+from vtc.cost import GPU_ASSUMPTION, Shape, gpu_request_ms, request_cost
+from vtc.methods import Budget, Method, VTCError, available, get
+from vtc.shapes import llava15_config
+from vtc.speed import random_signals, selection_ms_per_image, times_selection
+
+TEXT_TOKENS = 64
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
-def real_shape_signals(method, n=576, d=1024, grid=(24, 24)) -> Signals:
-    g = torch.Generator().manual_seed(0)
-    keys_dim = 64 if method.attention.keys == "head_mean" else d
-    return Signals(
-        features=torch.randn(1, n, d, generator=g),
-        grid=grid,
-        cls_attn=torch.randn(1, n, generator=g).mul(2).softmax(-1),
-        keys=torch.randn(1, n, keys_dim, generator=g),
-        text_sim=torch.rand(1, n, generator=g) * 0.3,
-        projected=torch.randn(1, n, 4096, generator=g),
-        received_attn=torch.rand(1, n, generator=g) / n,
-        cls_feature=torch.randn(1, d, generator=g),
+def naive_classes() -> dict[str, type]:
+    """Method classes defined in tests/naive/*.py, by class name (what exists on this branch)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    import naive
+
+    found = {}
+    for info in pkgutil.iter_modules(naive.__path__):
+        module = importlib.import_module(f"naive.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Method) and cls.__module__ == module.__name__:
+                found[name] = cls
+    return found
+
+
+def naive_twin(method: Method, classes: dict[str, type]) -> Method | None:
+    """The frozen per-image class of the same name, with the method's options (its instance state) copied
+    over; a wrapped method (e.g. X+text's base) is replaced by its own twin. None when there is none."""
+    cls = classes.get(type(method).__name__)
+    if cls is None:
+        return None
+    try:
+        twin = cls()  # defaults first, for attributes the new code no longer keeps
+    except TypeError:  # a constructor with required arguments (a wrapper): the state below sets them
+        twin = cls.__new__(cls)
+    for key, value in vars(method).items():
+        if isinstance(value, Method):
+            value = naive_twin(value, classes)
+            if value is None:
+                return None
+        setattr(twin, key, value)
+    return twin
+
+
+def same_output(new: Method, old: Method, shape: Shape, budget: Budget) -> bool:
+    """Old and new select the same tokens, with the same origins, on one random batch of 3."""
+    a = new.select(random_signals(new, shape, 3, seed=1), budget)
+    b = old.select(random_signals(old, shape, 3, seed=1), budget)
+    return len(a) == len(b) and all(
+        x.tokens.shape == y.tokens.shape and torch.allclose(x.tokens, y.tokens, atol=1e-5) and torch.equal(x.origin, y.origin)
+        for x, y in zip(a, b)
     )
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def ms_cells(ms: dict[int, float]) -> str:
+    return "".join(f"{v:>8.3f}" for v in ms.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--budgets", default="64,128,192")
+    parser.add_argument("--reps", type=int, default=10, help="timed calls per batch size (median)")
+    parser.add_argument("--budgets", default="64,128,192,auto")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--methods", default="", help="comma-separated (default: every vision-side method)")
+    parser.add_argument("--compare-naive", action="store_true", help="also time the frozen per-image code in tests/naive/")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     budgets = [Budget.parse(b) for b in args.budgets.split(",")]
-    model = build_llava15(llm_layers=1)
-    pixels = torch.randn(1, 3, 336, 336)
-    with torch.no_grad():
-        tower = median_ms(lambda: model.model.vision_tower(pixels, output_hidden_states=True), max(3, args.reps // 5))
-    print(f"stock CLIP ViT-L/14-336 forward, batch 1: {tower:.0f} ms (median)")
-    print(f"{'method':<14}" + "".join(f"{f'{b} tok ms':>12}{'% tower':>9}" for b in budgets))
-    for name in available():
-        if name in ("none", "downsample") or getattr(get(name), "in_llm", False):  # in-LLM methods: see vtc speed
-            continue
+    batches = [int(b) for b in args.batches.split(",")]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] or available()
+    shape = Shape.from_config(llava15_config())
+    classes = naive_classes() if args.compare_naive else {}
+
+    print(f"torch threads: {torch.get_num_threads()} (torch.set_num_threads(1), for comparable numbers); CPU selection on random")
+    print(f"LLaVA-1.5-7B-shape signals ({shape.num_patches} patches); GPU prefill estimated from FLOPs: {GPU_ASSUMPTION},")
+    print(f"vision tower + projector + 32-layer LLM at the method's tokens + {TEXT_TOKENS} text tokens")
+    if args.compare_naive:
+        listed = ", ".join(sorted(c for c in classes if not c.startswith("_")))
+        print(f"old = frozen per-image code in tests/naive/ ({listed}); x = old / new at each batch")
+    head = "".join(f"{f'b={b}':>8}" for b in batches)
+    width = 8 * len(batches)
+    print(f"\n{'':<30}  {'ms per image':>{width}}  {'GPU':>6}  {'% of GPU prefill':>{width}}")
+    print(f"{'method':<16}{'budget':>7}{'tokens':>7}  {head}  {'ms':>6}  {head}")
+    for name in names:
         method = get(name)
-        signals = real_shape_signals(method)
-        row = f"{name:<14}"
-        for b in budgets:
-            ms = median_ms(lambda: method.select(signals, b), args.reps)
-            row += f"{ms:>12.2f}{100 * ms / tower:>8.2f}%"
-        print(row, flush=True)
+        if not times_selection(method):
+            continue
+        twin = naive_twin(method, classes) if args.compare_naive else None
+        for budget in budgets:
+            if budget.is_auto and not method.supports_auto:
+                continue
+            try:
+                new = selection_ms_per_image(method, budget, shape, batches, args.reps)
+            except VTCError as exc:
+                print(f"{name:<16}{str(budget):>7}  skipped: {exc}")
+                continue
+            gpu = gpu_request_ms(request_cost(shape, round(new.tokens), TEXT_TOKENS))["prefill_ms"]
+            shares = "".join(f"{100 * v / gpu:>7.1f}%" for v in new.ms_per_image.values())
+            print(f"{name:<16}{str(budget):>7}{new.tokens:>7.1f}  {ms_cells(new.ms_per_image)}  {gpu:>6.1f}  {shares}", flush=True)
+            if twin is not None:
+                old = selection_ms_per_image(twin, budget, shape, batches, args.reps)
+                faster = "".join(f"{old.ms_per_image[b] / new.ms_per_image[b]:>7.1f}x" for b in batches)
+                same = "same output" if same_output(method, twin, shape, budget) else "OUTPUT DIFFERS"
+                print(f"{'  old':<16}{'':>7}{old.tokens:>7.1f}  {ms_cells(old.ms_per_image)}  {'':>6}  {faster}  {same}", flush=True)
 
 
 if __name__ == "__main__":

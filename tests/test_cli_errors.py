@@ -50,6 +50,9 @@ def test_report_on_a_directory_without_results(tmp_path):
         (["--llm-layers", "0"], "--llm-layers must be between 1 and 32"),
         (["--llm-layers", "33"], "--llm-layers must be between 1 and 32"),
         (["--text-tokens", "1"], "--text-tokens must be at least 2"),
+        (["--select-batches", "0"], "--select-batches '0': expected comma-separated batch sizes of at least 1"),
+        (["--select-batches", "1,x"], "--select-batches '1,x'"),
+        (["--select-batches", ","], "--select-batches"),
     ],
 )
 def test_speed_bad_options(args, message, tmp_path):
@@ -171,6 +174,28 @@ def test_speed_table_fits_80_columns_with_every_header_whole(narrow):
         assert re.search(rf"(^|\s){re.escape(word)}(\s|$)", header), word
     for r in results:  # every row is on one line, with its method, budget and speed-up in full
         assert any(line.startswith(r["method"]) and f" {r['budget']} " in line and f"{r['speedup']:.2f}x" in line for line in _lines(text)), r
+
+
+def test_selection_table_fits_80_columns_with_the_widest_cells(narrow):
+    results = json.loads((DOCS / "speed.json").read_text())["results"]  # a real 19-method run's rows
+    for r in results:  # the widest cells a real run gives: ms >= 100 per image, a share of 100% and more
+        timed = r["method"] not in ("none", "downsample") and not r["stages"]
+        r["select_ms_per_image"] = {"1": 123.456, "16": 99.999, "64": 100.0} if timed else {}
+        r["select_share_of_gpu_prefill"] = {"1": 123.0, "16": 0.5, "64": 9.99} if timed else {}
+        r.update(gpu_prefill_ms=123.45, gpu_prefill_ms_full=456.78)
+    out = narrow(80)
+    cli.print_selection(results, [1, 16, 64], "Selection alone, ms per image (cpu), vs estimated GPU prefill (A100 bf16, ...)")
+    text = out.getvalue()
+    assert max(map(len, _lines(text))) <= 80 and "…" not in text
+    header = " ".join(text.split())
+    for word in ("ms/img", "b=1", "b=16", "b=64", "GPU", "ms", "full", "here", "%"):
+        assert re.search(rf"(^|\s){re.escape(word)}(\s|$)", header), word
+    for r in results:  # one line per row: its method, budget, selection at batch 1 (or '-') and the GPU estimate
+        first = "123.46" if r["select_ms_per_image"] else "-"
+        assert any(line.startswith(r["method"]) and f" {r['budget']} " in line and f" {first} " in line and "123.5" in line
+                   and (">9999%" in line) == bool(r["select_ms_per_image"]) for line in _lines(text)), r
+    assert cli._select_cell({"select_share_of_gpu_prefill": {"1": 14.846}}, 1, share=True) == "1485%"
+    assert cli._select_cell({"select_share_of_gpu_prefill": {"1": 0.01234}}, 1, share=True) == "1.2%"
 
 
 def test_report_tables_fit_80_columns(narrow):

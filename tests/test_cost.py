@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-from vtc.cost import Shape, decode_flops, kv_cache_bytes, llm_layer_macs, prefill_flops, projector_flops, request_cost, staged_cost, vision_flops
+from vtc.cost import Shape, decode_flops, gpu_ms, gpu_request_ms, kv_cache_bytes, llm_layer_macs, prefill_flops, projector_flops, request_cost, staged_cost, vision_flops
 from vtc.shapes import llava15_config
 
 
@@ -84,3 +84,23 @@ def test_staged_cost_charges_each_layer_for_the_tokens_it_sees():
     staged = staged_cost(s, 576, [(2, 64)], 64)
     assert staged["prefill_flops"] == by_hand
     assert staged["kv_cache_bytes"] == (2 * 640 + 30 * 128) * 2 * 4096 * 2
+
+
+def test_gpu_time_is_flops_over_the_stated_throughput():
+    assert gpu_ms(156e12) == pytest.approx(1000.0)  # defaults: 312 TFLOP/s at 50% -> 156e12 FLOPs take one second
+    assert gpu_ms(1e12, tflops=100.0, utilisation=0.25) == pytest.approx(40.0)  # 1e12 / 25e12 s
+    for tflops, utilisation in ((0.0, 0.5), (312.0, 0.0), (312.0, 1.5)):
+        with pytest.raises(ValueError, match="utilisation"):
+            gpu_ms(1.0, tflops, utilisation)
+
+
+def test_gpu_request_time_for_llava15_7b_by_hand():
+    est = gpu_request_ms(request_cost(Shape.from_config(llava15_config()), image_tokens=64, text_tokens=64))
+    # one decoder layer on 128 positions: q, k, v, o 128 x 4 x 4096^2 + scores and sum 2 x 128^2 x 4096
+    # + gated MLP 3 x 128 x 4096 x 11008 = 26,038,239,232 multiply-adds; 32 layers + LM head 4096 x 32064, doubled:
+    # 1,666,709,979,136 FLOPs; projector 2 x 64 x (1024 x 4096 + 4096^2) = 2,684,354,560; at 156e12 FLOP/s:
+    assert est["llm_prefill_ms"] == pytest.approx(1_669_394_333_696 / 156e9, rel=1e-12)  # 10.70 ms
+    # CLIP ViT-L/14-336: 577 positions, 24 layers of 4 x 577 x 1024^2 + 2 x 577^2 x 1024 + 2 x 577 x 1024 x 4096,
+    # patch embedding 576 x 3 x 14^2 x 1024, doubled: 381,918,216,192 FLOPs
+    assert est["vision_ms"] == pytest.approx(381_918_216_192 / 156e9, rel=1e-12)  # 2.45 ms
+    assert est["prefill_ms"] == pytest.approx((1_669_394_333_696 + 381_918_216_192) / 156e9, rel=1e-12)

@@ -1,14 +1,19 @@
 """vtc speed: the summary worked by hand at 4 built layers, and the measurement plumbing on a tiny LLaVA."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import LlavaForConditionalGeneration
+from typer.testing import CliRunner
 
+from vtc import speed
 from vtc.cost import Shape
-from vtc.methods import VTCError
+from vtc.methods import Method, Selection, Signal, VTCError, get
 from vtc.models.clip_text import ClipTextScorer
-from vtc.speed import FULL_DEPTH, Row, Sample, SpeedBench, run_speed, summarise_rows, to_full_depth, write_outputs
+from vtc.speed import (FULL_DEPTH, Row, Sample, SpeedBench, random_signals, run_speed, selection_ms_per_image, summarise_rows,
+                       to_full_depth, write_outputs)
 from vtc.testing import save_tiny_llava
 
 # ----------------------------------------------------------------------------- the summary, worked by hand
@@ -113,6 +118,86 @@ def test_summary_takes_medians_and_needs_the_full_row_first():
         summarise_rows(rows[1:], UNIT, TEXT)
 
 
+def test_summary_gpu_estimate_and_selection_share_by_hand():
+    rows = hand_rows()
+    rows[1].select_ms_per_image = {1: 403.4, 16: 40.3449, 64: 4.034}
+    # 1e-9 TFLOP/s at 100%: one FLOP per millisecond, so each GPU figure is the hand-counted FLOPs above
+    by = {r["method"]: r for r in summarise_rows(rows, UNIT, TEXT, tflops=1e-9, utilisation=1.0)}
+    pool, fastv = by["pool"], by["fastv"]
+    # pool, 2 image tokens: vision 184 + projector 8 + LLM 3842 = 4034; full tokens 7498
+    assert (pool["gpu_vision_ms"], pool["gpu_llm_prefill_ms"], pool["gpu_prefill_ms"], pool["gpu_prefill_ms_full"]) == (184, 3850, 4034, 7498)
+    assert pool["select_ms_per_image"] == {"1": 403.4, "16": 40.345, "64": 4.034}  # rounded to the microsecond
+    assert pool["select_share_of_gpu_prefill"] == {"1": 0.1, "16": 0.01, "64": 0.001}  # of this row's 4034, not 7498
+    # in-LLM: the staged prefill (2998 as above); no selection of its own timed
+    assert fastv["gpu_prefill_ms"] == 2998 and fastv["gpu_prefill_ms_full"] == 7498
+    assert fastv["select_ms_per_image"] == {} and fastv["select_share_of_gpu_prefill"] == {}
+    assert by["none"]["gpu_prefill_ms"] == 7498 and by["pyramiddrop"]["gpu_prefill_ms"] == 4234
+
+
+# ----------------------------------------------------------------------------- the selection alone
+
+SMALL = Shape(vision_width=32, vision_mlp=64, vision_layers=2, patch_size=2, image_size=8, llm_width=48, llm_mlp=96,
+              llm_layers=2, heads=4, kv_heads=4, vocab=100, vision_heads=4)  # 4 x 4 = 16 patches
+
+
+def test_random_signals_have_the_real_shape_and_only_what_the_method_reads():
+    zip_ = random_signals(get("visionzip"), SMALL, batch=3)  # features, CLS attention and state, head-averaged keys
+    assert zip_.features.shape == (3, 16, 32) and zip_.grid == (4, 4) and zip_.cls_attn.shape == (3, 16)
+    assert zip_.cls_feature.shape == (3, 32)
+    assert zip_.keys.shape == (3, 16, 8)  # 32 wide over 4 heads
+    assert zip_.cls_attn.sum(-1).allclose(torch.ones(3)) and (zip_.cls_attn > 0).all()
+    assert zip_.text_sim is None and zip_.projected is None and zip_.received_attn is None
+    rec = random_signals(get("recoverable"), SMALL, batch=2)
+    assert rec.keys.shape == (2, 16, 32) and rec.text_sim.shape == (2, 16) and rec.projected is None and rec.cls_feature is None
+    div = random_signals(get("divprune"), SMALL, batch=1)
+    assert div.projected.shape == (1, 16, 48) and div.keys is None and div.cls_attn is None
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Scripted(Method):
+    """Keeps the first k patches; each call moves the fake clock by its next duration (ms per image) x the batch."""
+
+    name = "scripted"
+    needs = frozenset({Signal.FEATURES, Signal.CLS_ATTN})
+
+    def __init__(self, clock, durations):
+        self.clock, self.durations, self.calls = clock, list(durations), []
+
+    def select_batch(self, signals, budget):
+        self.calls.append(signals.batch_size)
+        self.clock.now += self.durations.pop(0) * signals.batch_size / 1e3
+        kept = torch.arange(budget.tokens(signals.num_patches)).expand(signals.batch_size, -1)
+        return Selection.from_kept(signals.features, kept)
+
+
+def test_selection_time_is_the_median_per_image_after_a_warm_up(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=clock))
+    # batch 1: warm-up 100 (not timed), then 5, 1, 3 -> median 3; batch 4: warm-up 100, then 2, 8, 4 -> 4 per image
+    method = _Scripted(clock, [100, 5, 1, 3, 100, 2, 8, 4])
+    timing = selection_ms_per_image(method, 5, SMALL, batches=(1, 4), reps=3)
+    assert method.calls == [1, 1, 1, 1, 4, 4, 4, 4]
+    assert timing.ms_per_image == {1: pytest.approx(3.0), 4: pytest.approx(4.0)} and timing.tokens == 5.0
+
+
+def test_selection_timing_reports_the_tokens_an_auto_budget_chose_and_refuses_what_has_no_selection():
+    timing = selection_ms_per_image(get("prumerge"), "auto", SMALL, batches=(2,), reps=1)
+    chosen = [sel.num_tokens for sel in get("prumerge").select(random_signals(get("prumerge"), SMALL, 2), "auto")]
+    assert timing.tokens == sum(chosen) / 2 and list(timing.ms_per_image) == [2] and timing.ms_per_image[2] > 0
+    for name in ("none", "downsample", "fastv"):
+        with pytest.raises(VTCError, match="no selection of its own"):
+            selection_ms_per_image(get(name), 4, SMALL)
+    with pytest.raises(VTCError, match="batch sizes >= 1"):
+        selection_ms_per_image(get("fastervlm"), 4, SMALL, batches=(0,))
+
+
 def test_extrapolation_scales_only_the_decoder_layers():
     # 10 ms measured, 6 of them in 2 layers: 4 ms outside + 3 ms per layer x 32
     assert to_full_depth(10.0, [2.0, 4.0]) == pytest.approx(4.0 + 3.0 * FULL_DEPTH)
@@ -136,7 +221,7 @@ def bench(tiny_dirs, tmp_path_factory):
 
 def test_speed_rows_measure_what_they_claim(bench, tmp_path):
     assert bench.llm_layers == 4
-    _, results = run_speed(["fastervlm", "recoverable", "downsample"], ["4", "auto"], 4, 2, 6, 2, bench=bench)
+    _, results = run_speed(["fastervlm", "recoverable", "downsample"], ["4", "auto"], 4, 2, 6, 2, bench=bench, select_batches=(1, 4))
     by = {(r["method"], r["budget"]): r for r in results}
     assert ("fastervlm", "auto") not in by and ("recoverable", "auto") in by  # auto only where a method has one
     full, pruned = by[("none", "auto")], by[("fastervlm", "4")]
@@ -148,6 +233,12 @@ def test_speed_rows_measure_what_they_claim(bench, tmp_path):
         positions = tokens + 6
         assert r["kv_bytes_measured"] == 2 * cfg.num_hidden_layers * positions * kv_width * 4
     assert full["flops_ratio"] == 1.0 and pruned["flops_ratio"] > 1.0
+    # the selection alone, per image at each batch size, for methods that have one; the GPU estimate for every row
+    assert set(pruned["select_ms_per_image"]) == set(by[("recoverable", "auto")]["select_ms_per_image"]) == {"1", "4"}
+    assert all(ms > 0 for ms in pruned["select_ms_per_image"].values())
+    assert full["select_ms_per_image"] == by[("downsample", "4")]["select_ms_per_image"] == {}
+    assert all(r["gpu_prefill_ms_full"] == full["gpu_prefill_ms"] for r in results)
+    assert {"gpu_vision_ms", "gpu_llm_prefill_ms", "gpu_prefill_ms"} <= set(pruned)  # a tiny model's round to 0 ms (numbers: by hand above)
     assert all(r["e2e_prefill_ms_32_layers"] > 0 and r["speedup"] > 0 for r in results)
     # the 32-layer prefill extrapolates the measured one: 4 built layers stand for 32
     assert all(r["prefill_ms_32_layers"] > r["prefill_ms_measured"] for r in results)
@@ -175,3 +266,21 @@ def test_in_llm_method_with_more_stages_than_built_layers_is_refused(tiny_dirs):
     bench = SpeedBench(text_tokens=6, decode_tokens=1, model=model, text_scorer=ClipTextScorer.from_pretrained(tiny_dirs[1]))
     with pytest.raises(VTCError, match="build at least 4 decoder layers"):
         run_speed(["pyramiddrop"], ["8"], 2, 1, 6, 1, bench=bench)
+
+
+def test_speed_command_prints_the_selection_table_and_saves_it(tiny_dirs, tmp_path, monkeypatch):
+    from vtc.cli import app
+
+    tiny = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0]).eval()
+    scorer = ClipTextScorer.from_pretrained(tiny_dirs[1])
+    real = speed.SpeedBench
+    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode: real(layers, text, decode, model=tiny, text_scorer=scorer))
+    result = CliRunner().invoke(app, ["speed", "--methods", "fastervlm,pool", "--budgets", "4", "--llm-layers", "2", "--reps", "1",
+                                      "--text-tokens", "6", "--decode-tokens", "1", "--select-batches", "1,3", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["meta"]["select_batches"] == [1, 3] and "A100" in saved["meta"]["gpu_estimate"]
+    by = {r["method"]: r for r in saved["results"]}
+    assert set(by["fastervlm"]["select_ms_per_image"]) == set(by["pool"]["select_share_of_gpu_prefill"]) == {"1", "3"}
+    text = " ".join(result.output.split())
+    assert "Selection alone, ms per image" in text and "A100 bf16" in text and "b=3" in text and "% GPU" in text

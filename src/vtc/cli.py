@@ -189,27 +189,41 @@ def speed_cmd(
     text_tokens: int = typer.Option(64, "--text-tokens", help="Text positions in the prompt besides the image."),
     decode_tokens: int = typer.Option(8, "--decode-tokens", min=1, help="Tokens decoded to time the per-token cost."),
     out: Path = typer.Option(Path("vtc-speed-out"), "--out", help="Where speed.json and speed.png go."),
+    select_batches: str = typer.Option("1,16,64", "--select-batches", help="Batch sizes to time each method's selection alone at (ms per image)."),
 ) -> None:
-    """Time every method on the real LLaVA-1.5-7B shape (random weights): prefill speed-up vs the FLOPs ratio."""
+    """Time every method on the real LLaVA-1.5-7B shape (random weights): prefill speed-up vs the FLOPs ratio,
+    and each method's own selection time per image next to the prefill's estimated A100 time."""
     from rich.progress import Progress
 
+    from .cost import GPU_ASSUMPTION
     from .speed import FULL_DEPTH, run_speed, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         get(name)
     budget_list = [str(Budget.parse(b.strip())) for b in budgets.split(",") if b.strip()]
+    batches = _batch_sizes(select_batches)
     _check_out_dir(out)
     with Progress(console=console) as progress:
-        bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress)
+        bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress, select_batches=batches)
     for note in bench.skipped:
         console.print(f"[yellow]skipped[/] {escape(note)}")
     meta = {"skipped": bench.skipped, "llm_layers_built": llm_layers, "extrapolated_to_layers": FULL_DEPTH, "reps": reps, "text_tokens": text_tokens,
-            "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", "")}
+            "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", ""), "select_batches": batches,
+            "gpu_estimate": GPU_ASSUMPTION}
     write_outputs(results, meta, out)
     print_speed(results, f"LLaVA-1.5-7B shape, {llm_layers} decoder layers built, timings extrapolated to {FULL_DEPTH} "
                          f"({meta['device']}, {meta['dtype']})")
+    print_selection(results, batches, f"Selection alone, ms per image ({meta['device']}), vs estimated GPU prefill ({GPU_ASSUMPTION})")
     console.print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """'1,16,64' -> [1, 16, 64]: positive whole numbers, in the order given, each once."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise VTCError(f"--select-batches {text!r}: expected comma-separated batch sizes of at least 1, e.g. 1,16,64")
+    return list(dict.fromkeys(int(p) for p in parts))
 
 
 # ----------------------------------------------------------------------------- tables that fit 80 columns
@@ -274,6 +288,36 @@ def _print_rows(rows: list[dict], columns, title: str, legend: str = "") -> None
 
 def print_speed(results: list[dict], title: str) -> None:
     _print_rows(results, SPEED_COLUMNS, title, SPEED_LEGEND)
+
+
+def _select_cell(r: dict, batch: int, share: bool = False) -> str:
+    value = r.get("select_share_of_gpu_prefill" if share else "select_ms_per_image", {}).get(str(batch))
+    if value is None:
+        return "-"
+    if share:  # at most 6 characters (a tiny test model's GPU estimate is ~0 ms, its share huge and meaningless)
+        return f"{100 * value:.1f}%" if value < 10 else f"{100 * value:.0f}%" if value < 100 else ">9999%"
+    return f"{value:.2f}"
+
+
+def selection_columns(batches: list[int]):
+    """Selection ms per image at each batch size, the estimated GPU prefill (full tokens and this row's),
+    and the selection's share of this row's GPU prefill at the first batch size (the JSON has every size)."""
+    columns = [("method", lambda r: r["method"]), ("budget", lambda r: r["budget"]), ("tokens", lambda r: f"{r['tokens']:.0f}")]
+    columns += [(f"ms/img\nb={b}", lambda r, b=b: _select_cell(r, b)) for b in batches]
+    columns += [("GPU ms\nfull", lambda r: f"{r['gpu_prefill_ms_full']:.1f}"), ("GPU ms\nhere", lambda r: f"{r['gpu_prefill_ms']:.1f}")]
+    columns.append((f"% GPU\nb={batches[0]}", lambda r: _select_cell(r, batches[0], share=True)))
+    return columns
+
+
+SELECTION_LEGEND = (
+    "ms/img b=B: the method's selection alone on random real-shape signals, batch of B, per image ('-': none to time: "
+    "in-LLM, all tokens, downsample); GPU ms: estimated prefill (vision tower, projector, 32-layer LLM) from FLOPs, "
+    "full tokens and this row's; % GPU: selection per image over this row's GPU prefill (speed.json: every batch size)."
+)
+
+
+def print_selection(results: list[dict], batches: list[int], title: str) -> None:
+    _print_rows(results, selection_columns(batches), title, SELECTION_LEGEND)
 
 
 def print_report(rows: list[dict]) -> None:

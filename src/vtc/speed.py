@@ -7,6 +7,12 @@ bytes and the peak memory of the prefill. ``llm_layers`` builds fewer decoder la
 than the 32 of Llama-7B; decoder layers are timed one by one (forward hooks), and the
 32-layer figures are extrapolated as (measured prefill - measured layers) + mean layer
 time x 32. Every extrapolated figure says so.
+
+Next to the CPU wall clock, each vision-side method's own selection is timed per image at
+batch 1, 16 and 64 on random signals of the model's real shape (``selection_ms_per_image``),
+and every request's prefill is estimated on a GPU from its FLOPs (``cost.gpu_request_ms``:
+A100 bf16 peak at a stated utilisation), so the selection's cost reads against the time a
+GPU user would wait for the prefill, not against a slow CPU tower.
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ from pathlib import Path
 
 import torch
 
-from .cost import Shape, request_cost, staged_cost
-from .methods import Budget, Method, VTCError, get
+from .cost import A100_BF16_TFLOPS, PREFILL_UTILISATION, Shape, gpu_request_ms, request_cost, staged_cost
+from .methods import Budget, Method, Signal, Signals, VTCError, get
 from .models.llava import LlavaAdapter
 from .shapes import build_llava15, clip_text_scorer_vit_l
 
 FULL_DEPTH = 32
 QUESTION = "what is the color of the small triangle left of the red car ?"
+SELECT_BATCHES = (1, 16, 64)  # batch sizes the selection is timed at
+NOT_A_SELECTION = ("none", "downsample")  # no selection to time: all tokens; a smaller tower forward
 
 
 @dataclass
@@ -56,6 +64,7 @@ class Row:
     budget: str
     samples: list[Sample] = field(default_factory=list)
     stages: list[tuple[int, int]] = field(default_factory=list)
+    select_ms_per_image: dict[int, float] = field(default_factory=dict)  # batch size -> median ms per image
 
     def stage_depths(self) -> list[int] | None:
         """How many of the 32 layers each stage spans (None: one stage, no pruning inside the LLM)."""
@@ -134,6 +143,77 @@ def _ms(start: float) -> float:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the selection alone, per image
+
+
+def times_selection(method) -> bool:
+    """True for methods whose selection is timed alone: vision-side, and not 'none' or 'downsample'."""
+    return not getattr(method, "in_llm", False) and method.name not in NOT_A_SELECTION
+
+
+def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu") -> Signals:
+    """Random signals of the model's real shape for ``batch`` images, only those ``method.needs``.
+
+    Selection cost depends on shapes, not values: features and keys are vision-width (keys
+    head-averaged: vision_width // vision_heads), projected tokens LLM-width, attention rows
+    softmax-like and positive.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n, d = shape.num_patches, shape.vision_width
+    keys_dim = d // shape.vision_heads if method.attention.keys == "head_mean" else d
+    make = {
+        Signal.CLS_ATTN: lambda: torch.randn(batch, n, generator=g).mul(2).softmax(-1),
+        Signal.KEYS: lambda: torch.randn(batch, n, keys_dim, generator=g),
+        Signal.TEXT_SIM: lambda: torch.rand(batch, n, generator=g) * 0.3,
+        Signal.PROJECTED: lambda: torch.randn(batch, n, shape.llm_width, generator=g),
+        Signal.RECEIVED_ATTN: lambda: torch.rand(batch, n, generator=g) / n,
+        Signal.CLS_FEATURE: lambda: torch.randn(batch, d, generator=g),
+    }
+    present = {name: make[name]().to(device) for name in make if name in method.needs}
+    return Signals(features=torch.randn(batch, n, d, generator=g).to(device), grid=shape.grid, **present)
+
+
+@dataclass
+class SelectionTiming:
+    """Median selection time per image at each batch size, and the mean tokens kept per image."""
+
+    ms_per_image: dict[int, float]
+    tokens: float
+
+
+def selection_ms_per_image(method, budget, shape: Shape, batches=SELECT_BATCHES, reps: int = 5, device="cpu") -> SelectionTiming:
+    """Time ``method.select`` alone on random real-shape signals (``random_signals``), per image.
+
+    Per batch size: one warm-up call (it also runs the once-per-Signals finiteness check, which
+    the pipeline pays where signals are made, not per selection), then ``reps`` timed calls on the
+    same signals; the median divided by the batch size. ``tokens`` is the mean output count of the
+    warm-up at the first batch size (what an 'auto' budget chose on these signals).
+    """
+    if not times_selection(method):
+        raise VTCError(f"'{method.name}' has no selection of its own to time (in-LLM, 'none' or 'downsample')")
+    if reps < 1 or not batches or min(batches) < 1:
+        raise VTCError(f"selection timing needs reps >= 1 and batch sizes >= 1, got reps={reps}, batches={list(batches)}")
+    device = torch.device(device)
+    budget = Budget.parse(budget)
+    out, tokens = {}, None
+    for batch in batches:
+        signals = random_signals(method, shape, batch, device=device)
+        with torch.no_grad():
+            warm = method.select(signals, budget)
+            if tokens is None:
+                tokens = sum(sel.num_tokens for sel in warm) / len(warm)
+            times = []
+            for _ in range(reps):
+                _sync(device)
+                start = time.perf_counter()
+                method.select(signals, budget)
+                _sync(device)
+                times.append(_ms(start))
+        out[batch] = statistics.median(times) / batch
+        del signals, warm
+    return SelectionTiming(out, tokens)
 
 
 class SpeedBench:
@@ -276,13 +356,22 @@ def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
     return summarise_rows(rows, bench.shape, bench.text_tokens)
 
 
-def summarise_rows(rows: list[Row], shape: Shape, text_tokens: int) -> list[dict]:
+def summarise_rows(
+    rows: list[Row], shape: Shape, text_tokens: int, tflops: float = A100_BF16_TFLOPS, utilisation: float = PREFILL_UTILISATION
+) -> list[dict]:
     """Medians (and spread) per method/budget, extrapolated to 32 layers, next to the analytical FLOPs ratio.
 
     A pure function of the measured samples: ``rows[0]`` is the full-token run ('none', whose
     samples carry the stock tower time); ``shape`` is the 32-layer model the costs are for.
     End-to-end prefill = our tower run + selection + projector + the 32-layer LLM prefill; a
     method's own overhead = its tower run minus the stock tower, plus its selection.
+
+    GPU columns: the request's prefill estimated from its FLOPs at ``tflops`` x ``utilisation``
+    (``cost.gpu_request_ms``; default an A100 in bf16 at 50%): ``gpu_prefill_ms`` = vision tower +
+    projector + LLM prefill at this row's tokens, ``gpu_prefill_ms_full`` the same at all N tokens.
+    ``select_ms_per_image`` (batch size -> ms, as a string key) is the row's selection timed alone
+    (``selection_ms_per_image``; empty for rows without one), and ``select_share_of_gpu_prefill``
+    each of those over ``gpu_prefill_ms``.
     """
     med = statistics.median
     full = rows[0]
@@ -301,7 +390,9 @@ def summarise_rows(rows: list[Row], shape: Shape, text_tokens: int) -> list[dict
     full_e2e = med(e2e(s, full) for s in full.samples)
     stock_tower = med(s.tower_ms for s in full.samples)
     full_tokens = int(full.samples[0].tokens)
-    full_flops = request_cost(shape, full_tokens, text_tokens)["total_prefill_flops"]
+    full_cost = request_cost(shape, full_tokens, text_tokens)
+    full_flops = full_cost["total_prefill_flops"]
+    gpu_full = gpu_request_ms(full_cost, tflops, utilisation)["prefill_ms"]
     out = []
     for row in rows:
         s = row.samples
@@ -313,6 +404,8 @@ def summarise_rows(rows: list[Row], shape: Shape, text_tokens: int) -> list[dict
             cost = staged_cost(shape, full_tokens, row.stages, text_tokens)
         speedup = full_e2e / med(e2e_all)
         flops_ratio = full_flops / cost["total_prefill_flops"]
+        gpu = gpu_request_ms(cost, tflops, utilisation)
+        select_each = sorted(row.select_ms_per_image.items())
         out.append(
             {
                 "method": row.method,
@@ -336,15 +429,23 @@ def summarise_rows(rows: list[Row], shape: Shape, text_tokens: int) -> list[dict
                 "speedup": round(speedup, 3),
                 "flops_ratio": round(flops_ratio, 3),
                 "speedup_vs_flops": round(speedup / flops_ratio, 3),
+                "select_ms_per_image": {str(b): round(ms, 3) for b, ms in select_each},
+                "gpu_vision_ms": round(gpu["vision_ms"], 2),
+                "gpu_llm_prefill_ms": round(gpu["llm_prefill_ms"], 2),
+                "gpu_prefill_ms": round(gpu["prefill_ms"], 2),
+                "gpu_prefill_ms_full": round(gpu_full, 2),
+                "select_share_of_gpu_prefill": {str(b): round(ms / gpu["prefill_ms"], 4) for b, ms in select_each},
             }
         )
     return out
 
 
 def run_speed(
-    methods: list[str], budgets: list[str], llm_layers: int, reps: int, text_tokens: int, decode_tokens: int, progress=None, bench=None
+    methods: list[str], budgets: list[str], llm_layers: int, reps: int, text_tokens: int, decode_tokens: int, progress=None, bench=None,
+    select_batches=SELECT_BATCHES,
 ) -> tuple[SpeedBench, list[dict]]:
-    """Measure every (method, budget) against full tokens, interleaved, ``reps`` times."""
+    """Measure every (method, budget) against full tokens, interleaved, ``reps`` times; then each vision-side
+    method's selection alone, per image at each of ``select_batches`` (at least 5 timed calls per size)."""
     bench = bench or SpeedBench(llm_layers, text_tokens, decode_tokens)
     from .methods.llm_base import budget_for_average
 
@@ -373,6 +474,13 @@ def run_speed(
                 progress.update(task, advance=1, description=f"speed {name}@{budget}")
     for row in rows:
         row.stages = bench.stage_plans.get((row.method, row.budget), [])
+    timed = [(row, budget) for row, (name, budget) in zip(rows, plan) if times_selection(instances[name])]
+    task = progress.add_task("selection", total=len(timed)) if progress and timed else None
+    for row, budget in timed:
+        timing = selection_ms_per_image(instances[row.method], budget, bench.shape, select_batches, max(5, reps), bench.device)
+        row.select_ms_per_image = timing.ms_per_image
+        if progress:
+            progress.update(task, advance=1, description=f"selection {row.method}@{budget}")
     return bench, summarise(bench, rows)
 
 
