@@ -572,3 +572,18 @@ def test_merged_tokens_sit_right_after_the_kept_image_rows(models, batch):
         expected = before + positions[:3] + positions[-1:] + [positions[4]] + after
         assert rows.index[b][rows.valid[b]].tolist() == expected
         assert rows.image[b][rows.valid[b]].tolist() == [p in positions for p in expected]
+
+
+def test_padding_on_both_sides_and_a_prompt_without_image_tokens_are_refused(models, batch):
+    pipe, _ = models
+    ids, mask, _ = batch
+    lm = pipe.model.model.language_model
+    b = int(torch.nonzero(~mask.bool().all(1))[0])  # the left-padded prompt: pad, real ..., then pad its end too
+    both = mask.clone()
+    both[b, -1] = 0
+    with pytest.raises(VTCError, match="left-padded"):
+        InLLMPruner(lm, get("fastv"), Budget.parse(16), ids, both, pipe.adapter.image_token_id)
+    no_image = ids.clone()
+    no_image[b][no_image[b] == pipe.adapter.image_token_id] = int(ids[b, -1])
+    with pytest.raises(VTCError, match="image tokens in every prompt"):
+        InLLMPruner(lm, get("fastv"), Budget.parse(16), no_image, mask, pipe.adapter.image_token_id)
