@@ -16,7 +16,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vtc.methods import Budget, VTCError, get
-from vtc.methods.llm_base import Stage
+from vtc.methods.llm_base import Choice, LLMMethod, Stage
 from vtc.models.llm_prune import InLLMPruner
 from vtc.testing import save_tiny_llava
 
@@ -384,10 +384,20 @@ def test_dart_keeps_pivots_by_key_norm_and_the_least_duplicated_tokens(models, b
 # ----------------------------------------------------------------------------- the mask follows original positions
 
 
-def test_reordered_rows_attend_by_original_position(models, batch):
+def unpadded_sample(batch):
+    """The batch's one prompt without padding, alone (a batch of one)."""
+    ids, mask, projected = batch
+    full = int(torch.nonzero(mask.bool().all(1))[0])
+    return ids[full : full + 1], mask[full : full + 1], projected[full : full + 1]
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["padded-batch", "one-unpadded-prompt"])
+def test_reordered_rows_attend_by_original_position(models, batch, alone):
     """SparseVLM's merged rows come after the kept image rows but carry earlier positions: compare every row's logits
-    with the stock layers run on the same rows sorted by position (plain causal mask, RoPE at those positions)."""
+    with the stock layers run on the same rows sorted by position (plain causal mask, RoPE at those positions).
+    Alone, no row is padding: only the reordering rules out SDPA's plain causal path."""
     pipe, _ = models
+    batch = unpadded_sample(batch) if alone else batch
     ids, mask, _ = batch
     lm = pipe.model.model.language_model
     captured = {}
@@ -484,3 +494,96 @@ def test_reported_layer_average_counts_what_was_kept(models, batch):
     for b in range(2):
         per_layer = [64] + [len(kept[1][b])] + [len(kept[2][b])] * 2  # layers 0, 1, 2, 3
         assert pruner.average_tokens[b] == sum(per_layer) / 4
+
+
+# ----------------------------------------------------------------------------- rows, padding and decoding masks
+
+
+class FixedKeep(LLMMethod):
+    """Keeps every other image row of sample b, ``counts[b]`` of them, before ``layer``; merges nothing."""
+
+    name = "fixed-keep"
+
+    def __init__(self, layer: int, counts: list[int]):
+        self.layer, self.counts = layer, counts
+
+    def plan(self, n_image, num_layers, budget):
+        return [Stage(self.layer, n_image)]
+
+    def choose(self, index, stages, ctx):
+        return [Choice(img[::2][:c]) for img, c in zip(ctx.image_rows, self.counts)]
+
+
+@pytest.mark.parametrize("counts", [(10, 12), (10, 20)])
+def test_dummy_rows_stay_hidden_in_prefill_and_decoding(models, batch, counts):
+    """Sample 1 has 3 padding tokens. Keeping (10, 12) leaves it ONE dummy row (positions still increase along the
+    rows); keeping (10, 20) gives the unpadded sample 0 dummy rows (their position 0 is a real token). Prefill logits
+    and the first decoding step must equal the stock eager model run at full length with the dropped image tokens
+    hidden from layer 2 on."""
+    pipe, eager = models
+    ids, mask, projected = batch
+    lm = pipe.model.model.language_model
+    with torch.no_grad(), InLLMPruner(lm, FixedKeep(2, list(counts)), Budget.parse(1.0), ids, mask, pipe.adapter.image_token_id) as pruner:
+        out = pipe.model.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs=features(batch), max_new_tokens=2,
+                                  do_sample=False, pad_token_id=pipe.pad_token_id, output_scores=True, output_logits=True,
+                                  return_dict_in_generate=True)
+    rows = pruner.layer_rows[2]
+    assert int((~rows.valid).sum()) >= 1
+    images = image_positions(pipe, batch)
+    kept = [set(rows.index[b][rows.valid[b] & rows.image[b]].tolist()) for b in range(2)]
+    assert [len(k) for k in kept] == list(counts)
+    # prefill: the next-token logits (the last prompt row) against the masked full-length reference
+    reference, _ = reference_run(eager, batch, {2: alive_mask(batch, images, kept)})
+    torch.testing.assert_close(out.logits[0], reference.logits[:, -1], atol=1e-4, rtol=1e-4)
+    # first decoding step: the prompt plus the generated token, the new position alive
+    grown = (out.sequences[:, : ids.shape[1] + 1], torch.cat([mask, torch.ones_like(mask[:, :1])], 1), projected)
+    alive = torch.cat([alive_mask(batch, images, kept), torch.ones_like(mask[:, :1], dtype=torch.bool)], 1)
+    reference, _ = reference_run(eager, grown, {2: alive})
+    torch.testing.assert_close(out.logits[1], reference.logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
+class MergeOne(LLMMethod):
+    """Keeps image rows 0, 1, 2 and the last; merges the others into one token at the position of image row 4."""
+
+    name = "merge-one"
+
+    def plan(self, n_image, num_layers, budget):
+        return [Stage(1, 5)]
+
+    def choose(self, index, stages, ctx):
+        choices = []
+        for b, img in enumerate(ctx.image_rows):
+            keep = torch.cat([img[:3], img[-1:]])
+            merged = ctx.hidden[b, img[3:-1]].mean(0, keepdim=True)
+            choices.append(Choice(keep, merged, ctx.positions(b)[img[4:5]]))
+        return choices
+
+
+def test_merged_tokens_sit_right_after_the_kept_image_rows(models, batch):
+    pipe, _ = models
+    ids, mask, _ = batch
+    with torch.no_grad(), InLLMPruner(pipe.model.model.language_model, MergeOne(), Budget.parse(1.0), ids, mask,
+                                      pipe.adapter.image_token_id) as pruner:
+        pipe.model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=features(batch))
+    rows = pruner.rows
+    for b, positions in enumerate(image_positions(pipe, batch)):
+        real = [p for p in range(ids.shape[1]) if mask[b, p]]
+        before, after = [p for p in real if p < positions[0]], [p for p in real if p > positions[-1]]
+        expected = before + positions[:3] + positions[-1:] + [positions[4]] + after
+        assert rows.index[b][rows.valid[b]].tolist() == expected
+        assert rows.image[b][rows.valid[b]].tolist() == [p in positions for p in expected]
+
+
+def test_padding_on_both_sides_and_a_prompt_without_image_tokens_are_refused(models, batch):
+    pipe, _ = models
+    ids, mask, _ = batch
+    lm = pipe.model.model.language_model
+    b = int(torch.nonzero(~mask.bool().all(1))[0])  # the left-padded prompt: pad, real ..., then pad its end too
+    both = mask.clone()
+    both[b, -1] = 0
+    with pytest.raises(VTCError, match="left-padded"):
+        InLLMPruner(lm, get("fastv"), Budget.parse(16), ids, both, pipe.adapter.image_token_id)
+    no_image = ids.clone()
+    no_image[b][no_image[b] == pipe.adapter.image_token_id] = int(ids[b, -1])
+    with pytest.raises(VTCError, match="image tokens in every prompt"):
+        InLLMPruner(lm, get("fastv"), Budget.parse(16), no_image, mask, pipe.adapter.image_token_id)
