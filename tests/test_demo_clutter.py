@@ -145,3 +145,58 @@ def test_vocabulary_holds_every_question_and_answer_word():
         s = make_sample(seed)
         assert set(s.question.split()) <= words and s.answer in words, s.question
     assert not set(scenes_v2.EXTRA_VOCAB) & set(scenes.VOCAB) - set(COUNTS)  # new words do not shadow old ones
+
+
+def test_patch_labels_with_words_agree_with_the_full_canvas_labels_and_mark_signs():
+    """The per-cell fast labeller gives the basic labeller's classes on basic scenes, and the word on sign cells."""
+    import random
+
+    import torch
+
+    from vtc.demo import train
+    from vtc.demo.scenes_v2 import PLATE, WORDS
+
+    for seed in range(40, 46):
+        _, objects = scenes.make_scene(random.Random(seed))
+        fast, fast_cover = train.patch_targets(objects, words=True)
+        slow, slow_cover = train.patch_targets(objects)
+        assert torch.equal(fast[:3], slow) and not fast[3].any()
+        assert torch.allclose(fast_cover, slow_cover)
+    for seed in SEEDS[:6]:
+        s = make_sample(seed)
+        labels, _ = train.patch_targets(s.objects, words=True)
+        pixels = np.asarray(s.image)
+        for o in s.objects:
+            if o.kind == "sign":  # every cell holding this sign's plate is labelled with its word, and only those
+                plate = np.all(pixels == PLATE, axis=-1)
+                x0, y0, x1, y1 = o.box
+                cells = {cell_of(y, x) for y, x in zip(*np.nonzero(plate)) if x0 <= x < x1 and y0 <= y < y1}
+                assert {c for c in range(GRID * GRID) if labels[3, c] == 1 + WORDS.index(o.word)} == cells
+                assert all(labels[0, c] == 0 for c in cells)
+
+
+def test_minimal_pairs_and_vocabularies():
+    import random
+
+    from vtc.demo.evaluate import checkpoint_families
+    from vtc.demo.families import vocabulary
+    from vtc.demo.train import clutter_contrast_questions
+
+    items = make_sample(12_000_003).objects
+    for r in range(10):  # "yes" names the drawn shape, "no" another shape of the same (once-only) colour
+        exists = clutter_contrast_questions(items, "exists_by_attrs", random.Random(r))
+        (color, yes_shape), (color_no, no_shape) = [q.split()[4:6] for q, _ in exists]
+        (drawn,) = [o.shape for o in items if o.kind == "small" and o.color == color]
+        assert [a for _, a in exists] == ["yes", "no"] and color == color_no and yes_shape == drawn != no_shape
+    signs = clutter_contrast_questions(items, "text_by_position", random.Random(0))
+    assert sorted(a for _, a in signs) == sorted(o.word for o in items if o.kind == "sign") and signs[0][0] != signs[1][0]
+    assert vocabulary(["basic"]) == scenes.VOCAB  # the basic recipe keeps its tokenizer
+    both = vocabulary(["basic", "clutter"])
+    assert both[: len(scenes.VOCAB)] == scenes.VOCAB and set(scenes_v2.EXTRA_VOCAB) <= set(both)
+
+    class Pipe:  # checkpoint_families reads only the tokenizer's vocabulary
+        def __init__(self, words):
+            self.processor = type("P", (), {"tokenizer": type("T", (), {"get_vocab": lambda _: dict.fromkeys(words)})()})()
+
+    assert checkpoint_families(Pipe(scenes.VOCAB)) == ("basic",)
+    assert checkpoint_families(Pipe(both)) == ("basic", "clutter")

@@ -139,8 +139,8 @@ def render(scene: Scene, without=()) -> Image.Image:
             draw.ellipse(box, fill=color)
         else:
             draw.line(box, fill=color, width=2)
-    noise = np.random.default_rng(scene.noise_seed).normal(0.0, 7.0, (SIZE, SIZE, 3))
-    pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, *BACKGROUND_RANGE).round().astype(np.uint8)
+    noise = 7.0 * np.random.default_rng(scene.noise_seed).standard_normal((SIZE, SIZE, 3), dtype=np.float32)
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, *BACKGROUND_RANGE).round().astype(np.uint8)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     for i, item in enumerate(scene.items):
@@ -303,21 +303,20 @@ def make_scene(rng: random.Random) -> Scene:
 # ----------------------------------------------------------------------------- questions
 
 
-def _smalls(scene: Scene, color: str | None = None) -> list[int]:
-    return [i for i, it in enumerate(scene.items) if it.kind == "small" and (color is None or it.color == color)]
+def _smalls(items: list[Item], color: str | None = None) -> list[int]:
+    return [i for i, it in enumerate(items) if it.kind == "small" and (color is None or it.color == color)]
 
 
-def named_colors(scene: Scene) -> list[str]:
+def named_colors(items: list[Item]) -> list[str]:
     """Colours that exactly one small shape has (it can be named by its colour alone)."""
-    return [c for c in COLORS if len(_smalls(scene, c)) == 1]
+    return [c for c in COLORS if len(_smalls(items, c)) == 1]
 
 
-def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str, list[int]]:
-    """(question, answer, indices of the items the answer depends on)."""
-    items = scene.items
+def make_question(items: list[Item], qtype: str, rng: random.Random) -> tuple[str, str, list[int]]:
+    """(question, answer, indices of the items the answer depends on) for a scene's items."""
     if qtype in ("shape_by_color", "exists_by_attrs"):
-        color = rng.choice(named_colors(scene))
-        (target,) = _smalls(scene, color)
+        color = rng.choice(named_colors(items))
+        (target,) = _smalls(items, color)
         shape = items[target].shape
         if qtype == "shape_by_color":
             return f"what shape is the small {color} object ?", shape, [target]
@@ -325,17 +324,17 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
             return exists_question(color, shape), "yes", [target]
         return exists_question(color, rng.choice([s for s in SHAPES if s != shape])), "no", [target]
     if qtype == "color_by_position":
-        (target,) = [i for i in _smalls(scene) if items[i].anchor]
-        return f"what color is the small shape {position(scene, target)} ?", items[target].color, [target]
+        (target,) = [i for i in _smalls(items) if items[i].anchor]
+        return f"what color is the small shape {position(items, target)} ?", items[target].color, [target]
     if qtype == "count_by_color":
-        present = [c for c in COLORS if _smalls(scene, c)]
-        repeated = [c for c in present if c not in named_colors(scene)]
+        present = [c for c in COLORS if _smalls(items, c)]
+        repeated = [c for c in present if c not in named_colors(items)]
         color = rng.choice(repeated if repeated and rng.random() < 0.75 else present)
-        targets = _smalls(scene, color)
+        targets = _smalls(items, color)
         return f"how many small {color} shapes are there ?", COUNTS[len(targets)], targets
     if qtype == "text_by_position":
         target = rng.choice([i for i, it in enumerate(items) if it.kind == "sign"])
-        return f"what is written {position(scene, target)} ?", items[target].word, [target]
+        return f"what is written {position(items, target)} ?", items[target].word, [target]
     raise ValueError(f"unknown question type '{qtype}' for the {FAMILY} family; use one of {QTYPES}")
 
 
@@ -343,9 +342,9 @@ def exists_question(color: str, shape: str) -> str:
     return f"is there a small {color} {shape} ?"
 
 
-def position(scene: Scene, index: int) -> str:
-    big, relation = scene.items[index].anchor
-    return f"{relation} the big {scene.items[big].shape}"
+def position(items: list[Item], index: int) -> str:
+    big, relation = items[index].anchor
+    return f"{relation} the big {items[big].shape}"
 
 
 def make_sample(seed: int, qtype: str | None = None) -> ClutterSample:
@@ -353,7 +352,7 @@ def make_sample(seed: int, qtype: str | None = None) -> ClutterSample:
     rng = random.Random(seed)
     scene = make_scene(rng)
     qtype = qtype or rng.choices(QTYPES, weights=QTYPE_WEIGHTS)[0]
-    question, answer, targets = make_question(scene, qtype, rng)
+    question, answer, targets = make_question(scene.items, qtype, rng)
     cells = sorted({c for i in targets for c in cells_of(scene.items[i].box)})
     return ClutterSample(seed, render(scene), question, answer, qtype, True, cells, scene.items, scene=scene)
 
