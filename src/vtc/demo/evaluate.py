@@ -24,8 +24,19 @@ def test_samples(limit: int, family: str = "basic"):
 
 def checkpoint_families(pipe) -> tuple[str, ...]:
     """The families whose question and answer words the pipeline's tokenizer holds (the others come out <unk>)."""
-    vocab = pipe.processor.tokenizer.get_vocab()
+    return families_of_vocab(pipe.processor.tokenizer.get_vocab())
+
+
+def families_of_vocab(vocab) -> tuple[str, ...]:
     return tuple(f for f in FAMILIES if all(w in vocab for w in getattr(family_module(f), "EXTRA_VOCAB", ())))
+
+
+def saved_families(checkpoint: Path) -> tuple[str, ...]:
+    """``checkpoint_families`` of a saved demo checkpoint, from its tokenizer file (basic when there is none)."""
+    import json
+
+    path = Path(checkpoint) / "llava" / "tokenizer.json"
+    return families_of_vocab(json.loads(path.read_text())["model"]["vocab"]) if path.is_file() else ("basic",)
 
 
 def normalise(text: str) -> str:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .evaluate import CHECKPOINT, checkpoint_families, run_method, test_samples
+from .evaluate import CHECKPOINT, checkpoint_families, run_method, saved_families, test_samples
 
 # (label, method, budget): Recoverable Compression at its own dynamic budget and at the peers' fixed one.
 DEMO_RUNS = [
@@ -90,11 +90,8 @@ def write_token_maps(examples: dict, grid, path: Path, count: int = 4) -> None:
     token_map_figure(rows, path)
 
 
-def run_demos(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Path = CHECKPOINT, console: Console | None = None) -> dict:
+def run_demos(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Path | None = None, console: Console | None = None) -> dict:
     """``run_demo`` for every family the checkpoint was trained on: basic into ``out``, the others into out/FAMILY."""
-    from ..pipeline import Pipeline
-
-    if not (checkpoint / "llava" / "config.json").is_file():
-        return run_demo(limit, out, checkpoint, console)  # raises the missing-checkpoint error
-    families = checkpoint_families(Pipeline.from_pretrained(checkpoint / "llava", clip=checkpoint / "clip"))
-    return {f: run_demo(limit, out if f == "basic" else out / f, checkpoint, console, family=f) for f in families}
+    families = saved_families(checkpoint or CHECKPOINT)
+    where = {} if checkpoint is None else {"checkpoint": checkpoint}  # run_demo's own default otherwise
+    return {f: run_demo(limit=limit, out=out if f == "basic" else out / f, console=console, family=f, **where) for f in families}
