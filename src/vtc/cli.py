@@ -117,11 +117,11 @@ def demo_cmd(
     limit: int = typer.Option(300, "--limit", min=1, help="Number of synthetic test questions."),
     out: Path = typer.Option(Path("vtc-demo-out"), "--out", help="Where the token-map PNG and JSON go."),
 ) -> None:
-    """Run the shipped tiny LLaVA on the synthetic benchmark with several compressors at about 10% of tokens."""
-    from .demo.run import run_demo
+    """Run the shipped tiny LLaVA on the synthetic benchmark with several compressors at about 10% of tokens (one table per scene family it was trained on)."""
+    from .demo.run import run_demos
 
     _check_out_dir(out)
-    run_demo(limit=limit, out=out, console=console)
+    run_demos(limit=limit, out=out, console=console)
 
 
 @app.command("bench")

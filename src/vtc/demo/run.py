@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .evaluate import CHECKPOINT, run_method, test_samples
+from .evaluate import CHECKPOINT, checkpoint_families, run_method, saved_families, test_samples
 
 # (label, method, budget): Recoverable Compression at its own dynamic budget and at the peers' fixed one.
 DEMO_RUNS = [
@@ -28,7 +28,9 @@ DEMO_RUNS = [
 MAP_COLUMNS = ["recoverable", "recoverable@10%", "prumerge@10%", "fastervlm@10%", "visionzip@10%", "pool@10%"]
 
 
-def run_demo(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Path = CHECKPOINT, console: Console | None = None) -> dict:
+def run_demo(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Path = CHECKPOINT, console: Console | None = None,
+             family: str = "basic") -> dict:
+    """One table (and token maps) for one scene family; ``run_demos`` runs every family the checkpoint knows."""
     from ..pipeline import Pipeline
 
     console = console or Console()
@@ -37,7 +39,10 @@ def run_demo(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Pat
             f"no demo checkpoint at {checkpoint}; train one with `python -m vtc.demo.train --out {checkpoint}`"
         )
     pipe = Pipeline.from_pretrained(checkpoint / "llava", clip=checkpoint / "clip")
-    samples = test_samples(limit)
+    if family not in checkpoint_families(pipe):
+        raise ValueError(f"the checkpoint at {checkpoint} was not trained on the '{family}' family "
+                         f"(it knows {checkpoint_families(pipe)})")
+    samples = test_samples(limit, family)
     out.mkdir(parents=True, exist_ok=True)
     scores, examples = {}, {}
     with Progress(console=console) as progress:
@@ -50,7 +55,7 @@ def run_demo(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Pat
             examples[label] = keep
 
     full_prefill = scores["none"]["prefill_ms"]
-    table = Table(title=f"vtc demo: {len(samples)} synthetic test questions, {pipe.adapter.num_patches} image tokens each")
+    table = Table(title=f"vtc demo, {family} scenes: {len(samples)} test questions, {pipe.adapter.num_patches} image tokens each")
     for col in ("method", "mean tokens", "accuracy", "small-target acc.", "prefill vs full"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for label, s in scores.items():
@@ -83,3 +88,10 @@ def write_token_maps(examples: dict, grid, path: Path, count: int = 4) -> None:
             maps.append((f"{label}: '{result.text}' ({result.tokens_after} tok)", token_map(sample.image, result.selection, grid)))
         rows.append((f"Q: {sample.question}  A: {sample.answer}", sample.image, maps))
     token_map_figure(rows, path)
+
+
+def run_demos(limit: int = 300, out: Path = Path("vtc-demo-out"), checkpoint: Path | None = None, console: Console | None = None) -> dict:
+    """``run_demo`` for every family the checkpoint was trained on: basic into ``out``, the others into out/FAMILY."""
+    families = saved_families(checkpoint or CHECKPOINT)
+    where = {} if checkpoint is None else {"checkpoint": checkpoint}  # run_demo's own default otherwise
+    return {f: run_demo(limit=limit, out=out if f == "basic" else out / f, console=console, family=f, **where) for f in families}

@@ -2,6 +2,12 @@
 
     PYTHONPATH=src python -m vtc.demo.train --out src/vtc/demo/checkpoint --seed 0
 
+trains on both scene families (families.py): half the images of every stage are "clutter" scenes
+(--clutter-fraction 0.5). --clutter-fraction 0 is the basic-family recipe of the first shipped checkpoint,
+bit for bit (same vocabulary, same random streams). With clutter scenes the tokenizer gains the clutter words
+(scenes_v2.EXTRA_VOCAB, appended after the basic VOCAB), the dense attribute loss gains a fourth head (which
+word a sign patch shows) and the word-grounding loss a third word list (the sign words).
+
 Stages (the LLaVA recipe, scaled down to 2 CPU cores):
   1. CLIP (vision 4x128, text 2x128): in-batch contrastive loss on (image, caption
      of a large object) plus a dense loss that makes cosine(text embedding,
@@ -45,8 +51,10 @@ from rich.progress import Progress
 from ..testing import CHAT_TEMPLATE, word_tokenizer
 from PIL import Image, ImageDraw
 
+from . import scenes_v2
+from .families import training_scene, vocabulary
 from .scenes import (
-    COLORS, GRID, PATCH, QTYPES, SHAPES, SIZE, VOCAB, big_color_question, caption, cells_of, draw_shape, exists_question,
+    COLORS, GRID, PATCH, QTYPES, SHAPES, SIZE, big_color_question, caption, cells_of, draw_shape, exists_question,
     make_question, make_scene, split_seeds,
 )
 
@@ -62,13 +70,25 @@ def pixels(images) -> torch.Tensor:
     return torch.from_numpy(((arr - MEAN) / STD).transpose(0, 3, 1, 2).copy())
 
 
-def scenes(seeds):
+def scenes(seeds, families=None):
+    """(image, objects, rng) per seed; ``families`` names each seed's family (default: all basic)."""
     out = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
+        if families is not None and families[i] != "basic":
+            out.append(training_scene(families[i], seed))
+            continue
         rng = random.Random(seed)
         image, objects = make_scene(rng)
         out.append((image, objects, rng))
     return out
+
+
+def is_clutter(objects) -> bool:
+    return isinstance(objects[0], scenes_v2.Item)
+
+
+def bigs_of(objects):
+    return [o for o in objects if o.kind == "big"] if is_clutter(objects) else objects[:-1]
 
 
 def warmup_cosine(opt, steps: int, warmup: float):
@@ -111,6 +131,8 @@ def text_batch(tokenizer, texts):
 
 def dense_queries(objects, rng):
     """(text, cells) pairs naming one object: a caption and a question about the small one."""
+    if is_clutter(objects):
+        return clutter_dense_queries(objects, rng)
     small = objects[-1]
     obj = rng.choice(objects)
     pairs = [(caption(obj), cells_of(obj.box))]
@@ -121,7 +143,51 @@ def dense_queries(objects, rng):
     return pairs
 
 
-def patch_targets(objects):
+def clutter_dense_queries(items, rng):
+    """A caption of one item and a clutter question, each with the cells it names (a count: every counted shape)."""
+    item = rng.choice(items)
+    pairs = [(scenes_v2.caption(item), cells_of(item.box))]
+    q, _, targets = scenes_v2.make_question(items, rng.choice(scenes_v2.QTYPES), rng)
+    pairs.append((q, sorted({c for t in targets for c in cells_of(items[t].box)})))
+    return pairs
+
+
+def patch_targets(objects, words: bool = False):
+    """Per patch: class of the object covering most of it (0 = background), and that coverage.
+
+    Three rows (colour, shape, size) for the basic-family recipe; with ``words`` a fourth: the sign word (signs
+    are background in the other rows).
+    """
+    if words:
+        return patch_targets_with_words(objects)
+    return basic_patch_targets(objects)
+
+
+def patch_targets_with_words(objects):
+    labels = torch.zeros(4, GRID, GRID, dtype=torch.long)
+    best = torch.zeros(GRID, GRID)
+    for obj in objects:
+        x0, y0, x1, y1 = obj.box
+        c0, r0 = x0 // PATCH, y0 // PATCH
+        c1, r1 = min(GRID, (x1 - 1) // PATCH + 1), min(GRID, (y1 - 1) // PATCH + 1)
+        mask = Image.new("L", ((c1 - c0) * PATCH, (r1 - r0) * PATCH), 0)  # only the cells the object touches
+        local = type(obj)(**{**vars(obj), "box": (x0 - c0 * PATCH, y0 - r0 * PATCH, x1 - c0 * PATCH, y1 - r0 * PATCH)})
+        if getattr(obj, "kind", None) == "sign":
+            ImageDraw.Draw(mask).rectangle([local.box[0], local.box[1], local.box[2] - 1, local.box[3] - 1], fill=255)
+            label = [0, 0, 0, 1 + scenes_v2.WORDS.index(obj.word)]
+        else:
+            draw_shape(ImageDraw.Draw(mask), local, fill=255)
+            label = [1 + list(COLORS).index(obj.color), 1 + SHAPES.index(obj.shape), 1 + obj.small, 0]
+        cover = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+        cover = cover.reshape(r1 - r0, PATCH, c1 - c0, PATCH).mean((1, 3))
+        region = best[r0:r1, c0:c1]
+        wins = cover > region
+        region[wins] = cover[wins]
+        labels[:, r0:r1, c0:c1][:, wins] = torch.tensor(label)[:, None]
+    return labels.flatten(1), best.flatten()
+
+
+def basic_patch_targets(objects):
     """Per patch: (colour, shape, size) class of the object covering most of it (0 = background), and that coverage."""
     labels = torch.zeros(3, GRID * GRID, dtype=torch.long)
     best = torch.zeros(GRID * GRID)
@@ -144,8 +210,12 @@ def attribute_loss(heads, states, targets):
     """
     labels = torch.stack([t[0] for t in targets])  # B, 3, N
     cover = torch.stack([t[1] for t in targets])  # B, N
-    weight = torch.where(labels[:, 0] == 0, torch.ones_like(cover), cover.clamp(min=0.25))
-    weight = weight * torch.where(labels[:, 2] == 2, 8.0, 1.0)
+    background = labels[:, 0] == 0 if labels.shape[1] == 3 else (labels[:, 0] == 0) & (labels[:, 3] == 0)
+    weight = torch.where(background, torch.ones_like(cover), cover.clamp(min=0.25))
+    small = labels[:, 2] == 2
+    if labels.shape[1] > 3:  # sign patches are as rare as small-object patches
+        small = small | (labels[:, 3] > 0)
+    weight = weight * torch.where(small, 8.0, 1.0)
     loss = 0.0
     for i, head in enumerate(heads):
         logits = head(states)  # B, N, classes
@@ -154,10 +224,14 @@ def attribute_loss(heads, states, targets):
     return loss
 
 
-def train_clip(clip, tokenizer, steps, batch, seed, progress):
+def train_clip(clip, tokenizer, steps, batch, seed, progress, clutter_fraction=0.0, log=None):
     clip.train()
     width = clip.config.vision_config.hidden_size
     heads = torch.nn.ModuleList([torch.nn.Linear(width, 1 + len(COLORS)), torch.nn.Linear(width, 1 + len(SHAPES)), torch.nn.Linear(width, 3)])
+    words = clutter_fraction > 0
+    if words:
+        heads.append(torch.nn.Linear(width, 1 + len(scenes_v2.WORDS)))
+        clutter_seeds, family_rng = scenes_v2.split_seeds("train"), random.Random(seed + 7)
     opt = torch.optim.AdamW(list(clip.parameters()) + list(heads.parameters()), lr=1e-3, weight_decay=0.05)
     sched = warmup_cosine(opt, steps, warmup=0.1)
     task = progress.add_task("CLIP", total=steps)
@@ -165,13 +239,17 @@ def train_clip(clip, tokenizer, steps, batch, seed, progress):
     rng = random.Random(seed)
     for step in range(steps):
         seeds = [train_seeds[rng.randrange(300_000)] for _ in range(batch)]
-        data = scenes(seeds)
+        families = None
+        if words:  # a separate stream decides the family, so the basic seeds are those of the basic-only recipe
+            families = ["clutter" if family_rng.random() < clutter_fraction else "basic" for _ in range(batch)]
+            seeds = [clutter_seeds[family_rng.randrange(300_000)] if f == "clutter" else s for s, f in zip(seeds, families)]
+        data = scenes(seeds, families)
         px = pixels([d[0] for d in data])
         vis = clip.vision_model(pixel_values=px, output_hidden_states=True)
         patch = F.normalize(clip.visual_projection(clip.vision_model.post_layernorm(vis.last_hidden_state[:, 1:])), dim=-1)
         image_emb = F.normalize(clip.visual_projection(vis.pooler_output), dim=-1)
 
-        captions = [caption(rng.choice(d[1][:-1])) for d in data]  # a large (salient) object
+        captions = [caption(rng.choice(bigs_of(d[1]))) for d in data]  # a large (salient) object
         queries, owners, targets = [], [], []
         for b, (_, objects, srng) in enumerate(data):
             for text, cells in dense_queries(objects, srng):
@@ -191,13 +269,15 @@ def train_clip(clip, tokenizer, steps, batch, seed, progress):
             target[i, cells] = 1.0 / len(cells)
         dense = -(target * dense_logits.log_softmax(-1)).sum(-1).mean()
 
-        attributes = attribute_loss(heads, vis.hidden_states[-2][:, 1:], [patch_targets(d[1]) for d in data])
+        attributes = attribute_loss(heads, vis.hidden_states[-2][:, 1:], [patch_targets(d[1], words) for d in data])
         loss = contrastive + dense + attributes
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         progress.update(task, advance=1, description=f"CLIP loss {contrastive.item():.2f}+{dense.item():.2f}+{attributes.item():.2f}")
+        if log is not None:
+            log.setdefault("CLIP", []).append(loss.item())
     clip.eval()
 
 
@@ -226,12 +306,12 @@ def build_llava(clip, tokenizer, layers: int = 3, hidden: int = 128):
 
 
 @torch.no_grad()
-def cache_features(llava, seeds, batch, progress):
+def cache_features(llava, seeds, batch, progress, families=None):
     tower = llava.model.vision_tower.eval()
     feats, objects = [], []
     task = progress.add_task("feature cache", total=len(seeds))
     for i in range(0, len(seeds), batch):
-        data = scenes(seeds[i : i + batch])
+        data = scenes(seeds[i : i + batch], None if families is None else families[i : i + batch])
         out = tower(pixel_values=pixels([d[0] for d in data]), output_hidden_states=True)
         feats.append(out.hidden_states[-2][:, 1:].clone())
         objects.extend(d[1] for d in data)
@@ -282,15 +362,18 @@ def lm_loss(llava, x, mask, y):
 def grounding_loss(llava, image_feats, labels, word_ids):
     """Projected tokens of an object's patches point at the LM's embeddings of its colour and shape words.
 
-    Cosine logits (scale 10) against the colour words and, separately, the shape words (``word_ids``: the two id
-    lists); ``labels`` is ``patch_targets``' B, 3, N class map, background patches (0) are not supervised. This
+    Cosine logits (scale 10) against the colour words and, separately, the shape words (``word_ids``: the id
+    lists; with clutter scenes a third, the sign words, against ``labels`` row 3); ``labels`` is ``patch_targets``'
+    B, rows, N class map, patches of class 0 in a row are not supervised in that row. This
     puts image tokens and question words in one space, as a large LM's pretrained word space does for LLaVA, so
     "is there a small red circle ?" can be answered by matching, not memorised.
     """
     tokens = F.normalize(llava.model.multi_modal_projector(image_feats), dim=-1)  # B, N, D
-    on_object = labels[:, 0] > 0
     loss = 0.0
-    for row, ids in enumerate(word_ids):
+    for row, ids in zip((0, 1, 3), word_ids):
+        on_object = labels[:, row] > 0
+        if not on_object.any():
+            continue
         words = F.normalize(llava.model.language_model.embed_tokens.weight[ids], dim=-1)
         logits = 10.0 * tokens[on_object] @ words.T
         loss = loss + F.cross_entropy(logits, labels[:, row][on_object] - 1)
@@ -298,7 +381,7 @@ def grounding_loss(llava, image_feats, labels, word_ids):
 
 
 def describe(objects) -> str:
-    return " ".join(caption(o) for o in objects)
+    return " ".join((scenes_v2.caption if is_clutter(objects) else caption)(o) for o in objects)
 
 
 def contrast_questions(objects, qtype: str, rng: random.Random) -> list[tuple[str, str]]:
@@ -319,11 +402,31 @@ def contrast_questions(objects, qtype: str, rng: random.Random) -> list[tuple[st
     return [(big_color_question(big), big.color) for big in rng.sample(bigs, 2)]
 
 
+def clutter_contrast_questions(items, qtype: str, rng: random.Random) -> list[tuple[str, str]]:
+    """Minimal pairs on a clutter image: existence yes/no of one named shape; the two signs; two named colours."""
+    if qtype == "exists_by_attrs":
+        q, a, (target,) = scenes_v2.make_question(items, qtype, rng)
+        small = items[target]
+        other = rng.choice([s for s in SHAPES if s != small.shape])
+        return [(scenes_v2.exists_question(small.color, small.shape), "yes"), (scenes_v2.exists_question(small.color, other), "no")]
+    if qtype == "text_by_position":
+        signs = [i for i, it in enumerate(items) if it.kind == "sign"]
+        return [(f"what is written {scenes_v2.position(items, i)} ?", items[i].word) for i in signs]
+    colors = rng.sample(scenes_v2.named_colors(items), 2)
+    return [(f"what shape is the small {c} object ?", items[scenes_v2._smalls(items, c)[0]].shape) for c in colors]
+
+
+CLUTTER_CONTRAST = ("exists_by_attrs", "text_by_position", "shape_by_color")
+
+
 def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch, seed, progress,
-                short_fraction=0.5, qtype_weights=(3, 3, 2, 1, 1), contrast=False, grounding=0.0):
+                short_fraction=0.5, qtype_weights=(3, 3, 2, 1, 1), contrast=False, grounding=0.0,
+                clutter_weights=scenes_v2.QTYPE_WEIGHTS, log=None):
     gen = torch.Generator().manual_seed(seed)
-    word_ids = [tokenizer.convert_tokens_to_ids(list(names)) for names in (COLORS, SHAPES)]
-    patch_labels = functools.cache(lambda i: patch_targets(objects[i])[0])  # 3, N per training image, drawn once
+    words = any(is_clutter(o) for o in objects)
+    names = (COLORS, SHAPES, scenes_v2.WORDS) if words else (COLORS, SHAPES)
+    word_ids = [tokenizer.convert_tokens_to_ids(list(n)) for n in names]
+    patch_labels = functools.cache(lambda i: patch_targets(objects[i], words)[0])  # rows, N per training image, drawn once
 
     rng = random.Random(seed)
     n_img = feats.shape[0]
@@ -352,6 +455,8 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
             opt.step()
             sched.step()
             progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
+            if log is not None:
+                log.setdefault(label, []).append(loss.item())
 
     def caption_pair():
         i = rng.randrange(n_img)
@@ -359,6 +464,12 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
 
     def vqa_pair():
         i = rng.randrange(n_img)
+        if is_clutter(objects[i]):
+            qtype = rng.choices(scenes_v2.QTYPES, weights=clutter_weights)[0]
+            if contrast and qtype in CLUTTER_CONTRAST:
+                return [(i, q, a) for q, a in clutter_contrast_questions(objects[i], qtype, rng)]
+            q, a, _ = scenes_v2.make_question(objects[i], qtype, rng)
+            return [(i, q, a)]
         qtype = rng.choices(QTYPES, weights=qtype_weights)[0]
         if contrast and qtype in ("small_exists", "big_color"):
             return [(i, q, a) for q, a in contrast_questions(objects[i], qtype, rng)]
@@ -394,6 +505,12 @@ def save(llava, clip, tokenizer, clip_tokenizer, out: Path):
     clip_tokenizer.save_pretrained(out / "clip")
 
 
+def loss_summary(values: list[float]) -> list[float]:
+    """Mean training loss over the first and the last tenth of a stage's steps (at least one step each)."""
+    n = max(1, len(values) // 10)
+    return [round(sum(values[:n]) / n, 4), round(sum(values[-n:]) / n, 4)]
+
+
 def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
@@ -413,22 +530,33 @@ def main(argv=None):
     parser.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=True, help="minimal-pair questions")
     parser.add_argument("--grounding", type=float, default=1.0, help="weight of the word-grounding loss (0 = off)")
     parser.add_argument("--clip", type=Path, default=None, help="reuse this trained CLIP (its folder) instead of stage 1")
+    parser.add_argument("--clutter-fraction", type=float, default=0.5,
+                        help="share of clutter-family images in every stage (0 = the basic-family recipe)")
+    parser.add_argument("--clutter-qtype-weights", default=",".join(str(w) for w in scenes_v2.QTYPE_WEIGHTS),
+                        help=f"training mix of {', '.join(scenes_v2.QTYPES)}")
     parser.add_argument("--eval", type=int, default=500)
     args = parser.parse_args(argv)
     weights = tuple(float(w) for w in args.qtype_weights.split(","))
     if len(weights) != len(QTYPES):
         parser.error(f"--qtype-weights needs {len(QTYPES)} numbers ({', '.join(QTYPES)}), got {args.qtype_weights!r}")
+    clutter_weights = tuple(float(w) for w in args.clutter_qtype_weights.split(","))
+    if len(clutter_weights) != len(scenes_v2.QTYPES):
+        parser.error(f"--clutter-qtype-weights needs {len(scenes_v2.QTYPES)} numbers ({', '.join(scenes_v2.QTYPES)}), "
+                     f"got {args.clutter_qtype_weights!r}")
+    if not 0.0 <= args.clutter_fraction <= 1.0:
+        parser.error(f"--clutter-fraction must lie in [0, 1], got {args.clutter_fraction}")
+    families = ("basic", "clutter") if args.clutter_fraction > 0 else ("basic",)
 
     torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
     torch.set_num_threads(2)
-    tokenizer = word_tokenizer(words=VOCAB)
-    clip_tokenizer = word_tokenizer(words=VOCAB, model_max_length=16, add_eos=True)
-    times = {}
+    tokenizer = word_tokenizer(words=vocabulary(families))
+    clip_tokenizer = word_tokenizer(words=vocabulary(families), model_max_length=16, add_eos=True)
+    times, losses = {}, {}
     with Progress(console=console) as progress:
         t = time.perf_counter()
         if args.clip is None:
             clip = build_clip(clip_tokenizer)
-            train_clip(clip, clip_tokenizer, args.clip_steps, args.batch, args.seed, progress)
+            train_clip(clip, clip_tokenizer, args.clip_steps, args.batch, args.seed, progress, args.clutter_fraction, losses)
         else:
             from transformers import CLIPModel
 
@@ -438,22 +566,26 @@ def main(argv=None):
         t = time.perf_counter()
         torch.manual_seed(args.seed + 1)  # the LLaVA stages start from the same state whether CLIP was trained or reused
         llava = build_llava(clip, tokenizer, layers=args.llm_layers)
-        seeds = list(split_seeds("train")[500_000 : 500_000 + args.images])
-        feats, objects = cache_features(llava, seeds, 64, progress)
+        n_clutter = round(args.clutter_fraction * args.images)
+        seeds = list(split_seeds("train")[500_000 : 500_000 + args.images - n_clutter])
+        seeds += list(scenes_v2.split_seeds("train")[500_000 : 500_000 + n_clutter])
+        image_families = ["basic"] * (args.images - n_clutter) + ["clutter"] * n_clutter
+        feats, objects = cache_features(llava, seeds, 64, progress, image_families if n_clutter else None)
         times["cache_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         train_llava(llava, tokenizer, feats, objects, args.align_steps, args.tune_steps, args.batch, args.seed, progress,
                     short_fraction=args.short_fraction, qtype_weights=weights, contrast=args.contrast,
-                    grounding=args.grounding)
+                    grounding=args.grounding, clutter_weights=clutter_weights, log=losses)
         times["llava_s"] = time.perf_counter() - t
     save(llava, clip, tokenizer, clip_tokenizer, args.out)
     report = {"seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}, "train_seconds": times,
+              "loss_first_last": {stage: loss_summary(values) for stage, values in losses.items()},
               "checkpoint_mb": round(size_mb(args.out), 2)}
     if args.eval:
         from .evaluate import evaluate_checkpoint
 
-        report.update(evaluate_checkpoint(args.out, limit=args.eval))
+        report.update(evaluate_checkpoint(args.out, limit=args.eval, families=families))
     (args.out / "train_report.json").write_text(json.dumps(report, indent=2))
     console.print_json(json.dumps(report))
 

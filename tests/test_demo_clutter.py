@@ -1,0 +1,202 @@
+"""The clutter scene family: answers and answer cells checked against the drawn pixels."""
+
+import re
+
+import numpy as np
+import pytest
+
+from vtc.demo import scenes, scenes_v2
+from vtc.demo.scenes import COLORS, GRID, PATCH, SHAPES
+from vtc.demo.scenes_v2 import COUNTS, FONT, INK, QTYPES, make_sample, render
+
+SEEDS = range(12_000_000, 12_000_020)
+
+
+def cell_of(y: int, x: int) -> int:
+    return (y // PATCH) * GRID + x // PATCH
+
+
+def color_mask(pixels, name):
+    return np.all(pixels == COLORS[name], axis=-1)
+
+
+def shape_from_pixels(mask) -> str:
+    """Circle, square or triangle from how much of its bounding box a solid shape fills (pi/4, 1, 1/2)."""
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "square" if fill > 0.92 else "circle" if fill > 0.68 else "triangle"
+
+
+def read_word(pixels, cells) -> str:
+    """Decode the 2x-scaled 3x5 letters drawn in INK inside ``cells``, by the font table's bitmaps."""
+    ink = np.all(pixels == INK, axis=-1)
+    inside = np.zeros_like(ink)
+    for c in cells:
+        r, k = divmod(c, GRID)
+        inside[r * PATCH : (r + 1) * PATCH, k * PATCH : (k + 1) * PATCH] = True
+    ys, xs = np.nonzero(ink & inside)
+    top, left, right = ys.min(), xs.min(), xs.max()
+    letters = []
+    for x in range(left, right + 1, 7):
+        block = ink[top : top + 10 : 2, x : x + 6 : 2]
+        bits = tuple("".join("#" if b else "." for b in row) for row in block)
+        matches = [k for k, v in FONT.items() if v == bits]
+        assert len(matches) == 1, bits
+        letters.append(matches[0])
+    return "".join(letters).lower()
+
+
+def big_named(sample, shape):
+    (big,) = [o for o in sample.objects if o.kind == "big" and o.shape == shape]
+    return big
+
+
+def check_position(sample):
+    """The target lies beside the named big shape, within 3 cells, across its span; nothing else small is there."""
+    relation, shape = re.search(r"(above|below|left of|right of) the big (\w+)", sample.question).groups()
+    bx0, by0, bx1, by1 = big_named(sample, shape).box
+    reach = 3 * PATCH
+    lo_x, hi_x = bx0 // PATCH * PATCH, (bx1 - 1) // PATCH * PATCH + PATCH  # the big shape's columns, whole cells
+    lo_y, hi_y = by0 // PATCH * PATCH, (by1 - 1) // PATCH * PATCH + PATCH
+    region = {
+        "above": (lo_x, lo_y - reach, hi_x, by0), "below": (lo_x, by1, hi_x, hi_y + reach),
+        "left of": (lo_x - reach, lo_y, bx0, hi_y), "right of": (bx1, lo_y, hi_x + reach, hi_y),
+    }[relation]
+    inside = [o for o in sample.objects if o.kind != "big" and region[0] <= o.box[0] and o.box[2] <= region[2]
+              and region[1] <= o.box[1] and o.box[3] <= region[3]]
+    kind = "sign" if "written" in sample.question else "small"
+    assert [o for o in inside if o.kind == kind] and len(inside) == 1, (sample.question, inside)
+    return inside[0]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_answers_and_answer_cells_match_the_pixels(qtype):
+    for seed in SEEDS:
+        s = make_sample(seed, qtype)
+        pixels = np.asarray(s.image)
+        targets = [i for i, o in enumerate(s.objects) if o.kind != "big" and set(scenes.cells_of(o.box)) <= set(s.answer_cells)]
+        # the answer cells hold what the answer depends on: leaving it out changes pixels there and nowhere else
+        changed = np.any(np.asarray(render(s.scene, without=set(targets))) != pixels, axis=-1)
+        cells = {cell_of(y, x) for y, x in zip(*np.nonzero(changed))}
+        assert cells == set(s.answer_cells), (seed, qtype)
+        assert s.small_target
+        outside_bigs = np.ones(pixels.shape[:2], dtype=bool)
+        for o in s.objects:
+            if o.kind == "big":
+                outside_bigs[o.box[1] - 1 : o.box[3] + 1, o.box[0] - 1 : o.box[2] + 1] = False
+        if qtype in ("shape_by_color", "exists_by_attrs"):
+            color = re.search(r"small (\w+)", s.question).group(1)
+            mask = color_mask(pixels, color) & outside_bigs
+            assert {cell_of(y, x) for y, x in zip(*np.nonzero(mask))} == set(s.answer_cells)  # one small of that colour
+            drawn = shape_from_pixels(mask)
+            if qtype == "shape_by_color":
+                assert s.answer == drawn
+            else:
+                asked = s.question.split()[-2]
+                assert asked in SHAPES and s.answer == ("yes" if asked == drawn else "no")
+        elif qtype == "count_by_color":
+            color = re.search(r"small (\w+) shapes", s.question).group(1)
+            mask = color_mask(pixels, color) & outside_bigs
+            per_cell = np.bincount([cell_of(y, x) for y, x in zip(*np.nonzero(mask))], minlength=GRID * GRID)
+            assert s.answer == COUNTS[int((per_cell >= 20).sum())]
+        elif qtype == "color_by_position":
+            target = check_position(s)
+            (color,) = [c for c in COLORS if color_mask(pixels, c)[target.box[1] : target.box[3], target.box[0] : target.box[2]].sum() >= 20]
+            assert s.answer == color
+        else:
+            check_position(s)
+            assert read_word(pixels, s.answer_cells) == s.answer
+
+
+def test_generator_is_deterministic_and_splits_are_disjoint_from_the_basic_family():
+    a, b = make_sample(12_000_005), make_sample(12_000_005)
+    assert (a.question, a.answer, a.answer_cells) == (b.question, b.answer, b.answer_cells)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert not np.array_equal(np.asarray(make_sample(12_000_006).image), np.asarray(a.image))
+    ranges = list(scenes.SPLITS.values()) + list(scenes_v2.SPLITS.values())
+    for i, x in enumerate(ranges):
+        for y in ranges[i + 1 :]:
+            assert x.stop <= y.start or y.stop <= x.start
+    with pytest.raises(ValueError, match="unknown split"):
+        scenes_v2.split_seeds("dev")
+    with pytest.raises(ValueError, match="unknown question type"):
+        make_sample(12_000_000, "big_color")
+
+
+def test_scenes_have_more_small_things_than_a_ten_percent_budget_keeps():
+    """Small shapes, signs and big shapes together cover more than 20 of the 196 cells in every scene, and the
+    question picks different cells for different questions on one image."""
+    for seed in range(12_000_100, 12_000_140):
+        s = make_sample(seed)
+        small_cells = {c for o in s.objects if o.kind != "big" for c in scenes.cells_of(o.box)}
+        big_cells = {c for o in s.objects if o.kind == "big" for c in scenes.cells_of(o.box)}
+        assert len(small_cells) >= 7 and len(small_cells | big_cells) > 20, seed
+        assert sum(o.kind == "sign" for o in s.objects) == 2
+        for o in s.objects:  # a small shape inside one cell, a 2-letter sign in one, a 3-letter sign in two
+            if o.kind != "big":
+                assert len(scenes.cells_of(o.box)) == (1 if o.kind == "small" else len(o.word) - 1), (seed, o)
+        by_type = {q: make_sample(seed, q).answer_cells for q in ("shape_by_color", "color_by_position", "text_by_position")}
+        assert by_type["text_by_position"] not in (by_type["shape_by_color"], by_type["color_by_position"]), seed
+
+
+def test_vocabulary_holds_every_question_and_answer_word():
+    words = set(scenes.VOCAB) | set(scenes_v2.EXTRA_VOCAB)
+    for seed in range(12_000_200, 12_000_260):
+        s = make_sample(seed)
+        assert set(s.question.split()) <= words and s.answer in words, s.question
+    assert not set(scenes_v2.EXTRA_VOCAB) & set(scenes.VOCAB) - set(COUNTS)  # new words do not shadow old ones
+
+
+def test_patch_labels_with_words_agree_with_the_full_canvas_labels_and_mark_signs():
+    """The per-cell fast labeller gives the basic labeller's classes on basic scenes, and the word on sign cells."""
+    import random
+
+    import torch
+
+    from vtc.demo import train
+    from vtc.demo.scenes_v2 import PLATE, WORDS
+
+    for seed in range(40, 46):
+        _, objects = scenes.make_scene(random.Random(seed))
+        fast, fast_cover = train.patch_targets(objects, words=True)
+        slow, slow_cover = train.patch_targets(objects)
+        assert torch.equal(fast[:3], slow) and not fast[3].any()
+        assert torch.allclose(fast_cover, slow_cover)
+    for seed in SEEDS[:6]:
+        s = make_sample(seed)
+        labels, _ = train.patch_targets(s.objects, words=True)
+        pixels = np.asarray(s.image)
+        for o in s.objects:
+            if o.kind == "sign":  # every cell holding this sign's plate is labelled with its word, and only those
+                plate = np.all(pixels == PLATE, axis=-1)
+                x0, y0, x1, y1 = o.box
+                cells = {cell_of(y, x) for y, x in zip(*np.nonzero(plate)) if x0 <= x < x1 and y0 <= y < y1}
+                assert {c for c in range(GRID * GRID) if labels[3, c] == 1 + WORDS.index(o.word)} == cells
+                assert all(labels[0, c] == 0 for c in cells)
+
+
+def test_minimal_pairs_and_vocabularies():
+    import random
+
+    from vtc.demo.evaluate import checkpoint_families
+    from vtc.demo.families import vocabulary
+    from vtc.demo.train import clutter_contrast_questions
+
+    items = make_sample(12_000_003).objects
+    for r in range(10):  # "yes" names the drawn shape, "no" another shape of the same (once-only) colour
+        exists = clutter_contrast_questions(items, "exists_by_attrs", random.Random(r))
+        (color, yes_shape), (color_no, no_shape) = [q.split()[4:6] for q, _ in exists]
+        (drawn,) = [o.shape for o in items if o.kind == "small" and o.color == color]
+        assert [a for _, a in exists] == ["yes", "no"] and color == color_no and yes_shape == drawn != no_shape
+    signs = clutter_contrast_questions(items, "text_by_position", random.Random(0))
+    assert sorted(a for _, a in signs) == sorted(o.word for o in items if o.kind == "sign") and signs[0][0] != signs[1][0]
+    assert vocabulary(["basic"]) == scenes.VOCAB  # the basic recipe keeps its tokenizer
+    both = vocabulary(["basic", "clutter"])
+    assert both[: len(scenes.VOCAB)] == scenes.VOCAB and set(scenes_v2.EXTRA_VOCAB) <= set(both)
+
+    class Pipe:  # checkpoint_families reads only the tokenizer's vocabulary
+        def __init__(self, words):
+            self.processor = type("P", (), {"tokenizer": type("T", (), {"get_vocab": lambda _: dict.fromkeys(words)})()})()
+
+    assert checkpoint_families(Pipe(scenes.VOCAB)) == ("basic",)
+    assert checkpoint_families(Pipe(both)) == ("basic", "clutter")
