@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from vtc.methods.base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
-from naive.old_primitives import top_in_raster_order
+from naive.primitives import top_in_raster_order
 
 
 def fuse_inattentive(features: torch.Tensor, attn: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ Deliberate differences from the official code:
 from __future__ import annotations
 
 from vtc.methods.base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
-from naive.old_primitives import top_in_raster_order
+from naive.primitives import top_in_raster_order
 
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from vtc.methods.base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
-from naive.old_primitives import top_in_raster_order
+from naive.primitives import top_in_raster_order
 
 
 def best_rows(significance: torch.Tensor, grid: tuple[int, int], total: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 
 from vtc.methods.base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
-from naive.old_primitives import top_in_raster_order
+from naive.primitives import top_in_raster_order
 
 DOMINANT_SHARE = 54 / 64  # the official 54 + 10 split for 64 tokens
 
