@@ -169,3 +169,41 @@ def test_dart_key_norm_ties_go_to_the_earlier_token():
 def test_duplication_picks_with_nothing_to_pick_is_an_empty_index():
     picks = duplication_picks(torch.randn(5, 4), torch.arange(1, 5), [0], [0])
     assert picks.dtype == torch.long and picks.numel() == 0
+
+
+class OneStagePlan:
+    """A stub in-LLM method: before layer 1 of a 2-layer model, keep ``scale * budget`` of ``n`` image tokens
+    (at most n). Its layer average is (n + min(scale * k, n)) / 2, so each budget step moves it by scale / 2:
+    half a token (scale 1) or two tokens (scale 4), finer and coarser than FastV's."""
+
+    name = "stub"
+
+    def __init__(self, scale: int):
+        self.scale = scale
+
+    def plan(self, n_image, num_layers, budget):
+        return [Stage(1, min(self.scale * budget.tokens(n_image), n_image))]
+
+
+def test_budget_for_average_accepts_the_direct_count_within_one_token_and_else_searches():
+    from vtc.methods.llm_base import budget_for_average
+
+    fine = OneStagePlan(scale=1)  # n = 10: average(k) = (10 + k) / 2
+    # target 8: the direct count 8 averages 9, one token off: accepted as it is (not the search's 6).
+    assert budget_for_average(fine, 8, n_image=10, num_layers=2) == Budget("count", 8)
+    # target 6: the direct count 6 averages 8, two off: refused; the search's smallest count reaching 6 is 2
+    # (bisection 1..10: 5 -> 7.5, 3 -> 6.5, 2 -> 6.0, 1 -> 5.5), exactly on target.
+    assert budget_for_average(fine, 6, n_image=10, num_layers=2) == Budget("count", 2)
+
+
+def test_budget_for_average_after_the_search_tolerates_one_token_and_starts_at_one():
+    from vtc.methods.llm_base import budget_for_average
+
+    coarse = OneStagePlan(scale=4)  # n = 40: average(k) = (40 + min(4k, 40)) / 2 = 20 + 2k up to k = 10
+    # target 25: direct 25 averages 40; the search stops at k = 3 (average 26), one token over: accepted.
+    assert budget_for_average(coarse, 25, n_image=40, num_layers=2) == Budget("count", 3)
+    # target 21.5: only k = 1 (average 22) is within a token; the search must try the one-token budget.
+    assert budget_for_average(coarse, 21.5, n_image=40, num_layers=2) == Budget("count", 1)
+    # target 20: the least average is 22 (k = 1), two tokens over: out of reach, said by name.
+    with pytest.raises(VTCError, match="stub: a layer average of 20 image tokens is out of reach"):
+        budget_for_average(coarse, 20, n_image=40, num_layers=2)
