@@ -224,7 +224,8 @@ def merge_leftovers(
     if original:  # x_c + sum a_j x_j, and sum a_j x_j: unnormalised
         weight[..., 0] = 1.0
     else:  # attention-weighted averages; a group whose weights sum to <= 0 takes the plain mean
-        weight, rest_weight = normalised(weight.clamp(min=0), used), normalised(rest_weight.clamp(min=0)[:, None, :], rest[:, None, :])[:, 0]
+        weight = normalised(weight.clamp(min=0), used)
+        rest_weight = normalised(rest_weight.clamp(min=0)[:, None, :], rest[:, None, :])[:, 0]
     weight = weight * used
     rest_weight = rest_weight * (rest & with_extra[:, None])
     tokens = sparse_weighted_sums(features, members, weight, rest_weight)
@@ -305,9 +306,11 @@ class RecoverableCompression(Method):
     def lof_dtype(self) -> torch.dtype:
         return torch.float32 if self.original else torch.float64  # the published code runs LOF on float32
 
-    def stage_sizes(self, attn: torch.Tensor, text: torch.Tensor | None, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The auto rule for a batch: stage sizes (B, 3) long (n_vis, n_txt, n_ctr) and the LOF
-        fractions behind them (B, 3) float64 (r_v, r_t, r_c)."""
+    def stage_sizes(
+        self, attn: torch.Tensor, text: torch.Tensor | None, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The auto rule for a batch: stage sizes (B, 3) long (n_vis, n_txt, n_ctr), the LOF fractions
+        behind them (B, 3) float64 (r_v, r_t, r_c), and the (visual, recovered) masks it chose (B, N)."""
         b, n = attn.shape
         every = torch.ones_like(attn, dtype=torch.bool)
         population = torch.full((b,), n, dtype=torch.long, device=attn.device)
@@ -316,13 +319,15 @@ class RecoverableCompression(Method):
         n_vis = scaled_count(population, outliers, population)
         if not self.original:  # at least one patch is kept visually (the published code may keep none)
             n_vis = n_vis.clamp(min=1)
-        kept = top_mask(attn, every, n_vis)
+        visual = top_mask(attn, every, n_vis)
+        recovered = torch.zeros_like(visual)
         n_txt, r_t = torch.zeros_like(n_vis), torch.zeros_like(r_v)
         if self.recover:
-            outliers, count = text_recovery(text, kept, self.lof_dtype)
+            outliers, count = text_recovery(text, visual, self.lof_dtype)
             r_t = outliers.double() / n
             n_txt = torch.minimum(count, n - n_vis)
-            kept = kept | top_mask(text, ~kept, n_txt)
+            recovered = top_mask(text, ~visual, n_txt)
+        kept = visual | recovered
         n_ctr, r_c = torch.zeros_like(n_vis), torch.zeros_like(r_v)
         if self.merge:
             leftovers = ~kept
@@ -331,7 +336,7 @@ class RecoverableCompression(Method):
             r_c = torch.where(size > 1, outliers.double() / size.clamp(min=1), 0.0)
             base = torch.full_like(size, width) if self.original else size
             n_ctr = torch.where(size > 1, torch.minimum(scaled_count(base, outliers, size), size - 1), 0)
-        return torch.stack([n_vis, n_txt, n_ctr], 1), torch.stack([r_v, r_t, r_c], 1)
+        return torch.stack([n_vis, n_txt, n_ctr], 1), torch.stack([r_v, r_t, r_c], 1), (visual, recovered)
 
     def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
         feats, attn, keys = signals.features, signals.cls_attn, signals.keys
@@ -340,7 +345,7 @@ class RecoverableCompression(Method):
         if not budget.is_auto and budget.tokens(n) == n:
             note = {"note": "budget equals N: nothing to compress"}
             return [Selection.build(feats[b], torch.arange(n), info=note) for b in range(batch)]
-        auto_sizes, fractions = self.stage_sizes(attn, text, width)
+        auto_sizes, fractions, auto_masks = self.stage_sizes(attn, text, width)
         auto_sizes, fractions = auto_sizes.tolist(), fractions.tolist()  # the batch's one host sync for sizes
         sizes, extra = [], []
         for auto in auto_sizes:  # integer bookkeeping per image (the fixed-budget split), no tensors
@@ -354,10 +359,12 @@ class RecoverableCompression(Method):
                     n_vis, n_ctr = n_vis + n_ctr, 0
             sizes.append((n_vis, n_txt, n_ctr))
             extra.append(with_extra)
-        counts = torch.tensor(sizes, dtype=torch.long, device=attn.device)
-        every = torch.ones_like(attn, dtype=torch.bool)
-        visual = top_mask(attn, every, counts[:, 0])
-        recovered = top_mask(text, ~visual, counts[:, 1]) if self.recover else torch.zeros_like(visual)
+        if budget.is_auto:  # the auto rule's own choice: not ranked a second time
+            visual, recovered = auto_masks
+        else:
+            counts = torch.tensor(sizes, dtype=torch.long, device=attn.device)
+            visual = top_mask(attn, torch.ones_like(attn, dtype=torch.bool), counts[:, 0])
+            recovered = top_mask(text, ~visual, counts[:, 1]) if self.recover else torch.zeros_like(visual)
         kept = visual | recovered
         kept_order = first_of_each_row(kept, raster(batch, n, attn.device), n)
         origin = torch.where(recovered.gather(1, kept_order), int(Origin.RECOVERED), int(Origin.KEPT))
