@@ -19,7 +19,7 @@ import torch
 from .io import check_question, load_image
 from .methods import Budget, Method, Selection, TextSpec, VTCError, get
 from .models.clip_text import ClipTextScorer
-from .models.llava import LlavaAdapter
+from .models.family import family_for, family_of_model
 
 LLAVA15_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 # LLaVA-1.5's evaluation conversation (conv_vicuna_v1, the one its eval scripts use): the system sentence first.
@@ -79,10 +79,13 @@ class _StepClock:
 
 
 class Pipeline:
-    """A LLaVA model, its processor, an optional CLIP text scorer, and the compress-then-generate loop."""
+    """A vision-language model, its processor, an optional CLIP text scorer, and the compress-then-generate loop.
+
+    The model's family adapter (``models/``) is chosen by its config's ``model_type``.
+    """
 
     def __init__(self, model, processor, text_scorer: ClipTextScorer | None = None):
-        self.adapter = LlavaAdapter(model, text_scorer)
+        self.adapter = family_of_model(model)(model, text_scorer)
         self.model = model.eval()
         self.processor = processor
         tokenizer = processor.tokenizer
@@ -93,14 +96,12 @@ class Pipeline:
     def from_pretrained(
         cls, model_path: str | Path, clip: str | Path | None = None, dtype: torch.dtype | str = "auto", device: str = "auto"
     ) -> "Pipeline":
-        """Load a saved LLaVA-1.5 checkpoint (and a CLIP checkpoint for text-guided methods).
+        """Load a saved checkpoint of a supported family (and a CLIP checkpoint for text-guided methods).
 
         ``device="auto"``: the CPU for now (see ``resolve_device``); ``"cuda"`` on request, not yet verified.
         ``dtype="auto"``: float16 on CUDA (as the methods' official code runs), float32 on CPU; or a torch
         dtype / its name ("float32", "fp16", ...).
         """
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
         place = resolve_device(device)
         dtype = resolve_dtype(dtype, place)
         path = Path(model_path)
@@ -110,10 +111,11 @@ class Pipeline:
             config_type = _model_type(path)
         except (OSError, ValueError) as exc:
             raise VTCError(f"model '{model_path}': no readable config.json ({exc})") from None
-        if config_type != "llava":
-            raise VTCError(f"model '{model_path}' is of type '{config_type}'; vtc supports LLaVA-1.5 ('llava') models")
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(place)
-        processor = AutoProcessor.from_pretrained(path, backend="pil")  # torchvision-free image processing
+        try:
+            family = family_for(config_type)
+        except VTCError as exc:
+            raise VTCError(f"model '{model_path}': {exc}") from None
+        model, processor = family.load(path, dtype, place)
         scorer = ClipTextScorer.from_pretrained(clip, dtype=dtype).to(place) if clip is not None else None
         return cls(model, processor, scorer)
 
@@ -170,24 +172,25 @@ class Pipeline:
         method: str | Method = "recoverable",
         budget: Budget | int | float | str = "auto",
         max_new_tokens: int = 32,
+        per_tile: bool = False,
         **method_options,
     ) -> list[Result]:
         inputs = self.prepare(images, questions)
-        return self.generate(inputs, [q.strip() for q in questions], method, budget, max_new_tokens, **method_options)
+        return self.generate(
+            inputs, [q.strip() for q in questions], method, budget, max_new_tokens, per_tile=per_tile, **method_options
+        )
 
     @torch.no_grad()
-    def compress(self, inputs, questions: Sequence[str], method: Method, budget: Budget) -> tuple[list[Selection], dict]:
-        """Signals + selection for a batch of processor inputs; returns selections and their timings (ms)."""
+    def compress(
+        self, inputs, questions: Sequence[str], method: Method, budget: Budget, per_tile: bool = False
+    ) -> tuple[list[Selection], dict]:
+        """Signals + selection for a batch of processor inputs; returns selections and their timings (ms).
+
+        ``per_tile``: on a tiled family (LLaVA-NeXT), split the budget across the base image and the
+        tiles in proportion to their tokens and select in each; by default it applies to the whole image.
+        """
         text_queries = self.text_queries(questions, method.text) if "text_sim" in method.needs else None
-        t0 = time.perf_counter()
-        grid = method.input_grid(budget, self.adapter.grid)
-        signals = self.adapter.signals(
-            inputs["pixel_values"], method.needs, method.attention, text_queries, grid=grid, text=method.text
-        )
-        t1 = time.perf_counter()
-        selections = method.select(signals, budget)
-        t2 = time.perf_counter()
-        return selections, {"signals_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3}
+        return self.adapter.compress(inputs, method, budget, text_queries, per_tile=per_tile)
 
     def text_queries(self, questions: Sequence[str], spec: TextSpec) -> list[str]:
         """The text each image's TEXT_SIM reads: the question, or the first line of LLaVA-1.5's evaluation prompt."""
@@ -218,6 +221,7 @@ class Pipeline:
         method: str | Method = "recoverable",
         budget: Budget | int | float | str = "auto",
         max_new_tokens: int = 32,
+        per_tile: bool = False,
         **method_options,
     ) -> list[Result]:
         """Compress and generate from ready processor inputs (pixel_values, input_ids, attention_mask).
@@ -228,12 +232,13 @@ class Pipeline:
         method, budget, llm_method, llm_budget = resolve(method, budget, method_options)
         if max_new_tokens < 1:
             raise VTCError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        selections, timings = self.compress(inputs, questions, method, budget)
+        selections, timings = self.compress(inputs, questions, method, budget, per_tile=per_tile)
+        before = self.adapter.tokens_before(inputs)
         t0 = time.perf_counter()
         projected = self.adapter.project(selections)
-        counts = [s.num_tokens for s in selections]
+        counts = [p.shape[0] for p in projected]
         input_ids, attention_mask = self.adapter.splice_ids(
-            inputs["input_ids"], inputs["attention_mask"], counts, self.pad_token_id
+            inputs["input_ids"], inputs["attention_mask"], counts, self.pad_token_id, expected=before
         )
         timings["project_ms"] = (time.perf_counter() - t0) * 1e3
         self.check_length(input_ids.shape[1] + max_new_tokens)
@@ -243,7 +248,7 @@ class Pipeline:
         if llm_method is not None:
             from .models.llm_prune import InLLMPruner
 
-            pruner = InLLMPruner(self.model.model.language_model, llm_method, llm_budget, input_ids, attention_mask, self.adapter.image_token_id)
+            pruner = InLLMPruner(self.adapter.language_model, llm_method, llm_budget, input_ids, attention_mask, self.adapter.image_token_id)
         start = time.perf_counter()
         with pruner if pruner is not None else nullcontext():
             out = self.model.generate(
@@ -265,8 +270,8 @@ class Pipeline:
         name = method.name if llm_method is None else f"{method.name}>{llm_method.name}"
         label = str(budget) if llm_method is None else f"{budget}>{llm_budget}"
         return [
-            Result(t.strip(), name, label, self.adapter.num_patches, s.num_tokens, s, dict(timings))
-            for t, s in zip(texts, selections)
+            Result(t.strip(), name, label, n, k, s, dict(timings))
+            for t, s, n, k in zip(texts, selections, before, counts)
         ]
 
     def check_length(self, total: int) -> None:

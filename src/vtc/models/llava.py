@@ -13,20 +13,21 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..methods.base import AttentionSpec, Selection, Signal, Signals, TextSpec, VTCError
+from ..methods.base import AttentionSpec, Budget, Method, Selection, Signal, Signals, TextSpec, VTCError
 from .clip_text import ClipTextScorer
+from .family import Family, register_family, timed
 
 
-def check_supported(model) -> None:
-    """Refuse, with a clear message, anything this adapter cannot serve."""
-    from transformers import CLIPVisionModel, LlavaForConditionalGeneration
+def check_supported(model, model_class: str = "LlavaForConditionalGeneration", family: str = "LLaVA-1.5") -> None:
+    """Refuse, with a clear message, anything a CLIP-tower LLaVA adapter cannot serve."""
+    import transformers
+    from transformers import CLIPVisionModel
 
-    if not isinstance(model, LlavaForConditionalGeneration):
+    if not isinstance(model, getattr(transformers, model_class)):
         raise VTCError(
-            f"model of class {type(model).__name__} is not supported: vtc's LLaVA adapter needs a "
-            "transformers LlavaForConditionalGeneration (LLaVA-1.5 family)"
+            f"model of class {type(model).__name__} is not supported: vtc's {family} adapter needs a "
+            f"transformers {model_class} ({family} family)"
         )
     tower = model.model.vision_tower
     if not isinstance(tower, CLIPVisionModel):
@@ -85,11 +86,16 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, num_heads: int
     return per_head.sum(1) if heads == "sum" else per_head.mean(1)
 
 
-class LlavaAdapter:
-    """Signals from, and token splicing into, a stock HF LLaVA-1.5 model."""
+@register_family
+class LlavaAdapter(Family):
+    """Signals from, and token splicing into, a stock HF LLaVA-1.5 model: one image is one patch grid."""
+
+    name = "llava-1.5"
+    model_types = ("llava",)
+    model_class = "LlavaForConditionalGeneration"
 
     def __init__(self, model, text_scorer: ClipTextScorer | None = None):
-        check_supported(model)
+        self.check_supported(model)
         self.model = model
         self.tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
@@ -207,34 +213,34 @@ class LlavaAdapter:
         projected = self.projector(torch.cat([s.tokens for s in selections]).unsqueeze(0)).squeeze(0)
         return list(projected.split(counts))
 
-    def splice_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: list[int], pad_token_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rebuild input_ids / attention_mask with ``counts[b]`` image placeholders in sample b, left-padded."""
-        rows = []
-        for b, k in enumerate(counts):
-            ids = input_ids[b][attention_mask[b].bool()]
-            positions = (ids == self.image_token_id).nonzero().squeeze(1)
-            if positions.numel() != self.num_patches:
-                raise VTCError(
-                    f"sample {b} has {positions.numel()} image placeholder tokens, expected {self.num_patches} "
-                    "(exactly one image per prompt, expanded by the LLaVA processor)"
-                )
-            start, end = int(positions[0]), int(positions[-1]) + 1
-            if end - start != self.num_patches:
-                raise VTCError(f"sample {b}: the image placeholder tokens are not contiguous")
-            image = torch.full((k,), self.image_token_id, dtype=ids.dtype)
-            rows.append(torch.cat([ids[:start], image, ids[end:]]))
-        width = max(r.numel() for r in rows)
-        new_ids = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype)
-        new_mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype)
-        for b, row in enumerate(rows):
-            new_ids[b, width - row.numel() :] = row
-            new_mask[b, width - row.numel() :] = 1
-        return new_ids.to(input_ids.device), new_mask.to(input_ids.device)
+    # ------------------------------------------------------------------ the family interface
 
-    @staticmethod
-    def image_inputs(projected: list[torch.Tensor]) -> dict:
-        """The ``mm_encoder_outputs`` argument that makes stock forward/generate use our tokens."""
-        return {"image": BaseModelOutputWithPooling(pooler_output=projected)}
+    def check_supported(self, model) -> None:
+        check_supported(model, self.model_class, "LLaVA-1.5")
 
+    def tokens_before(self, inputs) -> list[int]:
+        return [self.num_patches] * inputs["input_ids"].shape[0]
+
+    def compress(
+        self, inputs, method: Method, budget: Budget, text_queries: list[str] | None, per_tile: bool = False
+    ) -> tuple[list[Selection], dict[str, float]]:
+        """One grid per image, so ``per_tile`` changes nothing: the method sees the whole batch at once."""
+        grid = method.input_grid(budget, self.grid)
+        signals, signals_ms = timed(
+            self.signals, inputs["pixel_values"], method.needs, method.attention, text_queries, grid=grid, text=method.text
+        )
+        selections, select_ms = timed(method.select, signals, budget)
+        return selections, {"signals_ms": signals_ms, "select_ms": select_ms}
+
+    def patch_boxes(self, inputs, b: int) -> torch.Tensor:
+        return grid_boxes(self.grid)
+
+
+def grid_boxes(grid: tuple[int, int], x0: float = 0.0, y0: float = 0.0, x1: float = 1.0, y1: float = 1.0) -> torch.Tensor:
+    """(h*w, 4) raster-order boxes of an h x w grid laid over the rectangle (x0, y0)-(x1, y1)."""
+    h, w = grid
+    ys = torch.linspace(y0, y1, h + 1, dtype=torch.float64)
+    xs = torch.linspace(x0, x1, w + 1, dtype=torch.float64)
+    top, left = ys[:-1].repeat_interleave(w), xs[:-1].repeat(h)
+    bottom, right = ys[1:].repeat_interleave(w), xs[1:].repeat(h)
+    return torch.stack([left, top, right, bottom], dim=1)
