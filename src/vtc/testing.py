@@ -104,6 +104,48 @@ def save_tiny_llava(out: str | Path, seed: int = 0, image_size=32, patch_size=8,
     return out
 
 
+TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
+
+
+def save_tiny_llava_next(out: str | Path, seed: int = 0, image_size=32, patch_size=8, vision_layers=3, text_layers=2) -> Path:
+    """A random LLaVA-NeXT-shaped model (any-resolution tiles of ``image_size``) + processor + chat template."""
+    from transformers import (
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    _, vision = clip_configs(image_size=image_size, patch_size=patch_size, layers=vision_layers)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    pinpoints = [[image_size * a // 32, image_size * b // 32] for a, b in TINY_PINPOINTS]
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=pinpoints,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def save_tiny_clip(out: str | Path, seed: int = 1, image_size=32, patch_size=8, vision_layers=3) -> Path:
     """A random CLIPModel (both towers) + its tokenizer, saved to ``out``; matches ``save_tiny_llava``'s tower shape."""
     from transformers import CLIPModel

@@ -287,6 +287,8 @@ class Selection:
                         the first merged token (in output order) that draws on it.
     ``info``    method-specific numbers (e.g. the auto ratios it chose)
 
+    ``layout``  set by a tiled family's adapter: where the image's patches sit (None: one grid)
+
     Provenance is stored flat (``source_index``: every token's sources one after the
     other; ``source_sizes``: how many each token has), so building a Selection costs a
     few tensor operations whatever K is; the ``sources`` list is made on first use.
@@ -309,6 +311,7 @@ class Selection:
             raise VTCError("Selection needs the owner map")
         self.tokens, self.origin, self.owner = tokens, origin, owner
         self.info = dict(info or {})
+        self.layout: Any = None
         self._sources = None if sources is None else list(sources)
         if sources is not None:
             source_sizes = torch.tensor([len(s) for s in sources], dtype=torch.long)
@@ -447,6 +450,8 @@ class Method:
     code: ClassVar[str] = ""
     # True when the algorithm needs token-token similarity and so builds an N x N matrix (e.g. DivPrune).
     pairwise: ClassVar[bool] = False
+    # True when the rule reads the patch grid's geometry (pooling regions): on a tiled image it runs per tile.
+    spatial: ClassVar[bool] = False
     # How TEXT_SIM is computed (which text, pooling, patch-side scoring); only read by methods that need it.
     text: TextSpec = TextSpec()
 

@@ -123,9 +123,11 @@ class SpatialPool(Method):
     The regions (and the provenance) depend only on the budget and the grid: they are
     made once, and the whole batch is averaged with index_add, no Python loop over regions.
     LLaVA-1.5 ablations and LLaVolta use pooling as the simplest compressor.
+    Its regions are spatial, so on a tiled image (LLaVA-NeXT) it pools each tile's grid.
     """
 
     paper = "baseline (LLaVolta, NeurIPS 2024)"
+    spatial = True
 
     def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
         n, feats = signals.num_patches, signals.features
