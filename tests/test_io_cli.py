@@ -68,6 +68,11 @@ def test_methods_command_lists_every_method_with_signals():
     assert by_name["visionzip"]["code"] == "https://github.com/dvlab-research/VisionZip"
     assert "received_attn" in by_name["fopru-rank"]["needs"] and by_name["fopru-rank"]["attention"].startswith("layer -2")
     assert by_name["divprune"]["token_pairs"] and not by_name["fastervlm"]["token_pairs"]
+    # which families serve each method, and how (LLaVA-NeXT refuses downsample, pools per tile)
+    assert by_name["downsample"]["families"]["llava-next"].startswith("no (")
+    assert by_name["pool"]["families"] == {**by_name["pool"]["families"], "llava-1.5": "one grid", "llava-next": "per tile"}
+    assert by_name["fastervlm"]["families"]["llava-next"] == "global or per tile"
+    assert by_name["fastv"]["families"]["llava-next"] == "in the LLM"
 
 
 def test_run_json(tiny_dirs, tmp_path):

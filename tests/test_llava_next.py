@@ -18,11 +18,15 @@ SIZES = [(40, 52), (90, 30), (64, 64)]
 
 
 @pytest.fixture(scope="module")
-def next_pipe(tmp_path_factory, tiny_dirs):
+def next_dir(tmp_path_factory):
+    return save_tiny_llava_next(tmp_path_factory.mktemp("next") / "llava_next", text_layers=4)
+
+
+@pytest.fixture(scope="module")
+def next_pipe(next_dir, tiny_dirs):
     from vtc.pipeline import Pipeline
 
-    path = save_tiny_llava_next(tmp_path_factory.mktemp("next") / "llava_next", text_layers=4)
-    return Pipeline.from_pretrained(path, clip=tiny_dirs[1])
+    return Pipeline.from_pretrained(next_dir, clip=tiny_dirs[1])
 
 
 @pytest.fixture
@@ -197,3 +201,22 @@ def test_every_method_runs_or_refuses_clearly(next_pipe, next_images, name):
         assert r.selection.num_patches == r.selection.layout.num_candidates
         if in_llm:  # the language model kept the budget's image tokens after its pruning layer
             assert 1 <= r.selection.info["llm_kept"] <= r.tokens_before
+
+
+def test_cli_run_on_llava_next_per_tile(next_dir, next_images, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vtc.cli import app
+
+    image = tmp_path / "wide.png"
+    next_images[0].save(image)
+    args = ["run", "--model", str(next_dir), "--image", str(image), "--question", QUESTIONS[0], "--method", "fastervlm",
+            "--budget", "12", "--max-new-tokens", "2", "--json"]
+    for extra, scope in [([], "global"), (["--per-tile"], "per_tile")]:
+        result = CliRunner().invoke(app, args + extra)
+        assert result.exit_code == 0, result.output
+        record = json.loads(result.stdout)
+        assert record["info"]["scope"] == scope and record["provenance"]["kept"] == 12
+        assert record["tokens_after"] == 12 + record["info"]["newline_tokens"] and record["tokens_before"] == 70

@@ -41,9 +41,20 @@ def _check_out_dir(out: Path, flag: str = "--out") -> None:
         raise VTCError(f"{flag} {out} exists and is not a directory")
 
 
+def _support_text(served: bool, how: str) -> str:
+    return how if served else f"no ({how})"
+
+
+def _support_mark(how: str) -> str:
+    """Short form for the table: ✓ served, ✓tile ranked per tile only, ✗ refused."""
+    return "✗" if how.startswith("no ") else ("✓tile" if how == "per tile" else "✓")
+
+
 @app.command("methods")
 def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """List the compression methods, the signals each reads, and their papers."""
+    """List the compression methods, the signals each reads, the model families that serve them, and their papers."""
+    from .models.family import families
+
     rows = []
     for name in available():
         method = get(name)
@@ -65,27 +76,32 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
                 "code": method.code,
                 "token_pairs": method.pairwise,
                 "summary": method.describe(),
+                "families": {f.name: _support_text(*f.support(method)) for f in families()},
             }
         )
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="vtc methods")
-    for col in ("method", "signals", "from", "auto", "N x N", "paper"):
+    for col in ("method", "signals", "from", "auto", "N x N", "families", "paper"):
         table.add_column(col, overflow="fold")
     for r in rows:
+        served = " ".join(f"{f}{_support_mark(how)}" for f, how in r["families"].items())
         table.add_row(
-            r["name"], ", ".join(r["needs"]), r["attention"], "yes" if r["auto"] else "", "yes" if r["token_pairs"] else "", r["paper"]
+            r["name"], ", ".join(r["needs"]), r["attention"], "yes" if r["auto"] else "", "yes" if r["token_pairs"] else "",
+            served, r["paper"],
         )
     console.print(table)
     console.print("N x N: the method builds token-token distances by design. Code links: `vtc methods --json`.")
+    console.print("families: ✓ served (tiled images ranked globally, or per tile with --per-tile), ✓tile always per tile, "
+                  "✗ refused (the reason: `vtc methods --json`).")
     console.print("Chain a vision-side and an in-LLM method with '>': --method 'recoverable>fastv' --budget 'auto>64'.")
     console.print("Any pruning method + text recovery: append '+text' (e.g. random+text).")
 
 
 @app.command("run")
 def run_cmd(
-    model: Path = typer.Option(..., "--model", help="Directory of a saved LLaVA-1.5 checkpoint (with its processor)."),
+    model: Path = typer.Option(..., "--model", help="Directory of a saved checkpoint with its processor (LLaVA-1.5, LLaVA-NeXT)."),
     image: Path = typer.Option(..., "--image", help="Image file."),
     question: str = typer.Option(..., "--question", help="The question about the image."),
     method: str = typer.Option("recoverable", "--method", help="Compression method (see `vtc methods`)."),
@@ -94,13 +110,14 @@ def run_cmd(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    per_tile: bool = typer.Option(False, "--per-tile", help="Tiled models (LLaVA-NeXT): split the budget across the base image and the tiles."),
 ) -> None:
     """Compress one image's tokens with METHOD at BUDGET and answer QUESTION."""
     from .pipeline import Pipeline, resolve
 
     resolve(method, budget, {})  # fail on an unknown name, chain or budget before loading anything
     pipe = Pipeline.from_pretrained(model, clip=clip, dtype=dtype)
-    [result] = pipe([image], [question], method=method, budget=budget, max_new_tokens=max_new_tokens)
+    [result] = pipe([image], [question], method=method, budget=budget, max_new_tokens=max_new_tokens, per_tile=per_tile)
     record = result.to_dict()
     if as_json:
         print(json.dumps(record))

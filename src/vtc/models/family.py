@@ -63,6 +63,12 @@ def family_of_model(model) -> type["Family"]:
     return family_for(getattr(model.config, "model_type", type(model).__name__))
 
 
+def families() -> list[type["Family"]]:
+    """Every registered family adapter, once each, in registration order."""
+    _load_builtin_families()
+    return list(dict.fromkeys(FAMILIES.values()))
+
+
 def _load_builtin_families() -> None:
     from . import llava, llava_next  # noqa: F401  (each registers itself)
 
@@ -88,6 +94,18 @@ class Family(ABC):
         model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype).to(device)
         processor = AutoProcessor.from_pretrained(path, backend="pil")
         return model, processor
+
+    @classmethod
+    def support(cls, method: Method) -> tuple[bool, str]:
+        """(served, how): how the family runs ``method`` ("one grid", "global or per tile", ...), or why it refuses."""
+        if getattr(method, "in_llm", False):
+            return True, "in the LLM"
+        return True, "one grid"
+
+    def refuse_unsupported(self, method: Method) -> None:
+        served, why = self.support(method)
+        if not served:
+            raise VTCError(f"'{method.name}' is not supported on {self.name}: {why}")
 
     @property
     def language_model(self) -> torch.nn.Module:

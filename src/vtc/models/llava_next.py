@@ -100,6 +100,14 @@ class LlavaNextAdapter(LlavaAdapter):
     def check_supported(self, model) -> None:
         check_supported(model, self.model_class, "LLaVA-NeXT")
 
+    @classmethod
+    def support(cls, method: Method) -> tuple[bool, str]:
+        if getattr(method, "in_llm", False):
+            return True, "in the LLM"
+        if type(method).input_grid is not Method.input_grid:
+            return False, "it runs the vision tower on a smaller single grid; the tiles are not supported (use 'pool')"
+        return True, "per tile" if method.spatial else "global or per tile"
+
     # ------------------------------------------------------------------ layout
 
     def layout(self, image_size) -> TileLayout:
@@ -144,11 +152,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def compress(
         self, inputs, method: Method, budget: Budget, text_queries: list[str] | None, per_tile: bool = False
     ) -> tuple[list[Selection], dict[str, float]]:
-        if method.input_grid(budget, self.grid) is not None:
-            raise VTCError(
-                f"'{method.name}' runs the vision tower on a smaller single grid; LLaVA-NeXT's tiles are not "
-                "supported by it (use 'pool' for a spatial baseline)"
-            )
+        self.refuse_unsupported(method)
         layouts = self.layouts(inputs)
         budget = Budget.parse(budget)
         crops = [layout.crops for layout in layouts]
