@@ -181,8 +181,14 @@ def test_unpadded_layout_matches_the_stock_feature_count(next_pipe):
         packed, lens = LlavaNextModel.pack_image_features(next_pipe.model.model, feats, torch.tensor([size]), "default",
                                                           image_newline=torch.zeros(2))
         assert int(lens[0]) == layout.num_tokens
-        boxes = adapter.patch_boxes({"image_sizes": torch.tensor([size])}, 0)
-        assert boxes.shape == (layout.num_candidates, 4) and boxes.min() >= 0 and boxes.max() <= 1
+        selection = Selection.build(torch.zeros(layout.num_candidates, 2), torch.arange(3))
+        selection.layout = layout
+        panels = adapter.map_panels(selection)
+        assert torch.equal(torch.cat([index for _, index, _ in panels]), torch.arange(layout.num_candidates))
+        for _, index, boxes in panels:  # each view tiles the whole picture: areas sum to 1, nothing outside
+            assert boxes.shape == (len(index), 4) and boxes.min() >= 0 and boxes.max() <= 1
+            area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()
+            assert abs(float(area) - 1) < 1e-9
 
 
 @pytest.mark.parametrize("name", available())

@@ -37,6 +37,33 @@ def token_map(image: Image.Image, selection: Selection, grid: tuple[int, int], s
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+def panel_map(image: Image.Image, labels: list[str], boxes, size: int = 224, alpha: float = 0.55) -> Image.Image:
+    """The image resized to ``size`` with each token's box (fractions x0 y0 x1 y1 of the picture) tinted by its
+    label; a pixel belongs to the box holding its top-left corner (as ``token_map`` assigns pixels to cells)."""
+    base = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32)
+    edges = np.asarray(boxes, dtype=np.float64) * size
+    out = base.copy()
+    corner = np.arange(size) + 1e-9  # the nudge keeps a corner on a box edge inside the box it starts
+    for label, (x0, y0, x1, y1) in zip(labels, edges):
+        rows = (corner >= y0) & (corner < y1)
+        cols = (corner >= x0) & (corner < x1)
+        a = 0.75 if label == "dropped" else alpha
+        block = np.ix_(rows, cols)
+        out[block] = (1 - a) * base[block] + a * np.array(COLOURS[label], dtype=np.float32)
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def layout_token_map(image: Image.Image, selection: Selection, panels, size: int = 224, gap: int = 6) -> Image.Image:
+    """Token maps of every view of an image side by side (a family adapter's ``map_panels``: LLaVA-NeXT draws
+    the base crop, then the tiles at their place in the picture)."""
+    labels = np.array(patch_labels(selection))
+    maps = [panel_map(image, labels[index.numpy()].tolist(), boxes.numpy(), size) for _, index, boxes in panels]
+    sheet = Image.new("RGB", (len(maps) * size + (len(maps) - 1) * gap, size), (255, 255, 255))
+    for i, picture in enumerate(maps):
+        sheet.paste(picture, (i * (size + gap), 0))
+    return sheet
+
+
 def token_map_figure(rows: list[tuple[str, Image.Image, list[tuple[str, Image.Image]]]], path) -> None:
     """A grid of token maps: one row per question (original image first), one column per method."""
     import matplotlib

@@ -119,12 +119,12 @@ class BenchRunner:
 
     def _save_map(self, task: Task, method: str, budget: Budget, image, result) -> None:
         """One token-map picture per task/method/budget (the first sample process 0 runs), for the HTML report."""
-        from ..viz import token_map
+        from ..viz import layout_token_map
 
         path = self.maps / f"{task.name}__{method}__{budget}.png".replace("/", "_")
         if self.rank == 0 and not path.exists():
             self.maps.mkdir(parents=True, exist_ok=True)
-            token_map(image, result.selection, self.pipe.adapter.grid).save(path)
+            layout_token_map(image, result.selection, self.pipe.adapter.map_panels(result.selection)).save(path)
 
     def run(self, plan: Plan, progress=None) -> int:
         """Run this process's share of the plan; returns the number of records written now."""

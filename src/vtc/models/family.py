@@ -12,14 +12,14 @@ A family adapter owns everything model-specific; methods stay model-agnostic (th
 - ``splice_ids``: the prompt ids and attention mask rebuilt for K tokens per image.
 - ``image_inputs``: the argument that makes stock ``forward``/``generate`` use those tokens.
 - ``language_model``: the decoder whose layers the in-LLM methods hook.
-- ``patch_boxes``: where each candidate token of an image lies in the picture (token maps).
+- ``map_panels``: where each candidate token of an image lies in the picture (token maps).
 
 Adding a family is one file under ``models/`` plus its tests:
 
 1. subclass ``Family``; set ``name``, ``model_types`` (the ``config.model_type`` values it
    serves) and ``model_class`` (the transformers class that loads it);
 2. implement ``check_supported``, ``compress`` (or ``signals`` for a single-grid family, and
-   the default ``compress`` runs it), ``tokens_before``, ``project`` and ``patch_boxes``;
+   the default ``compress`` runs it), ``tokens_before``, ``project`` and ``map_panels``;
    override ``load`` when ``AutoProcessor`` cannot build the processor here (video processors
    need torchvision);
 3. decorate it with ``@register_family``; ``Pipeline.from_pretrained`` then finds it by the
@@ -126,8 +126,9 @@ class Family(ABC):
         """Each image's tokens as the language model receives them, in prompt order."""
 
     @abstractmethod
-    def patch_boxes(self, inputs, b: int) -> torch.Tensor:
-        """(N, 4) box of every candidate token of image ``b`` in the picture, as fractions (x0, y0, x1, y1)."""
+    def map_panels(self, selection: Selection) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The token-map panels of one image: (title, candidate indices, (n, 4) boxes as fractions of the
+        picture, x0 y0 x1 y1). One panel per view of the picture (LLaVA-NeXT: the base crop, the tiles)."""
 
     def splice_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: list[int], pad_token_id: int,

@@ -232,8 +232,8 @@ class LlavaAdapter(Family):
         selections, select_ms = timed(method.select, signals, budget)
         return selections, {"signals_ms": signals_ms, "select_ms": select_ms}
 
-    def patch_boxes(self, inputs, b: int) -> torch.Tensor:
-        return grid_boxes(self.grid)
+    def map_panels(self, selection: Selection) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return [("patches", torch.arange(self.num_patches), grid_boxes(self.grid))]
 
 
 def grid_boxes(grid: tuple[int, int], x0: float = 0.0, y0: float = 0.0, x1: float = 1.0, y1: float = 1.0) -> torch.Tensor:

@@ -254,10 +254,13 @@ class LlavaNextAdapter(LlavaAdapter):
         selection.info = {**selection.info, "newline_tokens": len(row.unique_consecutive())}
         return torch.cat(pieces)
 
-    def patch_boxes(self, inputs, b: int) -> torch.Tensor:
-        """Base tokens over the whole picture, then canvas tokens at their place (the unpadded canvas is the picture)."""
-        layout = self.layouts(inputs)[b]
-        return torch.cat([grid_boxes(self.grid), grid_boxes(tuple(layout.canvas.shape))])
+    def map_panels(self, selection: Selection) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The base crop over the whole picture, and the tile canvas at its place (the unpadded canvas is the picture)."""
+        layout: TileLayout = selection.layout
+        p, canvas = layout.patches, tuple(layout.canvas.shape)
+        rows, cols = layout.tiles
+        return [("base", torch.arange(p), grid_boxes(self.grid)),
+                (f"tiles {rows}x{cols}", p + torch.arange(layout.canvas.numel()), grid_boxes(canvas))]
 
 
 def split_budget(budget: Budget, sizes: list[int]) -> list[Budget | None]:
