@@ -226,3 +226,16 @@ def test_cli_run_on_llava_next_per_tile(next_dir, next_images, tmp_path):
         record = json.loads(result.stdout)
         assert record["info"]["scope"] == scope and record["provenance"]["kept"] == 12
         assert record["tokens_after"] == 12 + record["info"]["newline_tokens"] and record["tokens_before"] == 70
+
+
+def test_bench_runs_on_llava_next_with_budgets_above_one_crop(next_pipe, tmp_path):
+    from vtc.bench.runner import BenchRunner, make_plan
+    from vtc.bench.store import read_records
+
+    plan = make_plan(next_pipe, ["synthetic"], ["none", "fastervlm"], ["20"], 2)  # 20 > 16 patches of one crop
+    assert BenchRunner(next_pipe, tmp_path / "out", batch_size=2).run(plan) == 4
+    records = read_records(tmp_path / "out")
+    assert all(r["error"] is None for r in records), records
+    kept = {r["method"]: r["tokens_kept"] for r in records}
+    assert kept["fastervlm"] >= 20 and kept["none"] > kept["fastervlm"]
+    assert (tmp_path / "out" / "maps").exists()
