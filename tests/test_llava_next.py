@@ -11,6 +11,7 @@ from vtc.models.llava_next import LlavaNextAdapter, split_budget
 from vtc.testing import save_tiny_llava_next
 
 from test_in_llm import LLM_OPTIONS
+from test_llava_adapter import KeepAboveMean
 
 QUESTIONS = ["what is the color ?", "how many circle ?", "describe the picture ."]
 # (height, width): 1x2, 2x1 and 2x2 tile canvases, the first two unpadded, so N differs per image
@@ -104,18 +105,6 @@ def test_pruning_equals_masking(next_pipe, next_images, per_tile):
                 mm_encoder_outputs=pipe.adapter.image_inputs(projected),
             ).logits
         torch.testing.assert_close(pruned[0], full[0, rows], atol=1e-5, rtol=1e-5)
-
-
-class KeepAboveMean(Method):
-    """Keeps the patches with above-mean CLS attention, so K depends on the image."""
-
-    name = "above-mean"
-    needs = frozenset({Signal.FEATURES, Signal.CLS_ATTN})
-    supports_auto = True
-
-    def select_one(self, signals, budget):
-        attn = signals.cls_attn[0]
-        return Selection.build(signals.features[0], (attn > attn.mean()).nonzero().squeeze(1))
 
 
 @pytest.mark.parametrize(

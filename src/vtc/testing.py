@@ -67,41 +67,29 @@ def clip_configs(image_size=32, patch_size=8, hidden=32, layers=3, heads=4, proj
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection), vision
 
 
-def save_tiny_llava(out: str | Path, seed: int = 0, image_size=32, patch_size=8, vision_layers=3, text_layers=2) -> Path:
-    """A random LLaVA-1.5-shaped model + processor + chat template, saved to ``out``."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def tiny_parts(image_size: int, patch_size: int, vision_layers: int, text_layers: int, max_positions: int):
+    """The word tokenizer, a tiny CLIP vision config and a tiny Llama config that fit each other."""
+    from transformers import LlamaConfig
 
-    out = Path(out)
-    torch.manual_seed(seed)
     tokenizer = word_tokenizer()
     _, vision = clip_configs(image_size=image_size, patch_size=patch_size, layers=vision_layers)
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-    )
-    model = LlavaForConditionalGeneration(config).eval()
+    return tokenizer, vision, text
+
+
+def save_tiny_llava(out: str | Path, seed: int = 0, image_size=32, patch_size=8, vision_layers=3, text_layers=2) -> Path:
+    """A random LLaVA-1.5-shaped model + processor + chat template, saved to ``out``."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
-    )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save_tiny_clip_llava(out, seed, image_size, patch_size, vision_layers, text_layers, 256,
+                                 LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, image_processor)
 
 
 TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
@@ -110,34 +98,35 @@ TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
 def save_tiny_llava_next(out: str | Path, seed: int = 0, image_size=32, patch_size=8, vision_layers=3, text_layers=2) -> Path:
     """A random LLaVA-NeXT-shaped model (any-resolution tiles of ``image_size``) + processor + chat template."""
     from transformers import (
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
         LlavaNextProcessor,
     )
 
-    out = Path(out)
-    torch.manual_seed(seed)
-    tokenizer = word_tokenizer()
-    _, vision = clip_configs(image_size=image_size, patch_size=patch_size, layers=vision_layers)
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
     pinpoints = [[image_size * a // 32, image_size * b // 32] for a, b in TINY_PINPOINTS]
-    config = LlavaNextConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=pinpoints,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-    )
-    model = LlavaNextForConditionalGeneration(config).eval()
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_grid_pinpoints=pinpoints,
     )
-    processor = LlavaNextProcessor(
+    return _save_tiny_clip_llava(out, seed, image_size, patch_size, vision_layers, text_layers, 512,
+                                 LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, image_processor,
+                                 image_grid_pinpoints=pinpoints)
+
+
+def _save_tiny_clip_llava(out, seed, image_size, patch_size, vision_layers, text_layers, max_positions,
+                          config_class, model_class, processor_class, image_processor, **config_extra) -> Path:
+    """A tiny CLIP-tower LLaVA of ``model_class`` with its processor, saved and ready for from_pretrained."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer, vision, text = tiny_parts(image_size, patch_size, vision_layers, text_layers, max_positions)
+    config = config_class(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), **config_extra,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    model = model_class(config).eval()
+    processor = processor_class(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
