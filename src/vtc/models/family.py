@@ -64,7 +64,7 @@ def family_of_model(model) -> type["Family"]:
 
 
 def _load_builtin_families() -> None:
-    from . import llava, llava_next  # noqa: F401  (each registers itself)
+    from . import llava, llava_next, llava_onevision  # noqa: F401  (each registers itself)
 
 
 class Family(ABC):

@@ -31,6 +31,7 @@ processor's padding go) and appends ``image_newline`` after each canvas row. Her
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,9 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     tiled = True
+    # The transformers module whose own tiling functions (grid shape, crop count, unpad_image) lay images out.
+    modeling = "transformers.models.llava_next.modeling_llava_next"
+    label = "LLaVA-NeXT"  # the family as messages name it
 
     def __init__(self, model, text_scorer=None):
         super().__init__(model, text_scorer)
@@ -98,32 +102,27 @@ class LlavaNextAdapter(LlavaAdapter):
         self.tile_size = self.tower.config.image_size
 
     def check_supported(self, model) -> None:
-        check_supported(model, self.model_class, "LLaVA-NeXT")
+        check_supported(model, self.model_class, self.label)
 
     # ------------------------------------------------------------------ layout
 
     def layout(self, image_size) -> TileLayout:
         """The tile layout of an image of ``image_size`` (height, width), as the stock model packs it."""
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
-
+        modeling = importlib.import_module(self.modeling)
         size = [int(v) for v in image_size]
-        crops = image_size_to_num_patches(size, self.pinpoints, self.tile_size)
-        rows, cols = get_anyres_image_grid_shape(size, self.pinpoints, self.tile_size)
+        crops = modeling.image_size_to_num_patches(size, self.pinpoints, self.tile_size)
+        rows, cols = modeling.get_anyres_image_grid_shape(size, self.pinpoints, self.tile_size)
         side, p = self.grid[0], self.num_patches
         if rows * cols != crops - 1:
             raise VTCError(f"image of size {size}: {crops - 1} tiles do not fill a {rows}x{cols} canvas")
         index = p + torch.arange((crops - 1) * p).view(rows, cols, side, side)
         canvas = index.permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
-        canvas = unpad_image(canvas, size)[0]
+        canvas = modeling.unpad_image(canvas, size)[0]
         return TileLayout(crops, (rows, cols), canvas.contiguous(), p, side)
 
     def layouts(self, inputs) -> list[TileLayout]:
         if "image_sizes" not in inputs:
-            raise VTCError("LLaVA-NeXT inputs need 'image_sizes' (use the model's LlavaNextProcessor)")
+            raise VTCError(f"{self.label} inputs need 'image_sizes' (use the model's own processor)")
         return [self.layout(size) for size in inputs["image_sizes"].tolist()]
 
     def tokens_before(self, inputs) -> list[int]:
@@ -133,7 +132,7 @@ class LlavaNextAdapter(LlavaAdapter):
         """Every real crop of the batch, image after image: (sum of crops, 3, S, S)."""
         pixels = inputs["pixel_values"]
         if pixels.dim() != 5:
-            raise VTCError(f"LLaVA-NeXT pixel_values must be (B, crops, 3, H, W), got shape {tuple(pixels.shape)}")
+            raise VTCError(f"{self.label} pixel_values must be (B, crops, 3, H, W), got shape {tuple(pixels.shape)}")
         for b, layout in enumerate(layouts):
             if pixels.shape[1] < layout.crops:
                 raise VTCError(f"image {b} needs {layout.crops} crops but pixel_values holds {pixels.shape[1]}")
@@ -146,7 +145,7 @@ class LlavaNextAdapter(LlavaAdapter):
     ) -> tuple[list[Selection], dict[str, float]]:
         if method.input_grid(budget, self.grid) is not None:
             raise VTCError(
-                f"'{method.name}' runs the vision tower on a smaller single grid; LLaVA-NeXT's tiles are not "
+                f"'{method.name}' runs the vision tower on a smaller single grid; {self.label}'s tiles are not "
                 "supported by it (use 'pool' for a spatial baseline)"
             )
         layouts = self.layouts(inputs)

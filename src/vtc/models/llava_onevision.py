@@ -1,0 +1,187 @@
+"""LLaVA-OneVision glue (``LlavaOnevisionForConditionalGeneration``): SigLIP tiles, Qwen2 decoder.
+
+OneVision packs an image as LLaVA-NeXT does (a base crop, a canvas of tiles from
+``image_grid_pinpoints``, unpadding, one ``image_newline`` after each canvas row), so this adapter is
+``LlavaNextAdapter`` with the differences below; every decision of llava_next.py's docstring holds here
+(candidates = base patches then the unpadded canvas in raster order, ``global`` scope by default and
+``per_tile=True`` splitting a count by largest remainders, spatial methods per tile, newline rows follow
+their row, ``downsample`` refused). The layout comes from OneVision's own transformers functions.
+
+- **SigLIP tower, no CLS token.** Features are ``hidden_states[vision_feature_layer]`` of every token
+  (``vision_feature_select_strategy="full"``; the checkpoints already drop SigLIP's last layer, so -1
+  is the last layer kept); no post-layernorm, no pooling head. The tower runs once on every crop,
+  only as deep as needed, SDPA kept, q/k hooked at the one layer a method reads: LLaVA-1.5's code with
+  ``prefix = 0`` (no non-patch token before the patches) and no pre-layernorm.
+- **CLS attention substitute.** A method that reads ``cls_attn`` gets the attention each patch receives
+  averaged over all patch queries of its crop (``received_attn``, computed in chunks of query rows at
+  the method's ``attention.layer`` with its ``heads`` form), computed once as a signal; each Selection's
+  ``info`` says ``"cls_attn": "received_attn"``. A patch that many patches attend to is what the CLS
+  row singles out in CLIP (attention sinks carry the global information), and it needs no extra token.
+- **CLS feature refused.** VisionZip keeps the CLS token's state as an extra token (``keep_cls=True``,
+  its default). SigLIP has none, and the nearest thing, its attention-pooling head, is not in the
+  checkpoints; inventing one (a mean of patches) would feed the language model a token it never saw,
+  so it is refused with a message naming ``keep_cls=False``.
+- **Shrunk canvases refused.** ``anyres_max_N`` lets the unpadded canvas hold about N tiles' worth of
+  patches: over 1.1 x that scale, the stock model shrinks the *projected* canvas bilinearly
+  (``pack_image_features``), so its tokens are blends of four patches made after the (non-linear)
+  projector: no candidate patch maps to one token, and selecting before projection cannot reproduce
+  them. Such images are refused, naming the limit (an image fitting in sqrt(N) x sqrt(N) tiles, 1152 x
+  1152 px for the 384 px tiles of the released checkpoints, is never shrunk); every other image is
+  served exactly (``none`` equals stock ``generate``).
+- **Text guidance.** The CLIP text scorer reads CLIP patch states and does not apply to SigLIP; a
+  text-guided method needs a scorer that reads the projected tokens (``reads == "projected"``, the
+  language-model embedding source) and is refused without one, naming what is missing.
+- **Processor.** ``AutoProcessor`` builds the video processor too, which needs torchvision; ``load``
+  builds ``ImageOnlyOnevisionProcessor`` (the stock processor without its video part) from the
+  checkpoint's image processor (PIL backend), tokenizer, processor config and chat template.
+- **One image per prompt.** A prompt with several images (``batch_num_images`` > 1, which OneVision
+  feeds untiled) is refused.
+- **In-LLM methods** hook the Qwen2 decoder layers as they hook Llama's (same rotary and q/k layout;
+  Qwen2's q/k biases are inside ``q_proj``/``k_proj``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+from transformers import LlavaOnevisionProcessor
+
+from ..methods.base import Budget, Method, Selection, Signal, VTCError
+from .family import register_family
+from .llava import check_supported
+from .llava_next import LlavaNextAdapter, TileLayout
+
+
+class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
+    """``LlavaOnevisionProcessor`` without the video processor (which needs torchvision); saves as the stock one."""
+
+    def __init__(
+        self, image_processor=None, tokenizer=None, num_image_tokens=None, vision_feature_select_strategy=None,
+        chat_template=None, image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs,
+    ):
+        # ProcessorMixin pairs positional sub-processors with this class's attributes (no video_processor): the None is dropped.
+        super().__init__(
+            image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+            vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+            image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio, **kwargs,
+        )
+
+    def to_dict(self):
+        return {**super().to_dict(), "processor_class": "LlavaOnevisionProcessor"}
+
+
+@register_family
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """Signals from, and token splicing into, a stock HF LLaVA-OneVision model (see the module docstring)."""
+
+    name = "llava-onevision"
+    model_types = ("llava_onevision",)
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    modeling = "transformers.models.llava_onevision.modeling_llava_onevision"
+    label = "LLaVA-OneVision"
+    prefix = 0  # SigLIP puts no CLS token before the patches
+
+    def __init__(self, model, text_scorer=None):
+        super().__init__(model, text_scorer)
+        self.max_tiles = max_tiles(model.config.vision_aspect_ratio)
+
+    @classmethod
+    def load(cls, path: Path, dtype: torch.dtype, device: torch.device):
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        processor_dict, _ = ImageOnlyOnevisionProcessor.get_processor_dict(path)
+        parts = [AutoImageProcessor.from_pretrained(path, backend="pil"), AutoTokenizer.from_pretrained(path)]
+        return model, ImageOnlyOnevisionProcessor.from_args_and_dict(parts, processor_dict)
+
+    def check_supported(self, model) -> None:
+        check_supported(model, self.model_class, self.label, tower_class="SiglipVisionModel", strategy="full")
+        max_tiles(model.config.vision_aspect_ratio)
+
+    def embed(self, pixel_values: torch.Tensor, resized: bool) -> torch.Tensor:
+        """SigLIP's embeddings are the first layer's input (no pre-layernorm)."""
+        return self.tower.embeddings(pixel_values, interpolate_pos_encoding=resized)
+
+    # ------------------------------------------------------------------ layout
+
+    def layout(self, image_size) -> TileLayout:
+        """As LLaVA-NeXT, refusing a canvas the stock model would shrink (the module docstring says why)."""
+        layout = super().layout(image_size)
+        height, width = layout.canvas.shape
+        side = self.grid[0]
+        # pack_image_features' own test, in its own terms
+        if math.sqrt(height * width / (self.max_tiles * side**2)) > 1.1:
+            raise VTCError(self.shrink_message(image_size, (height, width)))
+        return layout
+
+    def shrink_message(self, image_size, canvas: tuple[int, int]) -> str:
+        h, w = (int(v) for v in image_size)
+        limit = int(1.21 * self.max_tiles * self.num_patches)
+        fit = math.isqrt(self.max_tiles) * self.tile_size
+        hint = f" to fit in {fit}x{fit} px (such images never are shrunk)" if [fit, fit] in self.pinpoints else ""
+        return (
+            f"image of {h}x{w} px: its unpadded tile canvas of {canvas[0]}x{canvas[1]} patches is over "
+            f"anyres_max_{self.max_tiles}'s limit of about {limit} patches, so LLaVA-OneVision shrinks it bilinearly after "
+            f"the projector and its tokens are no longer patches; vtc does not compress such images: downscale it{hint}"
+        )
+
+    def layouts(self, inputs) -> list[TileLayout]:
+        counts = inputs.get("batch_num_images")
+        if counts is not None and any(int(n) != 1 for n in counts):
+            raise VTCError("LLaVA-OneVision: exactly one image per prompt (several images are fed untiled, not served)")
+        return super().layouts(inputs)
+
+    # ------------------------------------------------------------------ signals
+
+    def signals(self, pixel_values, needs, attention, text_queries=None, grid=None, text=None):
+        """SigLIP signals: ``cls_attn`` is the received attention (module docstring); a CLS feature is refused."""
+        self.refuse_missing(needs)
+        asked = needs
+        if Signal.CLS_ATTN in needs:
+            needs = (needs - {Signal.CLS_ATTN}) | {Signal.RECEIVED_ATTN}
+        kwargs = {} if text is None else {"text": text}
+        out = super().signals(pixel_values, frozenset(needs), attention, text_queries, grid=grid, **kwargs)
+        if Signal.CLS_ATTN in asked:
+            out.cls_attn = out.received_attn
+            out.received_attn = out.received_attn if Signal.RECEIVED_ATTN in asked else None
+        return out
+
+    def refuse_missing(self, needs: frozenset[str], who: str = "this method") -> None:
+        """Refuse the signals SigLIP cannot give: a CLS token's state, a text score without a fitting scorer."""
+        if Signal.CLS_FEATURE in needs:
+            raise VTCError(
+                f"{who} keeps the vision tower's CLS token, and LLaVA-OneVision's SigLIP tower has none: "
+                "run it without (VisionZip: keep_cls=False)"
+            )
+        if Signal.TEXT_SIM in needs and self.text_scorer is None:
+            raise VTCError(
+                f"{who} needs a text-to-patch score, and LLaVA-OneVision has no CLIP text tower to give one: "
+                "it needs the language-model embedding text source (a scorer reading the projected tokens)"
+            )
+        if Signal.TEXT_SIM in needs and getattr(self.text_scorer, "reads", "final") != "projected":
+            raise VTCError(
+                f"{who} needs a text score, and the scorer given ({type(self.text_scorer).__name__}) reads CLIP patch "
+                "states, not LLaVA-OneVision's SigLIP ones: it needs the language-model embedding text source "
+                "(a scorer reading the projected tokens)"
+            )
+
+    def compress(
+        self, inputs, method: Method, budget: Budget, text_queries: list[str] | None, per_tile: bool = False
+    ) -> tuple[list[Selection], dict[str, float]]:
+        self.refuse_missing(method.needs, f"'{method.name}'")
+        selections, timings = super().compress(inputs, method, budget, text_queries, per_tile=per_tile)
+        if Signal.CLS_ATTN in method.needs:
+            for selection in selections:
+                selection.info = {**selection.info, "cls_attn": "received_attn"}
+        return selections, timings
+
+
+def max_tiles(vision_aspect_ratio: str) -> int:
+    """N of ``anyres_max_N``, the only aspect-ratio mode the stock model packs images with."""
+    match = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
+    if match is None:
+        raise VTCError(f"vision_aspect_ratio={vision_aspect_ratio!r} is not supported; LLaVA-OneVision needs 'anyres_max_N'")
+    return int(match.group(1))
