@@ -1,0 +1,238 @@
+"""LLaVA-OneVision (SigLIP tiles, Qwen2 decoder) on a tiny random model saved and loaded back."""
+
+import pytest
+import torch
+from conftest import random_image
+from test_in_llm import LLM_OPTIONS
+from test_llava_next import KeepAboveMean, original_positions, stock_text
+
+from vtc.methods import Budget, Signal, VTCError, get
+from vtc.methods.base import available
+from vtc.methods.llm_base import LLMMethod
+from vtc.models.llava_onevision import ImageOnlyOnevisionProcessor, LlavaOnevisionAdapter
+from vtc.testing import save_tiny_llava_onevision
+
+QUESTIONS = ["what is the color ?", "how many circle ?", "describe the picture .", "what is there ?"]
+# (height, width): 2x2, 3x3 (unpadded), 2x2 and 1x3 tile canvases, so N differs per image; none is shrunk
+SIZES = [(40, 52), (90, 30), (64, 64), (20, 95)]
+SHRUNK = (96, 128)  # 3x4 tiles: 12x16 patches, over anyres_max_9's limit for 4x4-patch tiles
+
+
+@pytest.fixture(scope="module")
+def ov_path(tmp_path_factory):
+    return save_tiny_llava_onevision(tmp_path_factory.mktemp("ov") / "llava_onevision", text_layers=4)
+
+
+@pytest.fixture(scope="module")
+def ov_pipe(ov_path):
+    from vtc.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(ov_path)
+
+
+@pytest.fixture
+def ov_images():
+    return [random_image(i + 1, size) for i, size in enumerate(SIZES)]
+
+
+def test_adapter_and_processor_come_from_the_checkpoint(ov_pipe):
+    from transformers import Qwen2Model
+
+    assert isinstance(ov_pipe.adapter, LlavaOnevisionAdapter)
+    assert isinstance(ov_pipe.adapter.language_model, Qwen2Model)
+    processor = ov_pipe.processor
+    assert isinstance(processor, ImageOnlyOnevisionProcessor) and not hasattr(processor, "video_processor")
+    assert (processor.num_image_tokens, processor.vision_feature_select_strategy, processor.vision_aspect_ratio) == (
+        16, "full", "anyres_max_9")
+    assert processor.image_processor.image_grid_pinpoints == ov_pipe.model.config.image_grid_pinpoints
+
+
+def test_none_is_token_for_token_stock_generate_single_and_padded_batch(ov_pipe, ov_images):
+    for imgs, qs in [(ov_images[:1], QUESTIONS[:1]), (ov_images, QUESTIONS)]:
+        inputs = ov_pipe.prepare(imgs, qs)
+        ours = ov_pipe.generate(inputs, qs, "none", "auto", max_new_tokens=6)
+        assert [r.text for r in ours] == stock_text(ov_pipe, inputs)
+        placeholders = (inputs["input_ids"] == ov_pipe.adapter.image_token_id).sum(1).tolist()
+        assert [r.tokens_before for r in ours] == [r.tokens_after for r in ours] == placeholders
+    assert len(set(placeholders)) == 4, "the batch should mix tile layouts"
+
+
+@pytest.mark.parametrize("per_tile", [False, True])
+def test_pruning_equals_masking(ov_pipe, ov_images, per_tile):
+    """Logits of the pruned prompt, at the kept rows' original positions, equal the full model's with the
+    dropped image tokens masked out."""
+    pipe = ov_pipe
+    for b, image in enumerate(ov_images):
+        inputs = pipe.prepare([image], QUESTIONS[b : b + 1])
+        [sel], _ = pipe.compress(inputs, QUESTIONS[b : b + 1], get("fastervlm"), Budget.parse(0.3), per_tile=per_tile)
+        projected = pipe.adapter.project([sel])
+        ids, mask = pipe.adapter.splice_ids(
+            inputs["input_ids"], inputs["attention_mask"], [projected[0].shape[0]], pipe.pad_token_id,
+            expected=pipe.adapter.tokens_before(inputs),
+        )
+        image_rows = (inputs["input_ids"][0] == pipe.adapter.image_token_id).nonzero().squeeze(1)
+        start, end = int(image_rows[0]), int(image_rows[-1]) + 1
+        kept_rows = [start + q for q in original_positions(sel.layout, sel)]
+        rows = list(range(start)) + kept_rows + list(range(end, inputs["input_ids"].shape[1]))
+        assert len(rows) == ids.shape[1]
+        full_mask = torch.zeros_like(inputs["attention_mask"])
+        full_mask[0, rows] = 1
+        length = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            full = pipe.model(**{**inputs, "attention_mask": full_mask}, position_ids=torch.arange(length)[None]).logits
+            pruned = pipe.model(
+                input_ids=ids, attention_mask=mask, position_ids=torch.tensor(rows)[None],
+                mm_encoder_outputs=pipe.adapter.image_inputs(projected),
+            ).logits
+        torch.testing.assert_close(pruned[0], full[0, rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method,budget,per_tile",
+    [(KeepAboveMean(), "auto", False), (get("recoverable", recover=False), "auto", False), ("prumerge", "auto", True),
+     ("fastervlm", 12, True), ("pool", 7, False)],
+)
+def test_mixed_tile_batch_with_different_k_matches_single_runs(ov_pipe, ov_images, method, budget, per_tile):
+    batch = ov_pipe(ov_images, QUESTIONS, method=method, budget=budget, max_new_tokens=5, per_tile=per_tile)
+    singles = [ov_pipe([i], [q], method=method, budget=budget, max_new_tokens=5, per_tile=per_tile)[0]
+               for i, q in zip(ov_images, QUESTIONS)]
+    assert [r.tokens_after for r in batch] == [r.tokens_after for r in singles]
+    assert [r.text for r in batch] == [r.text for r in singles]
+    for a, b in zip(batch, singles):
+        assert torch.equal(a.selection.owner, b.selection.owner)
+    if isinstance(method, KeepAboveMean):
+        assert len({r.tokens_after for r in batch}) > 1
+
+
+def test_cls_attention_is_the_received_attention_of_eager_siglip(ov_pipe, ov_images):
+    """The CLS substitute, checked against SigLIP run eagerly with output_attentions: at the method's layer, the
+    head-mean attention each patch receives, averaged over every query of its crop; and the Selection says so."""
+    adapter = ov_pipe.adapter
+    inputs = ov_pipe.prepare(ov_images[:2], QUESTIONS[:2])
+    layouts = adapter.layouts(inputs)
+    crops = adapter.crop_pixels(inputs, layouts)
+    spec = get("fastervlm").attention
+    ours = adapter.signals(crops, frozenset({Signal.FEATURES, Signal.CLS_ATTN}), spec)
+    assert ours.received_attn is None
+    tower = adapter.tower
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = tower(crops, output_attentions=True).attentions
+    finally:
+        tower.set_attn_implementation(previous)
+    expected = attentions[spec.layer].mean(1).mean(1)  # heads, then query rows
+    torch.testing.assert_close(ours.cls_attn, expected, atol=1e-6, rtol=1e-5)
+    [r] = ov_pipe(ov_images[:1], QUESTIONS[:1], method="fastervlm", budget=0.3, max_new_tokens=1)
+    assert r.selection.info["cls_attn"] == "received_attn"
+    [r] = ov_pipe(ov_images[:1], QUESTIONS[:1], method="pool", budget=7, max_new_tokens=1)
+    assert "cls_attn" not in r.selection.info
+
+
+def test_features_are_the_stock_feature_layer_of_every_token(ov_pipe, ov_images):
+    """No CLS to drop ('full' strategy): the candidates' features are hidden_states[vision_feature_layer] of the
+    stock tower, base crop then unpadded canvas."""
+    adapter = ov_pipe.adapter
+    inputs = ov_pipe.prepare(ov_images[1:2], QUESTIONS[:1])
+    [layout] = adapter.layouts(inputs)
+    crops = adapter.crop_pixels(inputs, [layout])
+    ours = adapter.signals(crops, frozenset({Signal.FEATURES}), get("none").attention)
+    with torch.no_grad():
+        stock = adapter.tower(crops, output_hidden_states=True).hidden_states[ov_pipe.model.config.vision_feature_layer]
+    torch.testing.assert_close(ours.features, stock)
+    assert ours.features.shape[1] == adapter.num_patches
+
+
+def stock_count(pipe, size, aspect):
+    """Image tokens the stock model packs for an image of ``size`` under ``vision_aspect_ratio=aspect``."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel, image_size_to_num_patches
+
+    crops = image_size_to_num_patches(list(size), pipe.model.config.image_grid_pinpoints, pipe.adapter.tile_size)
+    feats = [torch.zeros(crops, pipe.adapter.num_patches, 2)]
+    _, lens = LlavaOnevisionModel.pack_image_features(pipe.model.model, feats, torch.tensor([size]), torch.zeros(2), aspect)
+    return int(lens[0])
+
+
+def test_layout_matches_the_stock_count_and_refuses_exactly_the_shrunk_canvases(ov_pipe):
+    adapter = ov_pipe.adapter
+    refused = []
+    for size in [(40, 52), (90, 30), (20, 95), (64, 64), (30, 30), (96, 128), (80, 120), (100, 100), (33, 200)]:
+        stock = stock_count(ov_pipe, size, "anyres_max_9")
+        unshrunk = stock_count(ov_pipe, size, "anyres_max_100000")
+        try:
+            layout = adapter.layout(size)
+        except VTCError as exc:
+            assert stock < unshrunk, f"{size}: refused but the stock model keeps every patch"
+            assert f"{size[0]}x{size[1]} px" in str(exc) and "anyres_max_9" in str(exc) and "96x96 px" in str(exc)
+            refused.append(size)
+            continue
+        assert stock == unshrunk == layout.num_tokens
+        boxes = adapter.patch_boxes({"image_sizes": torch.tensor([size])}, 0)
+        assert boxes.shape == (layout.num_candidates, 4) and boxes.min() >= 0 and boxes.max() <= 1
+    assert SHRUNK in refused and len(refused) < 9
+    assert adapter.layout((80, 120)).tiles == (3, 4), "12 tiles, unpadded under the limit: served, not refused"
+
+
+def test_shrunk_image_is_refused_before_any_work(ov_pipe):
+    with pytest.raises(VTCError, match="shrinks it bilinearly"):
+        ov_pipe([random_image(0, SHRUNK)], QUESTIONS[:1], method="none", max_new_tokens=1)
+
+
+def test_refusals_name_what_is_missing(ov_pipe, ov_images, tiny_dirs):
+    from vtc.pipeline import Pipeline
+
+    with pytest.raises(VTCError, match="keep_cls=False"):
+        ov_pipe(ov_images[:1], QUESTIONS[:1], method="visionzip", budget=0.3, max_new_tokens=1)
+    [r] = ov_pipe(ov_images[:1], QUESTIONS[:1], method="visionzip", budget=0.3, max_new_tokens=1, keep_cls=False)
+    assert r.selection.counts()["global"] == 0
+    with pytest.raises(VTCError, match="'recoverable' needs a text-to-patch score.*language-model embedding"):
+        ov_pipe(ov_images[:1], QUESTIONS[:1], method="recoverable", max_new_tokens=1)
+    with_clip = Pipeline(ov_pipe.model, ov_pipe.processor, Pipeline.from_pretrained(tiny_dirs[0], clip=tiny_dirs[1]).adapter.text_scorer)
+    with pytest.raises(VTCError, match="ClipTextScorer.*reads CLIP patch states"):
+        with_clip(ov_images[:1], QUESTIONS[:1], method="fastervlm+text", budget=0.3, max_new_tokens=1)
+    inputs = ov_pipe.prepare(ov_images[:2], QUESTIONS[:2])
+    with pytest.raises(VTCError, match="one image per prompt"):
+        ov_pipe.adapter.layouts({**inputs, "batch_num_images": torch.tensor([2])})
+
+
+def test_unsupported_configurations_are_refused(ov_pipe):
+    config = ov_pipe.model.config
+    for field, value, message in [("vision_feature_select_strategy", "default", "'full' strategy"),
+                                  ("vision_aspect_ratio", "anyres", "anyres_max_N")]:
+        old = getattr(config, field)
+        setattr(config, field, value)
+        try:
+            with pytest.raises(VTCError, match=message):
+                LlavaOnevisionAdapter(ov_pipe.model)
+        finally:
+            setattr(config, field, old)
+
+
+def test_in_llm_pruning_that_keeps_everything_is_stock_generate_on_qwen2(ov_pipe, ov_images):
+    inputs = ov_pipe.prepare(ov_images[:2], QUESTIONS[:2])
+    kept_all = ov_pipe.generate(inputs, QUESTIONS[:2], "fastv", 1.0, max_new_tokens=6, **LLM_OPTIONS["fastv"])
+    assert [r.text for r in kept_all] == stock_text(ov_pipe, inputs)
+    pruned = ov_pipe.generate(inputs, QUESTIONS[:2], "fastv", 0.2, max_new_tokens=2, **LLM_OPTIONS["fastv"])
+    assert [r.selection.info["llm_kept"] for r in pruned] == [Budget.parse(0.2).tokens(r.tokens_before) for r in pruned]
+
+
+REFUSED = {"downsample": "tiles are not supported", "visionzip": "keep_cls=False", "recoverable": "text-to-patch score"}
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_method_runs_or_refuses_clearly(ov_pipe, ov_images, name):
+    method = get(name)
+    in_llm = isinstance(method, LLMMethod)
+    budget = 24 if in_llm else ("auto" if method.supports_auto else 0.3)
+    options = LLM_OPTIONS[name] if in_llm else {}
+    if name in REFUSED:
+        with pytest.raises(VTCError, match=REFUSED[name]):
+            ov_pipe(ov_images, QUESTIONS, method=name, budget=budget, max_new_tokens=2)
+        return
+    results = ov_pipe(ov_images, QUESTIONS, method=name, budget=budget, max_new_tokens=2, **options)
+    for r in results:
+        assert 1 <= r.tokens_after <= r.tokens_before
+        assert r.selection.num_patches == r.selection.layout.num_candidates
+        if in_llm:  # the language model kept the budget's image tokens after its pruning layer
+            assert 1 <= r.selection.info["llm_kept"] <= r.tokens_before
