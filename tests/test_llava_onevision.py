@@ -4,11 +4,17 @@ import pytest
 import torch
 from conftest import random_image
 from test_in_llm import LLM_OPTIONS
-from test_llava_next import KeepAboveMean, original_positions, stock_text
+from test_llava_next import (
+    KeepAboveMean,
+    check_batch_equals_single_runs,
+    check_none_is_stock_generate,
+    check_pruning_equals_masking,
+    check_runs_or_refuses,
+    stock_text,
+)
 
 from vtc.methods import Budget, Signal, VTCError, get
 from vtc.methods.base import available
-from vtc.methods.llm_base import LLMMethod
 from vtc.models.llava_onevision import ImageOnlyOnevisionProcessor, LlavaOnevisionAdapter
 from vtc.testing import save_tiny_llava_onevision
 
@@ -48,43 +54,12 @@ def test_adapter_and_processor_come_from_the_checkpoint(ov_pipe):
 
 
 def test_none_is_token_for_token_stock_generate_single_and_padded_batch(ov_pipe, ov_images):
-    for imgs, qs in [(ov_images[:1], QUESTIONS[:1]), (ov_images, QUESTIONS)]:
-        inputs = ov_pipe.prepare(imgs, qs)
-        ours = ov_pipe.generate(inputs, qs, "none", "auto", max_new_tokens=6)
-        assert [r.text for r in ours] == stock_text(ov_pipe, inputs)
-        placeholders = (inputs["input_ids"] == ov_pipe.adapter.image_token_id).sum(1).tolist()
-        assert [r.tokens_before for r in ours] == [r.tokens_after for r in ours] == placeholders
-    assert len(set(placeholders)) == 4, "the batch should mix tile layouts"
+    check_none_is_stock_generate(ov_pipe, ov_images, QUESTIONS)
 
 
 @pytest.mark.parametrize("per_tile", [False, True])
 def test_pruning_equals_masking(ov_pipe, ov_images, per_tile):
-    """Logits of the pruned prompt, at the kept rows' original positions, equal the full model's with the
-    dropped image tokens masked out."""
-    pipe = ov_pipe
-    for b, image in enumerate(ov_images):
-        inputs = pipe.prepare([image], QUESTIONS[b : b + 1])
-        [sel], _ = pipe.compress(inputs, QUESTIONS[b : b + 1], get("fastervlm"), Budget.parse(0.3), per_tile=per_tile)
-        projected = pipe.adapter.project([sel])
-        ids, mask = pipe.adapter.splice_ids(
-            inputs["input_ids"], inputs["attention_mask"], [projected[0].shape[0]], pipe.pad_token_id,
-            expected=pipe.adapter.tokens_before(inputs),
-        )
-        image_rows = (inputs["input_ids"][0] == pipe.adapter.image_token_id).nonzero().squeeze(1)
-        start, end = int(image_rows[0]), int(image_rows[-1]) + 1
-        kept_rows = [start + q for q in original_positions(sel.layout, sel)]
-        rows = list(range(start)) + kept_rows + list(range(end, inputs["input_ids"].shape[1]))
-        assert len(rows) == ids.shape[1]
-        full_mask = torch.zeros_like(inputs["attention_mask"])
-        full_mask[0, rows] = 1
-        length = inputs["input_ids"].shape[1]
-        with torch.no_grad():
-            full = pipe.model(**{**inputs, "attention_mask": full_mask}, position_ids=torch.arange(length)[None]).logits
-            pruned = pipe.model(
-                input_ids=ids, attention_mask=mask, position_ids=torch.tensor(rows)[None],
-                mm_encoder_outputs=pipe.adapter.image_inputs(projected),
-            ).logits
-        torch.testing.assert_close(pruned[0], full[0, rows], atol=1e-5, rtol=1e-5)
+    check_pruning_equals_masking(ov_pipe, ov_images, QUESTIONS, per_tile)
 
 
 @pytest.mark.parametrize(
@@ -93,15 +68,7 @@ def test_pruning_equals_masking(ov_pipe, ov_images, per_tile):
      ("fastervlm", 12, True), ("pool", 7, False)],
 )
 def test_mixed_tile_batch_with_different_k_matches_single_runs(ov_pipe, ov_images, method, budget, per_tile):
-    batch = ov_pipe(ov_images, QUESTIONS, method=method, budget=budget, max_new_tokens=5, per_tile=per_tile)
-    singles = [ov_pipe([i], [q], method=method, budget=budget, max_new_tokens=5, per_tile=per_tile)[0]
-               for i, q in zip(ov_images, QUESTIONS)]
-    assert [r.tokens_after for r in batch] == [r.tokens_after for r in singles]
-    assert [r.text for r in batch] == [r.text for r in singles]
-    for a, b in zip(batch, singles):
-        assert torch.equal(a.selection.owner, b.selection.owner)
-    if isinstance(method, KeepAboveMean):
-        assert len({r.tokens_after for r in batch}) > 1
+    check_batch_equals_single_runs(ov_pipe, ov_images, QUESTIONS, method, budget, per_tile)
 
 
 def test_cls_attention_is_the_received_attention_of_eager_siglip(ov_pipe, ov_images):
@@ -222,17 +189,4 @@ REFUSED = {"downsample": "tiles are not supported", "visionzip": "keep_cls=False
 
 @pytest.mark.parametrize("name", available())
 def test_every_method_runs_or_refuses_clearly(ov_pipe, ov_images, name):
-    method = get(name)
-    in_llm = isinstance(method, LLMMethod)
-    budget = 24 if in_llm else ("auto" if method.supports_auto else 0.3)
-    options = LLM_OPTIONS[name] if in_llm else {}
-    if name in REFUSED:
-        with pytest.raises(VTCError, match=REFUSED[name]):
-            ov_pipe(ov_images, QUESTIONS, method=name, budget=budget, max_new_tokens=2)
-        return
-    results = ov_pipe(ov_images, QUESTIONS, method=name, budget=budget, max_new_tokens=2, **options)
-    for r in results:
-        assert 1 <= r.tokens_after <= r.tokens_before
-        assert r.selection.num_patches == r.selection.layout.num_candidates
-        if in_llm:  # the language model kept the budget's image tokens after its pruning layer
-            assert 1 <= r.selection.info["llm_kept"] <= r.tokens_before
+    check_runs_or_refuses(ov_pipe, ov_images, QUESTIONS, name, REFUSED)
