@@ -15,8 +15,11 @@ their row, ``downsample`` refused). The layout comes from OneVision's own transf
 - **CLS attention substitute.** A method that reads ``cls_attn`` gets the attention each patch receives
   averaged over all patch queries of its crop (``received_attn``, computed in chunks of query rows at
   the method's ``attention.layer`` with its ``heads`` form), computed once as a signal; each Selection's
-  ``info`` says ``"cls_attn": "received_attn"``. A patch that many patches attend to is what the CLS
-  row singles out in CLIP (attention sinks carry the global information), and it needs no extra token.
+  ``info`` says ``"cls_attn": "received_attn"``. It is the issue's suggested substitute and FoPru's own
+  score (``fopru-*`` read it directly); it is a distribution over the patches, as the CLS row nearly
+  is (the row also gives some mass to CLS itself), so rules that rank or threshold it still apply.
+  Layer indices are the tower's own: -1 is the last layer the checkpoint keeps (OneVision's feature
+  layer), so a method's default -2 reads the one before, not the feature layer as on LLaVA-1.5.
 - **CLS feature refused.** VisionZip keeps the CLS token's state as an extra token (``keep_cls=True``,
   its default). SigLIP has none, and the nearest thing, its attention-pooling head, is not in the
   checkpoints; inventing one (a mean of patches) would feed the language model a token it never saw,
@@ -27,10 +30,14 @@ their row, ``downsample`` refused). The layout comes from OneVision's own transf
   projector: no candidate patch maps to one token, and selecting before projection cannot reproduce
   them. Such images are refused, naming the limit (an image fitting in sqrt(N) x sqrt(N) tiles, 1152 x
   1152 px for the 384 px tiles of the released checkpoints, is never shrunk); every other image is
-  served exactly (``none`` equals stock ``generate``).
+  served exactly (``none`` equals stock ``generate``). With the released pinpoints 640x480, 1024x768
+  and 1152x1152 are served; 1280x960, 1920x1080 and 1200x1200 are shrunk, so refused: downscale them
+  first. (Serving them would mean interpolating the signals and candidates the same way and projecting
+  before selecting; left for later.)
 - **Text guidance.** The CLIP text scorer reads CLIP patch states and does not apply to SigLIP; a
   text-guided method needs a scorer that reads the projected tokens (``reads == "projected"``, the
-  language-model embedding source) and is refused without one, naming what is missing.
+  language-model embedding source) and is refused without one, naming what is missing. Such a scorer
+  is scored on the projected tokens by ``LlavaAdapter.signals`` once that source is merged.
 - **Processor.** ``AutoProcessor`` builds the video processor too, which needs torchvision; ``load``
   builds ``ImageOnlyOnevisionProcessor`` (the stock processor without its video part) from the
   checkpoint's image processor (PIL backend), tokenizer, processor config and chat template.
