@@ -198,11 +198,11 @@ def test_every_method_runs_or_refuses_clearly(next_pipe, next_images, name):
     check_runs_or_refuses(next_pipe, next_images, QUESTIONS, name, {"downsample": "tiles are not supported"})
 
 
-def check_runs_or_refuses(pipe, images, questions, name, refused: dict[str, str]):
+def check_runs_or_refuses(pipe, images, questions, name, refused: dict[str, str], llm_budget=24):
     """Method ``name`` runs on the batch, or (``refused[name]``: a pattern of its message) refuses clearly."""
     method = get(name)
     in_llm = isinstance(method, LLMMethod)
-    budget = 24 if in_llm else ("auto" if method.supports_auto else 0.3)
+    budget = llm_budget if in_llm else ("auto" if method.supports_auto else 0.3)
     options = LLM_OPTIONS[name] if in_llm else {}
     if name in refused:
         with pytest.raises(VTCError, match=refused[name]):

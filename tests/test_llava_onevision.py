@@ -18,10 +18,10 @@ from vtc.methods.base import available
 from vtc.models.llava_onevision import ImageOnlyOnevisionProcessor, LlavaOnevisionAdapter
 from vtc.testing import save_tiny_llava_onevision
 
-QUESTIONS = ["what is the color ?", "how many circle ?", "describe the picture .", "what is there ?"]
-# (height, width): 2x2, 3x3 (unpadded), 2x2 and 1x3 tile canvases, so N differs per image; none is shrunk
-SIZES = [(40, 52), (90, 30), (64, 64), (20, 95)]
-SHRUNK = (96, 128)  # 3x4 tiles: 12x16 patches, over anyres_max_9's limit for 4x4-patch tiles
+QUESTIONS = ["what is the color ?", "how many circle ?", "describe the picture .", "what is there ?", "is it red ?"]
+SHRUNK = (96, 128)  # 3x4 tiles: 12x16 patches, over anyres_max_9's limit for 4x4-patch tiles: shrunk to 10x13
+# (height, width): 2x2, 3x3 (unpadded), 2x2, 1x3 and a shrunk 3x4 tile canvas, so N differs per image
+SIZES = [(40, 52), (90, 30), (64, 64), (20, 95), SHRUNK]
 
 
 @pytest.fixture(scope="module")
@@ -121,29 +121,44 @@ def stock_count(pipe, size, aspect):
     return int(lens[0])
 
 
-def test_layout_matches_the_stock_count_and_refuses_exactly_the_shrunk_canvases(ov_pipe):
+def test_layout_matches_the_stock_count_and_shrinks_exactly_the_canvases_the_model_shrinks(ov_pipe):
+    from vtc.models.llava_onevision import ShrunkLayout
+
     adapter = ov_pipe.adapter
-    refused = []
-    for size in [(40, 52), (90, 30), (20, 95), (64, 64), (30, 30), (96, 128), (80, 120), (100, 100), (33, 200)]:
+    shrunk = []
+    for size in [(40, 52), (90, 30), (20, 95), (64, 64), (30, 30), (96, 128), (80, 120), (100, 100), (33, 200), (150, 100)]:
+        layout = adapter.layout(size)
         stock = stock_count(ov_pipe, size, "anyres_max_9")
-        unshrunk = stock_count(ov_pipe, size, "anyres_max_100000")
-        try:
-            layout = adapter.layout(size)
-        except VTCError as exc:
-            assert stock < unshrunk, f"{size}: refused but the stock model keeps every patch"
-            assert f"{size[0]}x{size[1]} px" in str(exc) and "anyres_max_9" in str(exc) and "96x96 px" in str(exc)
-            refused.append(size)
-            continue
-        assert stock == unshrunk == layout.num_tokens
+        assert stock == layout.num_tokens
+        assert isinstance(layout, ShrunkLayout) == (stock < stock_count(ov_pipe, size, "anyres_max_100000"))
+        shrunk += [size] if isinstance(layout, ShrunkLayout) else []
         boxes = adapter.patch_boxes({"image_sizes": torch.tensor([size])}, 0)
         assert boxes.shape == (layout.num_candidates, 4) and boxes.min() >= 0 and boxes.max() <= 1
-    assert SHRUNK in refused and len(refused) < 9
-    assert adapter.layout((80, 120)).tiles == (3, 4), "12 tiles, unpadded under the limit: served, not refused"
+        segments = layout.segments()  # per-tile parts: rectangles that partition the candidates
+        assert sorted(torch.cat([p for p, _ in segments]).tolist()) == list(range(layout.num_candidates))
+        assert all(len(p) == g[0] * g[1] for p, g in segments)
+    assert SHRUNK in shrunk and len(shrunk) < 10
+    assert not isinstance(adapter.layout((80, 120)), ShrunkLayout), "12 tiles, unpadded under the limit: not shrunk"
 
 
-def test_shrunk_image_is_refused_before_any_work(ov_pipe):
-    with pytest.raises(VTCError, match="shrinks it bilinearly"):
-        ov_pipe([random_image(0, SHRUNK)], QUESTIONS[:1], method="none", max_new_tokens=1)
+@pytest.mark.parametrize("size", [SHRUNK, (150, 100), (40, 52)])
+def test_candidate_signals_are_what_the_stock_packing_makes_of_them(ov_pipe, size):
+    """Every per-patch signal of the candidates (base, then canvas cells, shrunk or not) equals the stock
+    pack_image_features run on that signal as if it were the projected features (no newline)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    adapter = ov_pipe.adapter
+    inputs = ov_pipe.prepare([random_image(5, size)], QUESTIONS[:1])
+    [layout] = adapter.layouts(inputs)
+    method = get("prumerge")
+    flat, [first] = adapter.candidate_signals(inputs, [layout], method, None)
+    crops = adapter.signals(adapter.crop_pixels(inputs, [layout]), method.needs, method.attention)
+    for name in (Signal.FEATURES, Signal.CLS_ATTN, Signal.KEYS):
+        ours = getattr(flat, name).flatten(0, 1)[first + layout.candidates()]
+        per_crop = getattr(crops, name)
+        per_crop = per_crop if per_crop.dim() == 3 else per_crop[..., None]
+        [packed], _ = LlavaOnevisionModel.pack_image_features(ov_pipe.model.model, [per_crop], inputs["image_sizes"], None)
+        torch.testing.assert_close(ours.reshape(packed.shape), packed, atol=1e-6, rtol=1e-5)
 
 
 def test_refusals_name_what_is_missing(ov_pipe, ov_images, tiny_dirs):
@@ -189,4 +204,4 @@ REFUSED = {"downsample": "tiles are not supported", "visionzip": "keep_cls=False
 
 @pytest.mark.parametrize("name", available())
 def test_every_method_runs_or_refuses_clearly(ov_pipe, ov_images, name):
-    check_runs_or_refuses(ov_pipe, ov_images, QUESTIONS, name, REFUSED)
+    check_runs_or_refuses(ov_pipe, ov_images, QUESTIONS, name, REFUSED, llm_budget=0.5)  # images of 42 to 156 tokens

@@ -179,6 +179,7 @@ def save_tiny_llava_onevision(out: str | Path, seed: int = 0, image_size=32, pat
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})  # the processor counts both
     vision = SiglipVisionConfig(
         image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
         num_hidden_layers=vision_layers, num_attention_heads=4, vision_use_head=False,
@@ -191,7 +192,7 @@ def save_tiny_llava_onevision(out: str | Path, seed: int = 0, image_size=32, pat
     pinpoints = [[image_size * a // 32, image_size * b // 32] for a, b in TINY_OV_PINPOINTS]
     config = LlavaOnevisionConfig(
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=pinpoints,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), video_token_index=tokenizer.unk_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
     )
     model = LlavaOnevisionForConditionalGeneration(config).eval()

@@ -70,10 +70,14 @@ class TileLayout:
         """(N,) crop-token index of every candidate, in candidate order."""
         return torch.cat([torch.arange(self.patches), self.canvas.flatten()])
 
+    def crop_of(self) -> torch.Tensor:
+        """(H', W') the crop (1.. for tiles) each canvas cell comes from."""
+        return self.canvas // self.patches
+
     def segments(self) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """The base crop and each tile's unpadded rectangle: (candidate positions in raster order, grid)."""
         parts = [(torch.arange(self.patches), (self.side, self.side))]
-        crop_of = self.canvas // self.patches
+        crop_of = self.crop_of()
         for tile in range(1, self.crops):
             inside = crop_of == tile
             if not inside.any():
@@ -154,10 +158,7 @@ class LlavaNextAdapter(LlavaAdapter):
         queries = None if text_queries is None else [q for q, c in zip(text_queries, crops) for _ in range(c)]
         if text_queries is not None and len(text_queries) != len(layouts):
             raise VTCError("text-guided methods need one question per image")
-        crop_signals, signals_ms = timed(
-            self.signals, self.crop_pixels(inputs, layouts), method.needs, method.attention, queries, text=method.text
-        )
-        first = [sum(crops[:b]) * self.num_patches for b in range(len(layouts))]
+        (crop_signals, first), signals_ms = timed(self.candidate_signals, inputs, layouts, method, queries)
         scope = "per_tile" if per_tile or method.spatial else "global"
         select = self._select_per_tile if scope == "per_tile" else self._select_global
         selections, select_ms = timed(select, crop_signals, layouts, first, method, budget)
@@ -165,6 +166,14 @@ class LlavaNextAdapter(LlavaAdapter):
             selection.layout = layout
             selection.info = {**selection.info, "scope": scope, "tiles": list(layout.tiles)}
         return selections, {"signals_ms": signals_ms, "select_ms": select_ms}
+
+    def candidate_signals(self, inputs, layouts: list[TileLayout], method: Method, queries) -> tuple[Signals, list[int]]:
+        """Signals of every crop of the batch (crops, P, ...), and where each image's crop tokens start once flattened."""
+        crops = [layout.crops for layout in layouts]
+        signals = self.signals(
+            self.crop_pixels(inputs, layouts), method.needs, method.attention, queries, text=method.text
+        )
+        return signals, [sum(crops[:b]) * self.num_patches for b in range(len(layouts))]
 
     def _gather(self, crop: Signals, index: torch.Tensor, grid: tuple[int, int], cls_rows: torch.Tensor) -> Signals:
         """Signals of G token sets: ``index`` (G, n) crop-token indices, ``cls_rows`` (G,) the crop whose CLS each uses."""

@@ -24,16 +24,19 @@ their row, ``downsample`` refused). The layout comes from OneVision's own transf
   its default). SigLIP has none, and the nearest thing, its attention-pooling head, is not in the
   checkpoints; inventing one (a mean of patches) would feed the language model a token it never saw,
   so it is refused with a message naming ``keep_cls=False``.
-- **Shrunk canvases refused.** ``anyres_max_N`` lets the unpadded canvas hold about N tiles' worth of
-  patches: over 1.1 x that scale, the stock model shrinks the *projected* canvas bilinearly
-  (``pack_image_features``), so its tokens are blends of four patches made after the (non-linear)
-  projector: no candidate patch maps to one token, and selecting before projection cannot reproduce
-  them. Such images are refused, naming the limit (an image fitting in sqrt(N) x sqrt(N) tiles, 1152 x
-  1152 px for the 384 px tiles of the released checkpoints, is never shrunk); every other image is
-  served exactly (``none`` equals stock ``generate``). With the released pinpoints 640x480, 1024x768
-  and 1152x1152 are served; 1280x960, 1920x1080 and 1200x1200 are shrunk, so refused: downscale them
-  first. (Serving them would mean interpolating the signals and candidates the same way and projecting
-  before selecting; left for later.)
+- **Shrunk canvases: the shrunk cells are the candidates.** ``anyres_max_N`` lets the unpadded canvas
+  hold about N tiles' worth of patches; over 1.1 x that scale the stock model shrinks the *projected*
+  canvas bilinearly (``pack_image_features``), so each of its tokens blends four patches, made after
+  the non-linear projector. With the released pinpoints (384 px tiles) 640x480, 1024x768 and
+  1152x1152 are not shrunk; 1280x960, 1920x1080 and 1200x1200 are. For such an image the candidates
+  are the base patches then the shrunk cells (what the model sends, newlines aside): every per-patch
+  signal (features, attention, keys, text score) is interpolated on the unpadded canvas exactly as
+  the model interpolates its canvas, and each cell's stock token (projected, then interpolated) is
+  kept: a kept cell is sent as that stock token, so ``none`` equals stock ``generate`` and pruning
+  equals masking on every image; a merged token is the projection of the merged (interpolated)
+  features, as for every other merge. Per-tile budgets give each cell to the tile of the unpadded
+  cell nearest its centre. The alternative, refusing such images, would turn away most photos over a
+  megapixel.
 - **Text guidance.** The CLIP text scorer reads CLIP patch states and does not apply to SigLIP; a
   text-guided method needs a scorer that reads the projected tokens (``reads == "projected"``, the
   language-model embedding source) and is refused without one, naming what is missing. Such a scorer
@@ -51,15 +54,48 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import LlavaOnevisionProcessor
 
-from ..methods.base import Budget, Method, Selection, Signal, VTCError
+from ..methods.base import Budget, Method, Origin, Selection, Signal, Signals, VTCError
 from .family import register_family
 from .llava import check_supported
 from .llava_next import LlavaNextAdapter, TileLayout
+
+
+@dataclass
+class ShrunkLayout(TileLayout):
+    """A tile canvas the stock model shrinks bilinearly (after the projector) to ``canvas.shape``.
+
+    ``canvas`` numbers the shrunk cells after the image's crop tokens (crops * P + cell): they are the
+    candidates; ``source``: the unpadded canvas of crop-token indices they are interpolated from;
+    ``stock``: (cells, D_llm) the stock model's token of every cell, set when the features are known.
+    """
+
+    source: torch.Tensor | None = None
+    stock: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows of this image in the flattened candidate signals: its crop tokens, then its cells."""
+        return self.crops * self.patches + self.canvas.numel()
+
+    def shrink(self, values: torch.Tensor) -> torch.Tensor:
+        """(H*W, ...) values on the unpadded canvas -> (h*w, ...), as pack_image_features shrinks its canvas."""
+        height, width = self.source.shape
+        grid = values.reshape(height, width, -1).permute(2, 0, 1)[None]
+        small = torch.nn.functional.interpolate(grid, list(self.canvas.shape), mode="bilinear")[0]
+        return small.permute(1, 2, 0).reshape(self.canvas.numel(), *values.shape[1:])
+
+    def crop_of(self) -> torch.Tensor:
+        """The crop of the unpadded cell nearest each shrunk cell's centre (for per-tile budgets)."""
+        (h, w), (height, width) = self.canvas.shape, self.source.shape
+        ys = ((torch.arange(h) + 0.5) * height / h).long().clamp(max=height - 1)
+        xs = ((torch.arange(w) + 0.5) * width / w).long().clamp(max=width - 1)
+        return self.source[ys][:, xs] // self.patches
 
 
 class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
@@ -115,31 +151,72 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     # ------------------------------------------------------------------ layout
 
     def layout(self, image_size) -> TileLayout:
-        """As LLaVA-NeXT, refusing a canvas the stock model would shrink (the module docstring says why)."""
+        """As LLaVA-NeXT; a canvas the stock model shrinks becomes a ``ShrunkLayout`` of its shrunk cells."""
         layout = super().layout(image_size)
         height, width = layout.canvas.shape
-        side = self.grid[0]
-        # pack_image_features' own test, in its own terms
-        if math.sqrt(height * width / (self.max_tiles * side**2)) > 1.1:
-            raise VTCError(self.shrink_message(image_size, (height, width)))
-        return layout
-
-    def shrink_message(self, image_size, canvas: tuple[int, int]) -> str:
-        h, w = (int(v) for v in image_size)
-        limit = int(1.21 * self.max_tiles * self.num_patches)
-        fit = math.isqrt(self.max_tiles) * self.tile_size
-        hint = f" to fit in {fit}x{fit} px (such images never are shrunk)" if [fit, fit] in self.pinpoints else ""
-        return (
-            f"image of {h}x{w} px: its unpadded tile canvas of {canvas[0]}x{canvas[1]} patches is over "
-            f"anyres_max_{self.max_tiles}'s limit of about {limit} patches, so LLaVA-OneVision shrinks it bilinearly after "
-            f"the projector and its tokens are no longer patches; vtc does not compress such images: downscale it{hint}"
-        )
+        # pack_image_features' own test and target size, in its own terms
+        ratio = math.sqrt(height * width / (self.max_tiles * self.grid[0] ** 2))
+        if ratio <= 1.1:
+            return layout
+        size = (int(height // ratio), int(width // ratio))
+        cells = layout.crops * layout.patches + torch.arange(size[0] * size[1]).view(size)
+        return ShrunkLayout(layout.crops, layout.tiles, cells, layout.patches, layout.side, source=layout.canvas)
 
     def layouts(self, inputs) -> list[TileLayout]:
         counts = inputs.get("batch_num_images")
         if counts is not None and any(int(n) != 1 for n in counts):
             raise VTCError("LLaVA-OneVision: exactly one image per prompt (several images are fed untiled, not served)")
         return super().layouts(inputs)
+
+    # ------------------------------------------------------------------ shrunk canvases
+
+    @torch.no_grad()
+    def candidate_signals(self, inputs, layouts, method, queries):
+        """Crop signals, with each shrunk canvas's cells appended after its image's crop tokens: every per-patch
+        signal interpolated as the stock model interpolates its projected canvas, and the stock tokens kept."""
+        crops, first = super().candidate_signals(inputs, layouts, method, queries)
+        if not any(isinstance(layout, ShrunkLayout) for layout in layouts):
+            return crops, first
+        names = [name for name in Signal.PER_PATCH if getattr(crops, name) is not None]
+        flat = {name: getattr(crops, name).flatten(0, 1) for name in names}
+        pieces: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        offsets, start, row = [], 0, 0
+        for layout in layouts:
+            own = {name: flat[name][start : start + layout.crops * self.num_patches] for name in names}
+            start += layout.crops * self.num_patches
+            offsets.append(row)
+            row += layout.rows if isinstance(layout, ShrunkLayout) else layout.crops * self.num_patches
+            for name in names:
+                pieces[name].append(own[name])
+            if isinstance(layout, ShrunkLayout):
+                for name, cells in self.shrunk_signals(layout, own).items():
+                    pieces[name].append(cells)
+        out = Signals(grid=(1, row), **{name: torch.cat(pieces[name])[None] for name in names})
+        out._finite = set(crops._finite)  # interpolating finite values keeps them finite
+        return out, offsets
+
+    def shrunk_signals(self, layout: ShrunkLayout, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every signal of one image's shrunk cells, from its crop tokens' (``own``); sets ``layout.stock``."""
+        source = layout.source.flatten()
+        if Signal.PROJECTED in own:
+            projected = own[Signal.PROJECTED][source]
+        else:  # the projector on the canvas, as the stock model runs it before shrinking
+            projected = self.projector(own[Signal.FEATURES][source])
+        layout.stock = layout.shrink(projected)
+        return {
+            name: layout.stock if name == Signal.PROJECTED else layout.shrink(values[source]) for name, values in own.items()
+        }
+
+    def arrange(self, selection: Selection, tokens: torch.Tensor) -> torch.Tensor:
+        """A kept cell of a shrunk canvas is the stock model's own token (interpolated after the projector)."""
+        layout = selection.layout
+        if isinstance(layout, ShrunkLayout):
+            single = ((selection.origin == Origin.KEPT) | (selection.origin == Origin.RECOVERED)).nonzero().squeeze(1)
+            position = selection.kept_indices()
+            cell = position >= layout.patches
+            tokens = tokens.clone()
+            tokens[single[cell]] = layout.stock[position[cell] - layout.patches].to(tokens)
+        return super().arrange(selection, tokens)
 
     # ------------------------------------------------------------------ signals
 
