@@ -205,3 +205,16 @@ REFUSED = {"downsample": "tiles are not supported", "visionzip": "keep_cls=False
 @pytest.mark.parametrize("name", available())
 def test_every_method_runs_or_refuses_clearly(ov_pipe, ov_images, name):
     check_runs_or_refuses(ov_pipe, ov_images, QUESTIONS, name, REFUSED, llm_budget=0.5)  # images of 42 to 156 tokens
+
+
+def test_shrunk_cells_belong_to_the_tile_under_their_centre():
+    """Hand-worked: a 4x4 canvas of 2x2 tiles (crops 1..4, 4 patches each) shrunk to 3x3. Cell centres fall on
+    unpadded rows/columns 0.67, 2.0, 3.33 -> 0, 2, 3, i.e. tile rows/columns 0, 1, 1 (2.0, on the border, goes
+    to the later tile)."""
+    from vtc.models.llava_onevision import ShrunkLayout
+
+    y, x = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    source = 4 * (1 + (y // 2) * 2 + (x // 2)) + (y % 2) * 2 + (x % 2)  # crop * P + patch
+    layout = ShrunkLayout(5, (2, 2), 20 + torch.arange(9).view(3, 3), 4, 2, source=source)
+    assert layout.crop_of().tolist() == [[1, 2, 2], [3, 4, 4], [3, 4, 4]]
+    assert [g for _, g in layout.segments()] == [(2, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
