@@ -46,13 +46,18 @@ def test_adapter_is_picked_from_model_type(next_pipe):
 
 
 def test_none_is_token_for_token_stock_generate_single_and_padded_batch(next_pipe, next_images):
-    for imgs, qs in [(next_images[:1], QUESTIONS[:1]), (next_images, QUESTIONS)]:
-        inputs = next_pipe.prepare(imgs, qs)
-        ours = next_pipe.generate(inputs, qs, "none", "auto", max_new_tokens=6)
-        assert [r.text for r in ours] == stock_text(next_pipe, inputs)
-        placeholders = (inputs["input_ids"] == next_pipe.adapter.image_token_id).sum(1).tolist()
+    check_none_is_stock_generate(next_pipe, next_images, QUESTIONS)
+
+
+def check_none_is_stock_generate(pipe, images, questions):
+    """Shared by every tiled family's tests: batch 1, then the whole batch (padded, mixed layouts)."""
+    for imgs, qs in [(images[:1], questions[:1]), (images, questions)]:
+        inputs = pipe.prepare(imgs, qs)
+        ours = pipe.generate(inputs, qs, "none", "auto", max_new_tokens=6)
+        assert [r.text for r in ours] == stock_text(pipe, inputs)
+        placeholders = (inputs["input_ids"] == pipe.adapter.image_token_id).sum(1).tolist()
         assert [r.tokens_before for r in ours] == [r.tokens_after for r in ours] == placeholders
-    assert len(set(placeholders)) == 3, "the batch should mix tile layouts"
+    assert len(set(placeholders)) == len(images), "the batch should mix tile layouts"
 
 
 def original_positions(layout, selection):
@@ -79,12 +84,15 @@ def original_positions(layout, selection):
 
 @pytest.mark.parametrize("per_tile", [False, True])
 def test_pruning_equals_masking(next_pipe, next_images, per_tile):
+    check_pruning_equals_masking(next_pipe, next_images, QUESTIONS, per_tile)
+
+
+def check_pruning_equals_masking(pipe, images, questions, per_tile):
     """Logits of the pruned prompt, at the kept rows' original positions, equal the full model's with the
     dropped image tokens masked out."""
-    pipe = next_pipe
-    for b, image in enumerate(next_images):
-        inputs = pipe.prepare([image], QUESTIONS[b : b + 1])
-        [sel], _ = pipe.compress(inputs, QUESTIONS[b : b + 1], get("fastervlm"), Budget.parse(0.3), per_tile=per_tile)
+    for b, image in enumerate(images):
+        inputs = pipe.prepare([image], questions[b : b + 1])
+        [sel], _ = pipe.compress(inputs, questions[b : b + 1], get("fastervlm"), Budget.parse(0.3), per_tile=per_tile)
         projected = pipe.adapter.project([sel])
         ids, mask = pipe.adapter.splice_ids(
             inputs["input_ids"], inputs["attention_mask"], [projected[0].shape[0]], pipe.pad_token_id,
@@ -113,9 +121,13 @@ def test_pruning_equals_masking(next_pipe, next_images, per_tile):
      ("pool", 7, False)],
 )
 def test_mixed_tile_batch_with_different_k_matches_single_runs(next_pipe, next_images, method, budget, per_tile):
-    batch = next_pipe(next_images, QUESTIONS, method=method, budget=budget, max_new_tokens=5, per_tile=per_tile)
-    singles = [next_pipe([i], [q], method=method, budget=budget, max_new_tokens=5, per_tile=per_tile)[0]
-               for i, q in zip(next_images, QUESTIONS)]
+    check_batch_equals_single_runs(next_pipe, next_images, QUESTIONS, method, budget, per_tile)
+
+
+def check_batch_equals_single_runs(pipe, images, questions, method, budget, per_tile):
+    batch = pipe(images, questions, method=method, budget=budget, max_new_tokens=5, per_tile=per_tile)
+    singles = [pipe([i], [q], method=method, budget=budget, max_new_tokens=5, per_tile=per_tile)[0]
+               for i, q in zip(images, questions)]
     assert [r.tokens_after for r in batch] == [r.tokens_after for r in singles]
     assert [r.text for r in batch] == [r.text for r in singles]
     for a, b in zip(batch, singles):
@@ -182,15 +194,20 @@ def test_unpadded_layout_matches_the_stock_feature_count(next_pipe):
 
 @pytest.mark.parametrize("name", available())
 def test_every_method_runs_or_refuses_clearly(next_pipe, next_images, name):
+    check_runs_or_refuses(next_pipe, next_images, QUESTIONS, name, {"downsample": "tiles are not supported"})
+
+
+def check_runs_or_refuses(pipe, images, questions, name, refused: dict[str, str], llm_budget=24):
+    """Method ``name`` runs on the batch, or (``refused[name]``: a pattern of its message) refuses clearly."""
     method = get(name)
     in_llm = isinstance(method, LLMMethod)
-    budget = 24 if in_llm else ("auto" if method.supports_auto else 0.3)
+    budget = llm_budget if in_llm else ("auto" if method.supports_auto else 0.3)
     options = LLM_OPTIONS[name] if in_llm else {}
-    if name == "downsample":
-        with pytest.raises(VTCError, match="tiles are not supported"):
-            next_pipe(next_images, QUESTIONS, method=name, budget=budget, max_new_tokens=2)
+    if name in refused:
+        with pytest.raises(VTCError, match=refused[name]):
+            pipe(images, questions, method=name, budget=budget, max_new_tokens=2)
         return
-    results = next_pipe(next_images, QUESTIONS, method=name, budget=budget, max_new_tokens=2, **options)
+    results = pipe(images, questions, method=name, budget=budget, max_new_tokens=2, **options)
     for r in results:
         assert 1 <= r.tokens_after <= r.tokens_before
         assert r.selection.num_patches == r.selection.layout.num_candidates

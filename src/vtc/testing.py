@@ -146,3 +146,52 @@ def save_tiny_clip(out: str | Path, seed: int = 1, image_size=32, patch_size=8, 
     CLIPModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+TINY_OV_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 96], [96, 128]]
+
+
+def save_tiny_llava_onevision(out: str | Path, seed: int = 0, image_size=32, patch_size=8, vision_layers=3, text_layers=2) -> Path:
+    """A random LLaVA-OneVision-shaped model (SigLIP tower, Qwen2 decoder, anyres_max_9 tiles of ``image_size``)
+    + processor + chat template. The largest pinpoint (3x4 tiles) is over anyres_max_9's limit, so the model
+    shrinks such a canvas bilinearly."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from .models.llava_onevision import ImageOnlyOnevisionProcessor
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})  # the processor counts both
+    vision = SiglipVisionConfig(
+        image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=vision_layers, num_attention_heads=4, vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    pinpoints = [[image_size * a // 32, image_size * b // 32] for a, b in TINY_OV_PINPOINTS]
+    config = LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=pinpoints,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+    )
+    processor = ImageOnlyOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

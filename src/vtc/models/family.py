@@ -70,7 +70,7 @@ def families() -> list[type["Family"]]:
 
 
 def _load_builtin_families() -> None:
-    from . import llava, llava_next  # noqa: F401  (each registers itself)
+    from . import llava, llava_next, llava_onevision  # noqa: F401  (each registers itself)
 
 
 class Family(ABC):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -19,10 +20,13 @@ from .clip_text import ClipTextScorer
 from .family import Family, register_family, timed
 
 
-def check_supported(model, model_class: str = "LlavaForConditionalGeneration", family: str = "LLaVA-1.5") -> None:
-    """Refuse, with a clear message, anything a CLIP-tower LLaVA adapter cannot serve."""
+def check_supported(
+    model, model_class: str = "LlavaForConditionalGeneration", family: str = "LLaVA-1.5",
+    tower_class: str = "CLIPVisionModel", strategy: str = "default",
+) -> None:
+    """Refuse, with a clear message, anything a LLaVA-style adapter cannot serve: another model class, another
+    vision tower than ``tower_class``, multi-layer features, another ``vision_feature_select_strategy``."""
     import transformers
-    from transformers import CLIPVisionModel
 
     if not isinstance(model, getattr(transformers, model_class)):
         raise VTCError(
@@ -30,15 +34,17 @@ def check_supported(model, model_class: str = "LlavaForConditionalGeneration", f
             f"transformers {model_class} ({family} family)"
         )
     tower = model.model.vision_tower
-    if not isinstance(tower, CLIPVisionModel):
-        raise VTCError(f"LLaVA vision tower {type(tower).__name__} is not supported; vtc needs a CLIP vision tower")
+    if not isinstance(tower, getattr(transformers, tower_class)):
+        kind = tower_class.removesuffix("VisionModel")
+        raise VTCError(f"LLaVA vision tower {type(tower).__name__} is not supported; vtc needs a {kind} vision tower")
     cfg = model.config
     if not isinstance(cfg.vision_feature_layer, int):
         raise VTCError(f"vision_feature_layer={cfg.vision_feature_layer}: multi-layer features are not supported")
-    if cfg.vision_feature_select_strategy != "default":
+    if cfg.vision_feature_select_strategy != strategy:
+        kept = "(CLS dropped)" if strategy == "default" else "(every token)"
         raise VTCError(
             f"vision_feature_select_strategy='{cfg.vision_feature_select_strategy}' is not supported: "
-            "vtc compresses the patch tokens of the 'default' strategy (CLS dropped)"
+            f"vtc compresses the patch tokens of the '{strategy}' strategy {kept}"
         )
 
 
@@ -65,24 +71,27 @@ def cls_attention_row(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, h
     return probs.mean(1) if heads == "mean" else probs.sum(1)
 
 
-def received_attention(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, heads: str, chunk: int = 64) -> torch.Tensor:
+def received_attention(
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, heads: str, chunk: int = 64, prefix: int = 1
+) -> torch.Tensor:
     """Attention each patch receives, averaged over the N patch queries -> (B, N).
 
-    queries / keys (B, 1+N, D) are raw q_proj / k_proj outputs; the softmax runs over
-    all 1+N keys (as in the model), then the CLS row and column are dropped. Query
-    rows are processed ``chunk`` at a time, so at most (B, heads, chunk, 1+N) is held,
-    never the N x N map. ``heads`` as in ``cls_attention_row``.
+    queries / keys (B, prefix+N, D) are raw q_proj / k_proj outputs, ``prefix`` non-patch
+    tokens first (CLIP's CLS: 1; SigLIP: 0); the softmax runs over all keys (as in the
+    model), then the prefix rows and columns are dropped. Query rows are processed
+    ``chunk`` at a time, so at most (B, heads, chunk, prefix+N) is held, never the N x N
+    map. ``heads`` as in ``cls_attention_row``.
     """
     b, t, d = keys.shape
     h = 1 if heads == "single" else num_heads
     hd = d // h
     k = keys.view(b, t, h, hd).transpose(1, 2)  # B, h, T, hd
-    total = torch.zeros(b, h, t - 1, dtype=torch.float32, device=keys.device)
-    for start in range(1, t, chunk):
+    total = torch.zeros(b, h, t - prefix, dtype=torch.float32, device=keys.device)
+    for start in range(prefix, t, chunk):
         q = queries[:, start : start + chunk].reshape(b, -1, h, hd).transpose(1, 2)  # B, h, c, hd
         probs = (q @ k.transpose(-1, -2) / hd**0.5).float().softmax(-1)
-        total += probs[..., 1:].sum(2)
-    per_head = total / (t - 1)
+        total += probs[..., prefix:].sum(2)
+    per_head = total / (t - prefix)
     return per_head.sum(1) if heads == "sum" else per_head.mean(1)
 
 
@@ -93,6 +102,8 @@ class LlavaAdapter(Family):
     name = "llava-1.5"
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
+    # Non-patch tokens the tower puts before the patches (CLIP's CLS); signals read the patches after them.
+    prefix: ClassVar[int] = 1
 
     def __init__(self, model, text_scorer: ClipTextScorer | None = None):
         self.check_supported(model)
@@ -143,6 +154,10 @@ class LlavaAdapter(Family):
         size = (grid[0] * p, grid[1] * p)
         return torch.nn.functional.interpolate(pixel_values.float(), size=size, mode="bilinear", antialias=True).to(pixel_values.dtype)
 
+    def embed(self, pixel_values: torch.Tensor, resized: bool) -> torch.Tensor:
+        """The input of the first encoder layer: CLIP's embeddings then its pre-layernorm."""
+        return self.tower.pre_layrnorm(self.tower.embeddings(pixel_values, interpolate_pos_encoding=resized))
+
     @torch.no_grad()
     def signals(
         self,
@@ -174,7 +189,7 @@ class LlavaAdapter(Family):
 
         capture = _Capture(all_queries=Signal.RECEIVED_ATTN in needs)
         dtype = self.tower.embeddings.patch_embedding.weight.dtype
-        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=resized))
+        hidden = self.embed(pixel_values.to(dtype), resized)
         features = hidden if self.feature_index == 0 else None
         with self._capture_qk(attn_layer, capture) if needs_attn else nullcontext():
             for i, layer in enumerate(self.tower.encoder.layers[:depth]):
@@ -182,7 +197,7 @@ class LlavaAdapter(Family):
                 if i + 1 == self.feature_index:
                     features = hidden
 
-        out = Signals(features=features[:, 1:], grid=tuple(grid) if resized else self.grid)
+        out = Signals(features=features[:, self.prefix :], grid=tuple(grid) if resized else self.grid)
         if resized:
             out.source_grid = self.grid
         if Signal.CLS_FEATURE in needs:
@@ -191,14 +206,14 @@ class LlavaAdapter(Family):
             q_cls = capture.q[:, 0] if capture.all_queries else capture.q
             out.cls_attn = cls_attention_row(q_cls, capture.k, self.num_heads, attention.heads)
         if Signal.RECEIVED_ATTN in needs:
-            out.received_attn = received_attention(capture.q, capture.k, self.num_heads, attention.heads)
+            out.received_attn = received_attention(capture.q, capture.k, self.num_heads, attention.heads, prefix=self.prefix)
         if Signal.KEYS in needs:
-            keys = capture.k[:, 1:]
+            keys = capture.k[:, self.prefix :]
             if attention.keys == "head_mean":
                 keys = keys.reshape(*keys.shape[:2], self.num_heads, -1).mean(2)
             out.keys = keys
         if needs_text:
-            out.text_sim = self.text_scorer.similarity(hidden[:, 1:], text_queries, text)
+            out.text_sim = self.text_scorer.similarity(hidden[:, self.prefix :], text_queries, text)
         if Signal.PROJECTED in needs:
             out.projected = self.projector(out.features)
         out.validate()

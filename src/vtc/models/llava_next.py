@@ -31,6 +31,7 @@ processor's padding go) and appends ``image_newline`` after each canvas row. Her
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +70,14 @@ class TileLayout:
         """(N,) crop-token index of every candidate, in candidate order."""
         return torch.cat([torch.arange(self.patches), self.canvas.flatten()])
 
+    def crop_of(self) -> torch.Tensor:
+        """(H', W') the crop (1.. for tiles) each canvas cell comes from."""
+        return self.canvas // self.patches
+
     def segments(self) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """The base crop and each tile's unpadded rectangle: (candidate positions in raster order, grid)."""
         parts = [(torch.arange(self.patches), (self.side, self.side))]
-        crop_of = self.canvas // self.patches
+        crop_of = self.crop_of()
         for tile in range(1, self.crops):
             inside = crop_of == tile
             if not inside.any():
@@ -90,6 +95,9 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     tiled = True
+    # The transformers module whose own tiling functions (grid shape, crop count, unpad_image) lay images out.
+    modeling = "transformers.models.llava_next.modeling_llava_next"
+    label = "LLaVA-NeXT"  # the family as messages name it
 
     def __init__(self, model, text_scorer=None):
         super().__init__(model, text_scorer)
@@ -98,7 +106,7 @@ class LlavaNextAdapter(LlavaAdapter):
         self.tile_size = self.tower.config.image_size
 
     def check_supported(self, model) -> None:
-        check_supported(model, self.model_class, "LLaVA-NeXT")
+        check_supported(model, self.model_class, self.label)
 
     @classmethod
     def support(cls, method: Method) -> tuple[bool, str]:
@@ -112,26 +120,21 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def layout(self, image_size) -> TileLayout:
         """The tile layout of an image of ``image_size`` (height, width), as the stock model packs it."""
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
-
+        modeling = importlib.import_module(self.modeling)
         size = [int(v) for v in image_size]
-        crops = image_size_to_num_patches(size, self.pinpoints, self.tile_size)
-        rows, cols = get_anyres_image_grid_shape(size, self.pinpoints, self.tile_size)
+        crops = modeling.image_size_to_num_patches(size, self.pinpoints, self.tile_size)
+        rows, cols = modeling.get_anyres_image_grid_shape(size, self.pinpoints, self.tile_size)
         side, p = self.grid[0], self.num_patches
         if rows * cols != crops - 1:
             raise VTCError(f"image of size {size}: {crops - 1} tiles do not fill a {rows}x{cols} canvas")
         index = p + torch.arange((crops - 1) * p).view(rows, cols, side, side)
         canvas = index.permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
-        canvas = unpad_image(canvas, size)[0]
+        canvas = modeling.unpad_image(canvas, size)[0]
         return TileLayout(crops, (rows, cols), canvas.contiguous(), p, side)
 
     def layouts(self, inputs) -> list[TileLayout]:
         if "image_sizes" not in inputs:
-            raise VTCError("LLaVA-NeXT inputs need 'image_sizes' (use the model's LlavaNextProcessor)")
+            raise VTCError(f"{self.label} inputs need 'image_sizes' (use the model's own processor)")
         return [self.layout(size) for size in inputs["image_sizes"].tolist()]
 
     def tokens_before(self, inputs) -> list[int]:
@@ -141,7 +144,7 @@ class LlavaNextAdapter(LlavaAdapter):
         """Every real crop of the batch, image after image: (sum of crops, 3, S, S)."""
         pixels = inputs["pixel_values"]
         if pixels.dim() != 5:
-            raise VTCError(f"LLaVA-NeXT pixel_values must be (B, crops, 3, H, W), got shape {tuple(pixels.shape)}")
+            raise VTCError(f"{self.label} pixel_values must be (B, crops, 3, H, W), got shape {tuple(pixels.shape)}")
         for b, layout in enumerate(layouts):
             if pixels.shape[1] < layout.crops:
                 raise VTCError(f"image {b} needs {layout.crops} crops but pixel_values holds {pixels.shape[1]}")
@@ -159,10 +162,7 @@ class LlavaNextAdapter(LlavaAdapter):
         queries = None if text_queries is None else [q for q, c in zip(text_queries, crops) for _ in range(c)]
         if text_queries is not None and len(text_queries) != len(layouts):
             raise VTCError("text-guided methods need one question per image")
-        crop_signals, signals_ms = timed(
-            self.signals, self.crop_pixels(inputs, layouts), method.needs, method.attention, queries, text=method.text
-        )
-        first = [sum(crops[:b]) * self.num_patches for b in range(len(layouts))]
+        (crop_signals, first), signals_ms = timed(self.candidate_signals, inputs, layouts, method, queries)
         scope = "per_tile" if per_tile or method.spatial else "global"
         select = self._select_per_tile if scope == "per_tile" else self._select_global
         selections, select_ms = timed(select, crop_signals, layouts, first, method, budget)
@@ -170,6 +170,14 @@ class LlavaNextAdapter(LlavaAdapter):
             selection.layout = layout
             selection.info = {**selection.info, "scope": scope, "tiles": list(layout.tiles)}
         return selections, {"signals_ms": signals_ms, "select_ms": select_ms}
+
+    def candidate_signals(self, inputs, layouts: list[TileLayout], method: Method, queries) -> tuple[Signals, list[int]]:
+        """Signals of every crop of the batch (crops, P, ...), and where each image's crop tokens start once flattened."""
+        crops = [layout.crops for layout in layouts]
+        signals = self.signals(
+            self.crop_pixels(inputs, layouts), method.needs, method.attention, queries, text=method.text
+        )
+        return signals, [sum(crops[:b]) * self.num_patches for b in range(len(layouts))]
 
     def _gather(self, crop: Signals, index: torch.Tensor, grid: tuple[int, int], cls_rows: torch.Tensor) -> Signals:
         """Signals of G token sets: ``index`` (G, n) crop-token indices, ``cls_rows`` (G,) the crop whose CLS each uses."""
