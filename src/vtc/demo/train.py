@@ -91,6 +91,13 @@ def bigs_of(objects):
     return [o for o in objects if o.kind == "big"] if is_clutter(objects) else objects[:-1]
 
 
+def milestone(label: str, step: int, steps: int, text: str = "") -> None:
+    """A plain log line every 5% of a stage when the output is not a terminal (rich's live bars print nothing to a
+    file, so a long run redirected to a log would otherwise show no progress until it ends)."""
+    if not console.is_terminal and (step + 1) % max(1, steps // 20) == 0:
+        console.log(f"{label}: {step + 1}/{steps} {text}")
+
+
 def warmup_cosine(opt, steps: int, warmup: float):
     """Linear warm-up, then cosine decay to 5% of the peak rate."""
     warm = max(1, int(steps * warmup))
@@ -276,6 +283,7 @@ def train_clip(clip, tokenizer, steps, batch, seed, progress, clutter_fraction=0
         opt.step()
         sched.step()
         progress.update(task, advance=1, description=f"CLIP loss {contrastive.item():.2f}+{dense.item():.2f}+{attributes.item():.2f}")
+        milestone("CLIP", step, steps, f"loss {contrastive.item():.2f}+{dense.item():.2f}+{attributes.item():.2f}")
         if log is not None:
             log.setdefault("CLIP", []).append(loss.item())
     clip.eval()
@@ -455,6 +463,7 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
             opt.step()
             sched.step()
             progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
+            milestone(label, step, steps, f"loss {loss.item():.3f}")
             if log is not None:
                 log.setdefault(label, []).append(loss.item())
 
