@@ -19,6 +19,7 @@ import torch
 from .io import check_question, load_image
 from .methods import Budget, Method, Selection, TextSpec, VTCError, get
 from .models.clip_text import ClipTextScorer
+from .models.embed_text import EmbeddingTextScorer
 from .models.llava import LlavaAdapter
 
 LLAVA15_PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -81,7 +82,7 @@ class _StepClock:
 class Pipeline:
     """A LLaVA model, its processor, an optional CLIP text scorer, and the compress-then-generate loop."""
 
-    def __init__(self, model, processor, text_scorer: ClipTextScorer | None = None):
+    def __init__(self, model, processor, text_scorer: ClipTextScorer | EmbeddingTextScorer | None = None):
         self.adapter = LlavaAdapter(model, text_scorer)
         self.model = model.eval()
         self.processor = processor
@@ -91,9 +92,14 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model_path: str | Path, clip: str | Path | None = None, dtype: torch.dtype | str = "auto", device: str = "auto"
+        cls, model_path: str | Path, clip: str | Path | None = None, dtype: torch.dtype | str = "auto", device: str = "auto",
+        text_source: str = "clip",
     ) -> "Pipeline":
         """Load a saved LLaVA-1.5 checkpoint (and a CLIP checkpoint for text-guided methods).
+
+        ``text_source``: where text-guided methods get TEXT_SIM. ``"clip"``: the CLIP text tower of the
+        ``clip`` checkpoint (text-guided methods need it). ``"llm"``: the loaded model's own input embeddings
+        against its projected image tokens (``EmbeddingTextScorer``); ``clip`` must then be None.
 
         ``device="auto"``: the CPU for now (see ``resolve_device``); ``"cuda"`` on request, not yet verified.
         ``dtype="auto"``: float16 on CUDA (as the methods' official code runs), float32 on CPU; or a torch
@@ -101,6 +107,10 @@ class Pipeline:
         """
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+        if text_source not in ("clip", "llm"):
+            raise VTCError(f"text_source must be 'clip' or 'llm', got {text_source!r}")
+        if text_source == "llm" and clip is not None:
+            raise VTCError("text_source='llm' scores text with the model's own embeddings: give no CLIP checkpoint (--clip)")
         place = resolve_device(device)
         dtype = resolve_dtype(dtype, place)
         path = Path(model_path)
@@ -115,6 +125,8 @@ class Pipeline:
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(place)
         processor = AutoProcessor.from_pretrained(path, backend="pil")  # torchvision-free image processing
         scorer = ClipTextScorer.from_pretrained(clip, dtype=dtype).to(place) if clip is not None else None
+        if text_source == "llm":
+            scorer = EmbeddingTextScorer.from_model(model, processor.tokenizer)
         return cls(model, processor, scorer)
 
     # ------------------------------------------------------------------ inputs

@@ -1,0 +1,126 @@
+"""A text-to-patch score from the language model's own input embeddings: no second checkpoint.
+
+TEXT_SIM needs the question and every image patch in one space. A LLaVA-style model
+already has one: its projector maps each patch into the language model's input space,
+where the question's words are rows of the input-embedding table. So the score is the
+cosine between the question's token embeddings and each PROJECTED image token (the
+projector's output, the very vectors the language model receives). Any family with a
+projector and a tokenizer gets it for free (LLaVA-1.5, LLaVA-OneVision, Qwen-VL, ...).
+
+Which question tokens count: the tokenizer's special tokens (BOS, EOS, the image
+placeholder, ...) never do; tokens whose text has no letter or digit (punctuation,
+bare whitespace pieces) are dropped under ``max_content``. No word list is involved.
+
+Pooling over the question's tokens (``POOLINGS``):
+  ``mean``         cosine(mean of the counted tokens' embeddings, patch)
+  ``max``          per patch, the highest cosine(token, patch) over the non-special tokens
+  ``max_content``  ``max`` over the tokens that contain a letter or digit (the default;
+                   see scripts/text_source_localisation.py for the measurement behind it).
+                   A question made only of punctuation falls back to ``max``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..methods.base import TextSpec, VTCError
+
+POOLINGS = ("mean", "max", "max_content")
+DEFAULT_POOLING = "max_content"
+
+# TextSpec fields that only describe how CLIP's text tower reads text: this source has no such choice,
+# so a non-default value (from recoverable's compat="original" or text_scale="published", say) is refused
+# rather than silently ignored. ``source`` is the pipeline's business (it picks the query text) and works here.
+_CLIP_ONLY_FIELDS = ("pooling", "max_length", "post_layernorm", "scaled")
+
+
+class EmbeddingTextScorer:
+    """cosine(question tokens in the LM's input-embedding table, projected image tokens), pooled -> (B, N)."""
+
+    reads = "projected"  # the adapter passes the projector's output for the patch tokens
+
+    def __init__(self, embeddings: torch.nn.Embedding, tokenizer, pooling: str = DEFAULT_POOLING):
+        if pooling not in POOLINGS:
+            raise VTCError(f"text pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.embeddings = embeddings  # the model's own table, shared (not copied)
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.special_ids = special_token_ids(tokenizer)
+        self._has_content: dict[int, bool] = {}
+
+    @classmethod
+    def from_model(cls, model, tokenizer, pooling: str = DEFAULT_POOLING) -> "EmbeddingTextScorer":
+        """From a loaded vision-language model (its ``get_input_embeddings()``) and its tokenizer."""
+        return cls(model.get_input_embeddings(), tokenizer, pooling)
+
+    @property
+    def width(self) -> int:
+        return self.embeddings.weight.shape[1]
+
+    # ------------------------------------------------------------------ tokens
+
+    def has_content(self, token_id: int) -> bool:
+        """True when the token's text holds a letter or a digit (cached per id)."""
+        if token_id not in self._has_content:
+            text = self.tokenizer.decode([token_id])
+            self._has_content[token_id] = any(ch.isalnum() for ch in text)
+        return self._has_content[token_id]
+
+    def counted_ids(self, query: str, index: int = 0) -> list[int]:
+        """The ids of ``query``'s tokens that the pooling reads (special tokens never)."""
+        ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
+        ids = [i for i in ids if i not in self.special_ids]
+        if not ids:
+            raise VTCError(f"text query {index} ({query!r}) has no token besides special tokens: nothing to score")
+        if self.pooling == "max_content":
+            content = [i for i in ids if self.has_content(i)]
+            return content or ids  # only punctuation: every non-special token rather than nothing
+        return ids
+
+    # ------------------------------------------------------------------ score
+
+    def check(self, projected: torch.Tensor, queries: list[str], spec: TextSpec) -> None:
+        if projected.dim() != 3:
+            raise VTCError(f"projected image tokens must be (B, N, D), got shape {tuple(projected.shape)}")
+        if projected.shape[-1] != self.width:
+            raise VTCError(
+                f"projected image tokens have width {projected.shape[-1]} but the language model's input "
+                f"embeddings have width {self.width}: pass the projector's output, not the vision features"
+            )
+        if isinstance(queries, str) or len(queries) != projected.shape[0]:
+            count = "a string" if isinstance(queries, str) else len(queries)
+            raise VTCError(f"{projected.shape[0]} images but {count} text queries: give one query per image")
+        default = TextSpec()
+        changed = [f"{f}={getattr(spec, f)!r}" for f in _CLIP_ONLY_FIELDS if getattr(spec, f) != getattr(default, f)]
+        if changed:
+            raise VTCError(
+                f"the LLM-embedding text source cannot honour {', '.join(changed)}: these are CLIP text-tower "
+                "readings (e.g. recoverable compat='original' or text_scale='published'); use text_source='clip'"
+            )
+
+    @torch.no_grad()
+    def similarity(self, projected: torch.Tensor, queries: list[str], spec: TextSpec = TextSpec()) -> torch.Tensor:
+        """(B, N) score of each image's patches against its query; ``projected`` (B, N, D) in the LM's input space."""
+        self.check(projected, queries, spec)
+        rows = [self.counted_ids(q, i) for i, q in enumerate(queries)]
+        width = max(len(r) for r in rows)
+        device = self.embeddings.weight.device
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        counted = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            counted[b, : len(row)] = True
+        words = self.embeddings(ids).float()  # B, T, D
+        patches = torch.nn.functional.normalize(projected.to(device).float(), dim=-1)  # B, N, D
+        if self.pooling == "mean":
+            total = (words * counted[..., None]).sum(1)  # the mean's direction: the cosine ignores its length
+            return torch.einsum("bnd,bd->bn", patches, torch.nn.functional.normalize(total, dim=-1))
+        cosine = torch.einsum("bnd,btd->btn", patches, torch.nn.functional.normalize(words, dim=-1))
+        return cosine.masked_fill(~counted[..., None], -torch.inf).amax(1)
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Every id the tokenizer treats as special: its named specials and added tokens flagged special."""
+    found = set(tokenizer.all_special_ids)
+    found |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
+    return found
