@@ -43,16 +43,22 @@ def scorer_for(llm_pipe, pooling, tokenizer=None):
 
 def naive_scores(table, tokenizer, words: list[str], patches: torch.Tensor, pooling: str) -> torch.Tensor:
     """One image: a loop over patches and over the words, cosine written out."""
-    if pooling == "max_content":
+    if pooling in ("max_content", "max_centred"):
         words = [w for w in words if w not in PUNCTUATION]
     vectors = [table.weight[tokenizer.convert_tokens_to_ids(w)].detach().double() for w in words]
+    patches = patches.double()
+
+    def cos(a, b):
+        return float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+    # max_centred: each word's average cosine over all patches of the image, subtracted
+    level = [sum(cos(v, p) for p in patches) / len(patches) if pooling == "max_centred" else 0.0 for v in vectors]
     out = torch.empty(patches.shape[0], dtype=torch.float64)
-    for n, patch in enumerate(patches.double()):
+    for n, patch in enumerate(patches):
         if pooling == "mean":
-            mean = sum(vectors) / len(vectors)
-            out[n] = torch.dot(mean, patch) / (mean.norm() * patch.norm())
+            out[n] = cos(sum(vectors) / len(vectors), patch)
         else:
-            out[n] = max(float(torch.dot(v, patch) / (v.norm() * patch.norm())) for v in vectors)
+            out[n] = max(cos(v, patch) - lv for v, lv in zip(vectors, level))
     return out
 
 
@@ -60,7 +66,7 @@ def random_projected(batch: int, n: int, width: int, seed: int = 0) -> torch.Ten
     return torch.randn(batch, n, width, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "max", "max_content"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "max_content", "max_centred"])
 def test_similarity_matches_a_naive_loop(llm_pipe, table, pooling):
     scorer = scorer_for(llm_pipe, pooling)
     projected = random_projected(len(CASES), 16, scorer.width)
@@ -74,11 +80,12 @@ def test_similarity_matches_a_naive_loop(llm_pipe, table, pooling):
 def test_the_poolings_differ(llm_pipe):
     """Guards the naive loop's inputs: on these questions each pooling gives a different score."""
     projected = random_projected(len(CASES), 16, scorer_for(llm_pipe, "max").width)
-    scores = [scorer_for(llm_pipe, p).similarity(projected, [q for q, _ in CASES]) for p in ("mean", "max", "max_content")]
-    assert not torch.allclose(scores[0], scores[1]) and not torch.allclose(scores[1], scores[2])
+    poolings = ("mean", "max", "max_content", "max_centred")
+    scores = [scorer_for(llm_pipe, p).similarity(projected, [q for q, _ in CASES]) for p in poolings]
+    assert all(not torch.allclose(a, b) for a, b in zip(scores, scores[1:]))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "max", "max_content"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "max_content", "max_centred"])
 def test_padded_batch_equals_single_runs(llm_pipe, pooling):
     # a table with no zero padding row (the tiny LLaMA's row 0 is zero, which would hide a padding leak)
     torch.manual_seed(0)
@@ -102,7 +109,7 @@ def bos_tokenizer():
     return tokenizer
 
 
-@pytest.mark.parametrize("pooling", ["mean", "max"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "max_centred"])
 def test_special_tokens_never_count(llm_pipe, table, pooling):
     tokenizer = bos_tokenizer()
     scorer = scorer_for(llm_pipe, pooling, tokenizer)
@@ -209,7 +216,7 @@ def test_bad_inputs_give_clear_errors(llm_pipe, tiny_dirs):
         scorer.similarity(good, ["red", "<s> </s>"])
     with pytest.raises(VTCError, match="pooling='last'.*max_length=20.*post_layernorm=False.*scaled=True"):
         scorer.similarity(good, ["red", "blue"], PUBLISHED_TEXT)
-    with pytest.raises(VTCError, match="text pooling must be one of mean, max, max_content"):
+    with pytest.raises(VTCError, match="text pooling must be one of mean, max, max_content, max_centred"):
         scorer_for(llm_pipe, "eos")
     with pytest.raises(VTCError, match="give no CLIP checkpoint"):
         Pipeline.from_pretrained(tiny_dirs[0], clip=tiny_dirs[1], text_source="llm")

@@ -14,9 +14,13 @@ bare whitespace pieces) are dropped under ``max_content``. No word list is invol
 Pooling over the question's tokens (``POOLINGS``):
   ``mean``         cosine(mean of the counted tokens' embeddings, patch)
   ``max``          per patch, the highest cosine(token, patch) over the non-special tokens
-  ``max_content``  ``max`` over the tokens that contain a letter or digit (the default;
-                   see scripts/text_source_localisation.py for the measurement behind it).
-                   A question made only of punctuation falls back to ``max``.
+  ``max_content``  ``max`` over the tokens that contain a letter or digit.
+                   A question made only of punctuation falls back to ``max``'s tokens.
+  ``max_centred``  ``max_content`` after subtracting, for each token, its mean cosine over the image's
+                   patches: a token that matches every patch alike ("the", "what") says nothing about
+                   where to look; only how much more it matches one patch than the rest localises.
+                   The score is then a contrast in [-2, 2], not a cosine.
+See scripts/text_source_localisation.py for the measurement behind the default.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from ..methods.base import TextSpec, VTCError
 
-POOLINGS = ("mean", "max", "max_content")
+POOLINGS = ("mean", "max", "max_content", "max_centred")
 DEFAULT_POOLING = "max_content"
 
 # TextSpec fields that only describe how CLIP's text tower reads text: this source has no such choice,
@@ -72,7 +76,7 @@ class EmbeddingTextScorer:
         ids = [i for i in ids if i not in self.special_ids]
         if not ids:
             raise VTCError(f"text query {index} ({query!r}) has no token besides special tokens: nothing to score")
-        if self.pooling == "max_content":
+        if self.pooling in ("max_content", "max_centred"):
             content = [i for i in ids if self.has_content(i)]
             return content or ids  # only punctuation: every non-special token rather than nothing
         return ids
@@ -116,6 +120,8 @@ class EmbeddingTextScorer:
             total = (words * counted[..., None]).sum(1)  # the mean's direction: the cosine ignores its length
             return torch.einsum("bnd,bd->bn", patches, torch.nn.functional.normalize(total, dim=-1))
         cosine = torch.einsum("bnd,btd->btn", patches, torch.nn.functional.normalize(words, dim=-1))
+        if self.pooling == "max_centred":
+            cosine = cosine - cosine.mean(-1, keepdim=True)  # each token against its own level on this image
         return cosine.masked_fill(~counted[..., None], -torch.inf).amax(1)
 
 
