@@ -3,7 +3,7 @@
     nice -n 10 python scripts/text_source_localisation.py [--limit 300] [--out docs/text_source_localisation.json]
 
 On the demo benchmark's test split (basic scenes, shipped checkpoint), for CLIP and for each pooling of
-``EmbeddingTextScorer`` (mean / max / max_content):
+``EmbeddingTextScorer`` (mean / max / max_content / max_centred):
   (i)  localisation on small-target questions, with the README's definition (``localisation_hit_rate``:
        the top 10% of patches by TEXT_SIM touch the answer's cells) and a stricter one, the argmax alone
        (top 1 patch); per question type too. A random score hits a one-cell target with about 10% / 0.5%.

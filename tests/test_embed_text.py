@@ -174,7 +174,7 @@ def test_clip_scorer_still_reads_the_final_states(tiny_pipe, images):
 
 @pytest.mark.parametrize("method", ["recoverable", "fastervlm+text"])
 def test_pipeline_runs_text_guided_methods_with_the_llm_source(llm_pipe, method):
-    assert isinstance(llm_pipe.adapter.text_scorer, EmbeddingTextScorer)
+    assert isinstance(llm_pipe.adapter.text_scorer, EmbeddingTextScorer) and llm_pipe.adapter.text_scorer.pooling == "max_centred"
     imgs = [random_image(20 + i, size=(36 + 5 * i, 44)) for i in range(3)]
     questions = [q for q, _ in CASES]
     batch = llm_pipe(imgs, questions, method=method, budget=4, max_new_tokens=3)
