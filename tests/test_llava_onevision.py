@@ -222,3 +222,18 @@ def test_shrunk_cells_belong_to_the_tile_under_their_centre():
     layout = ShrunkLayout(5, (2, 2), 20 + torch.arange(9).view(3, 3), 4, 2, source=source)
     assert layout.crop_of().tolist() == [[1, 2, 2], [3, 4, 4], [3, 4, 4]]
     assert [g for _, g in layout.segments()] == [(2, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("method", ["recoverable", "fastervlm+text"])
+def test_text_guided_methods_run_with_the_llm_embedding_source(ov_path, ov_images, method):
+    """OneVision has no CLIP text tower: with text_source='llm' text-guided methods run, a mixed batch equal to
+    single runs (the shrunk image included)."""
+    from vtc.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(ov_path, text_source="llm")
+    budget = "auto" if method == "recoverable" else 0.3
+    batch = pipe(ov_images, QUESTIONS[: len(ov_images)], method=method, budget=budget, max_new_tokens=3)
+    singles = [pipe([i], [q], method=method, budget=budget, max_new_tokens=3)[0] for i, q in zip(ov_images, QUESTIONS)]
+    assert [r.tokens_after for r in batch] == [r.tokens_after for r in singles]
+    assert [r.text for r in batch] == [r.text for r in singles]
+    assert all(r.selection.info["cls_attn"] == "received_attn" for r in batch)

@@ -17,6 +17,7 @@ from .methods import Budget, VTCError, available, get
 console = Console()
 err_console = Console(stderr=True)
 EXIT_ERROR = 2
+TEXT_SOURCE_HELP = "Text score of text-guided methods: clip (the --clip checkpoint's text tower) or llm (the model's own input embeddings; no --clip)."
 DTYPE_HELP = "Weights' dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16."
 
 
@@ -107,6 +108,7 @@ def run_cmd(
     method: str = typer.Option("recoverable", "--method", help="Compression method (see `vtc methods`)."),
     budget: str = typer.Option("auto", "--budget", help="Tokens to keep: a count (64), a ratio (0.111) or 'auto'; chains: 'auto>64'."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP checkpoint with the text tower (text-guided methods)."),
+    text_source: str = typer.Option("clip", "--text-source", help=TEXT_SOURCE_HELP),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
@@ -116,7 +118,7 @@ def run_cmd(
     from .pipeline import Pipeline, resolve
 
     resolve(method, budget, {})  # fail on an unknown name, chain or budget before loading anything
-    pipe = Pipeline.from_pretrained(model, clip=clip, dtype=dtype)
+    pipe = Pipeline.from_pretrained(model, clip=clip, dtype=dtype, text_source=text_source)
     [result] = pipe([image], [question], method=method, budget=budget, max_new_tokens=max_new_tokens, per_tile=per_tile)
     record = result.to_dict()
     if as_json:
@@ -145,6 +147,7 @@ def demo_cmd(
 def bench_cmd(
     model: Path = typer.Option(None, "--model", help="LLaVA-1.5 checkpoint directory (default: the shipped demo model)."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="CLIP checkpoint with the text tower (default: the demo's, with the demo model)."),
+    text_source: str = typer.Option("clip", "--text-source", help=TEXT_SOURCE_HELP),
     tasks: str = typer.Option("synthetic", "--tasks", help="Comma-separated tasks: synthetic, or NAME=DATA_DIR (vqav2, gqa, textvqa, pope, mme, scienceqa_img, mmbench)."),
     methods: str = typer.Option("none,recoverable,prumerge,fastervlm,visionzip,random,pool", "--methods", help="Comma-separated methods."),
     budgets: str = typer.Option("20,40,auto", "--budgets", help="Comma-separated budgets: counts, ratios or auto."),
@@ -162,11 +165,11 @@ def bench_cmd(
 
     rank, world, state = process_info()
     if model is None:
-        model, clip = CHECKPOINT / "llava", clip or CHECKPOINT / "clip"
+        model, clip = CHECKPOINT / "llava", clip or (CHECKPOINT / "clip" if text_source == "clip" else None)
     _check_out_dir(out)
     task_specs = [t for t in tasks.split(",") if t.strip()]
     loaded = load_tasks(task_specs, limit)  # bad or empty data fails here, before the model loads
-    pipe = Pipeline.from_pretrained(model, clip=clip, dtype=dtype)
+    pipe = Pipeline.from_pretrained(model, clip=clip, dtype=dtype, text_source=text_source)
     plan = make_plan(pipe, task_specs, [m.strip() for m in methods.split(",") if m.strip()],
                      [b.strip() for b in budgets.split(",") if b.strip()], limit, tasks=loaded)
     for note in plan.skipped:

@@ -19,6 +19,7 @@ import torch
 from .io import check_question, load_image
 from .methods import Budget, Method, Selection, TextSpec, VTCError, get
 from .models.clip_text import ClipTextScorer
+from .models.embed_text import EmbeddingTextScorer
 from .models.family import family_for, family_of_model
 
 LLAVA15_PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -84,7 +85,7 @@ class Pipeline:
     The model's family adapter (``models/``) is chosen by its config's ``model_type``.
     """
 
-    def __init__(self, model, processor, text_scorer: ClipTextScorer | None = None):
+    def __init__(self, model, processor, text_scorer: ClipTextScorer | EmbeddingTextScorer | None = None):
         self.adapter = family_of_model(model)(model, text_scorer)
         self.model = model.eval()
         self.processor = processor
@@ -94,14 +95,23 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model_path: str | Path, clip: str | Path | None = None, dtype: torch.dtype | str = "auto", device: str = "auto"
+        cls, model_path: str | Path, clip: str | Path | None = None, dtype: torch.dtype | str = "auto", device: str = "auto",
+        text_source: str = "clip",
     ) -> "Pipeline":
         """Load a saved checkpoint of a supported family (and a CLIP checkpoint for text-guided methods).
+
+        ``text_source``: where text-guided methods get TEXT_SIM. ``"clip"``: the CLIP text tower of the
+        ``clip`` checkpoint (text-guided methods need it). ``"llm"``: the loaded model's own input embeddings
+        against its projected image tokens (``EmbeddingTextScorer``); ``clip`` must then be None.
 
         ``device="auto"``: the CPU for now (see ``resolve_device``); ``"cuda"`` on request, not yet verified.
         ``dtype="auto"``: float16 on CUDA (as the methods' official code runs), float32 on CPU; or a torch
         dtype / its name ("float32", "fp16", ...).
         """
+        if text_source not in ("clip", "llm"):
+            raise VTCError(f"text_source must be 'clip' or 'llm', got {text_source!r}")
+        if text_source == "llm" and clip is not None:
+            raise VTCError("text_source='llm' scores text with the model's own embeddings: give no CLIP checkpoint (--clip)")
         place = resolve_device(device)
         dtype = resolve_dtype(dtype, place)
         path = Path(model_path)
@@ -117,6 +127,8 @@ class Pipeline:
             raise VTCError(f"model '{model_path}': {exc}") from None
         model, processor = family.load(path, dtype, place)
         scorer = ClipTextScorer.from_pretrained(clip, dtype=dtype).to(place) if clip is not None else None
+        if text_source == "llm":
+            scorer = EmbeddingTextScorer.from_model(model, processor.tokenizer)
         return cls(model, processor, scorer)
 
     # ------------------------------------------------------------------ inputs

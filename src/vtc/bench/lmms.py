@@ -37,11 +37,12 @@ def register():
 
     @register_model("vtc")
     class VtcLmms(lmms):
-        def __init__(self, pretrained: str, clip: str | None = None, method: str = "recoverable", budget: str = "auto", **kwargs):
+        def __init__(self, pretrained: str, clip: str | None = None, method: str = "recoverable", budget: str = "auto",
+                     text_source: str = "clip", **kwargs):
             super().__init__()
             from ..pipeline import Pipeline
 
-            self.pipe = Pipeline.from_pretrained(pretrained, clip=clip)
+            self.pipe = Pipeline.from_pretrained(pretrained, clip=clip, text_source=text_source)
             self.method, self.budget = method, budget
 
         def generate_until(self, requests) -> list[str]:

@@ -124,7 +124,8 @@ class Signal:
     FEATURES = "features"  # (B, N, D) patch states of LLaVA's feature layer (-2): what is kept / merged
     CLS_ATTN = "cls_attn"  # (B, N) the CLS query's attention over the patches, at ``attention.layer``
     KEYS = "keys"  # (B, N, Dk) patch keys at ``attention.layer``
-    TEXT_SIM = "text_sim"  # (B, N) cosine(question's CLIP text embedding, projected final patch states)
+    TEXT_SIM = "text_sim"  # (B, N) cosine(question's CLIP text embedding, projected final patch states), or with
+    # text_source="llm" the question's tokens in the LM's input-embedding table against the projected image tokens
     PROJECTED = "projected"  # (B, N, Dllm) patch features after the multimodal projector
     RECEIVED_ATTN = "received_attn"  # (B, N) attention each patch receives, averaged over the patch queries
     CLS_FEATURE = "cls_feature"  # (B, D) the CLS token's state at the feature layer (not a patch)
@@ -163,6 +164,9 @@ class TextSpec:
     position, with no attention mask. ``max_length``: None = the tower's context.
     ``post_layernorm``: apply the vision tower's post_layernorm to the patch states first.
     ``scaled``: multiply the cosine by projection_dim ** -0.5.
+
+    The LLM-embedding text source (``text_source="llm"``, models/embed_text.py) has no text tower: it
+    honours ``source`` and refuses any other field set away from its default.
     """
 
     source: Literal["question", "prompt_first_line"] = "question"

@@ -27,6 +27,8 @@ _VISUAL_KEYS = {
 class ClipTextScorer(torch.nn.Module):
     """cosine(text embedding of a query, projected final patch states) for every patch."""
 
+    reads = "final"  # the adapter passes the tower's final patch states (CLS dropped)
+
     def __init__(self, text_model, tokenizer, projection: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float):
         super().__init__()
         self.text_model = text_model.eval()

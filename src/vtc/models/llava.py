@@ -18,6 +18,7 @@ import torch
 from ..methods.base import AttentionSpec, Budget, Method, Selection, Signal, Signals, TextSpec, VTCError
 from .clip_text import ClipTextScorer
 from .family import Family, register_family, timed
+from .embed_text import EmbeddingTextScorer
 
 
 def check_supported(
@@ -105,7 +106,7 @@ class LlavaAdapter(Family):
     # Non-patch tokens the tower puts before the patches (CLIP's CLS); signals read the patches after them.
     prefix: ClassVar[int] = 1
 
-    def __init__(self, model, text_scorer: ClipTextScorer | None = None):
+    def __init__(self, model, text_scorer: ClipTextScorer | EmbeddingTextScorer | None = None):
         self.check_supported(model)
         self.model = model
         self.tower = model.model.vision_tower
@@ -181,11 +182,14 @@ class LlavaAdapter(Family):
         needs_attn = bool(needs & {Signal.CLS_ATTN, Signal.KEYS, Signal.RECEIVED_ATTN})
         needs_text = Signal.TEXT_SIM in needs
         if needs_text and self.text_scorer is None:
-            raise VTCError("this method needs the question's CLIP text embedding: pass a CLIP checkpoint (--clip PATH)")
+            raise VTCError("this method needs a text score: pass a CLIP checkpoint (--clip PATH) or use --text-source llm")
         if needs_text and (text_queries is None or len(text_queries) != pixel_values.shape[0]):
             raise VTCError("text-guided methods need one question per image")
         attn_layer = self.layer_index(attention) if needs_attn else -1
-        depth = max(self.feature_index, attn_layer + 1, self.num_layers if needs_text else 0)
+        text_reads = getattr(self.text_scorer, "reads", "final") if needs_text else None
+        if text_reads not in (None, "final", "projected"):
+            raise VTCError(f"text scorer reads {text_reads!r}; the LLaVA adapter gives 'final' or 'projected' patch tokens")
+        depth = max(self.feature_index, attn_layer + 1, self.num_layers if text_reads == "final" else 0)
 
         capture = _Capture(all_queries=Signal.RECEIVED_ATTN in needs)
         dtype = self.tower.embeddings.patch_embedding.weight.dtype
@@ -212,10 +216,11 @@ class LlavaAdapter(Family):
             if attention.keys == "head_mean":
                 keys = keys.reshape(*keys.shape[:2], self.num_heads, -1).mean(2)
             out.keys = keys
-        if needs_text:
-            out.text_sim = self.text_scorer.similarity(hidden[:, self.prefix :], text_queries, text)
+        projected = self.projector(out.features) if Signal.PROJECTED in needs or text_reads == "projected" else None
+        if needs_text:  # a CLIP scorer reads the final patch states, an LLM-embedding one the projected tokens
+            out.text_sim = self.text_scorer.similarity(hidden[:, self.prefix :] if text_reads == "final" else projected, text_queries, text)
         if Signal.PROJECTED in needs:
-            out.projected = self.projector(out.features)
+            out.projected = projected
         out.validate()
         return out
 
