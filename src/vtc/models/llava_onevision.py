@@ -39,8 +39,8 @@ their row, ``downsample`` refused). The layout comes from OneVision's own transf
   megapixel.
 - **Text guidance.** The CLIP text scorer reads CLIP patch states and does not apply to SigLIP; a
   text-guided method needs a scorer that reads the projected tokens (``reads == "projected"``, the
-  language-model embedding source) and is refused without one, naming what is missing. Such a scorer
-  is scored on the projected tokens by ``LlavaAdapter.signals`` once that source is merged.
+  language-model embedding source: ``Pipeline.from_pretrained(path, text_source="llm")``, CLI
+  ``--text-source llm``) and is refused without one, naming what is missing.
 - **Processor.** ``AutoProcessor`` builds the video processor too, which needs torchvision; ``load``
   builds ``ImageOnlyOnevisionProcessor`` (the stock processor without its video part) from the
   checkpoint's image processor (PIL backend), tokenizer, processor config and chat template.
