@@ -274,7 +274,7 @@ def test_speed_command_prints_the_selection_table_and_saves_it(tiny_dirs, tmp_pa
     tiny = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0]).eval()
     scorer = ClipTextScorer.from_pretrained(tiny_dirs[1])
     real = speed.SpeedBench
-    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode: real(layers, text, decode, model=tiny, text_scorer=scorer))
+    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode, **kw: real(layers, text, decode, model=tiny, text_scorer=scorer, **kw))
     result = CliRunner().invoke(app, ["speed", "--methods", "fastervlm,pool", "--budgets", "4", "--llm-layers", "2", "--reps", "1",
                                       "--text-tokens", "6", "--decode-tokens", "1", "--select-batches", "1,3", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output

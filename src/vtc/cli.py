@@ -190,29 +190,34 @@ def speed_cmd(
     decode_tokens: int = typer.Option(8, "--decode-tokens", min=1, help="Tokens decoded to time the per-token cost."),
     out: Path = typer.Option(Path("vtc-speed-out"), "--out", help="Where speed.json and speed.png go."),
     select_batches: str = typer.Option("1,16,64", "--select-batches", help="Batch sizes to time each method's selection alone at (ms per image)."),
+    shape: str = typer.Option("llava-1.5-7b", "--shape", help="Model shape: llava-1.5-7b, llava-next-7b (a 672x672 image: base + 4 tiles) or llava-onevision-7b (FLOPs and selection only)."),
 ) -> None:
-    """Time every method on the real LLaVA-1.5-7B shape (random weights): prefill speed-up vs the FLOPs ratio,
+    """Time every method on a real 7B model shape (random weights): prefill speed-up vs the FLOPs ratio,
     and each method's own selection time per image next to the prefill's estimated A100 time."""
     from rich.progress import Progress
 
     from .cost import GPU_ASSUMPTION
-    from .speed import FULL_DEPTH, run_speed, write_outputs
+    from .speed import SHAPES, run_speed, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         get(name)
     budget_list = [str(Budget.parse(b.strip())) for b in budgets.split(",") if b.strip()]
     batches = _batch_sizes(select_batches)
+    if shape not in SHAPES:
+        raise VTCError(f"--shape '{shape}' is not one of {', '.join(SHAPES)}")
     _check_out_dir(out)
     with Progress(console=console) as progress:
-        bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress, select_batches=batches)
+        bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress, select_batches=batches, shape=shape)
     for note in bench.skipped:
         console.print(f"[yellow]skipped[/] {escape(note)}")
-    meta = {"skipped": bench.skipped, "llm_layers_built": llm_layers, "extrapolated_to_layers": FULL_DEPTH, "reps": reps, "text_tokens": text_tokens,
+    meta = {"shape": shape, "image_tokens": bench.image_tokens, "candidates": bench.shape.num_candidates,
+            "skipped": bench.skipped, "llm_layers_built": llm_layers, "extrapolated_to_layers": bench.depth, "reps": reps, "text_tokens": text_tokens,
             "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", ""), "select_batches": batches,
             "gpu_estimate": GPU_ASSUMPTION}
     write_outputs(results, meta, out)
-    print_speed(results, f"LLaVA-1.5-7B shape, {llm_layers} decoder layers built, timings extrapolated to {FULL_DEPTH} "
+    image = "" if shape == "llava-1.5-7b" else f", a 672x672 image: {bench.image_tokens} image tokens"
+    print_speed(results, f"{SHAPES[shape]} shape{image}, {llm_layers} decoder layers built, timings extrapolated to {bench.depth} "
                          f"({meta['device']}, {meta['dtype']})")
     print_selection(results, batches, f"Selection alone, ms per image ({meta['device']}), vs estimated GPU prefill ({GPU_ASSUMPTION})")
     console.print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
