@@ -197,7 +197,7 @@ def speed_cmd(
     from rich.progress import Progress
 
     from .cost import GPU_ASSUMPTION
-    from .speed import SHAPES, run_speed, write_outputs
+    from .speed import COST_ONLY, SHAPES, run_speed, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
@@ -207,6 +207,9 @@ def speed_cmd(
     if shape not in SHAPES:
         raise VTCError(f"--shape '{shape}' is not one of {', '.join(SHAPES)}")
     _check_out_dir(out)
+    if shape in COST_ONLY:
+        _speed_cost_only(names, budget_list, shape, reps, text_tokens, batches, out)
+        return
     with Progress(console=console) as progress:
         bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress, select_batches=batches, shape=shape)
     for note in bench.skipped:
@@ -221,6 +224,31 @@ def speed_cmd(
                          f"({meta['device']}, {meta['dtype']})")
     print_selection(results, batches, f"Selection alone, ms per image ({meta['device']}), vs estimated GPU prefill ({GPU_ASSUMPTION})")
     console.print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
+
+
+def _speed_cost_only(names: list[str], budgets: list[str], shape: str, reps: int, text_tokens: int, batches: list[int], out: Path) -> None:
+    """A shape with no family adapter yet: FLOPs, KV cache and GPU estimate per row, and the selection alone."""
+    import json
+
+    from .cost import GPU_ASSUMPTION
+    from .shapes import NEXT_IMAGE, onevision_shape
+    from .speed import COST_ONLY, SHAPES, cost_rows
+
+    model_shape = onevision_shape(NEXT_IMAGE)
+    with console.status("timing each method's selection alone"):
+        results, skipped = cost_rows(names, budgets, model_shape, text_tokens, batches, max(5, reps))
+    for note in skipped:
+        console.print(f"[yellow]skipped[/] {escape(note)}")
+    meta = {"shape": shape, "cost_only": COST_ONLY[shape], "image": list(NEXT_IMAGE), "image_tokens": model_shape.image_tokens,
+            "candidates": model_shape.num_candidates, "llm_layers": model_shape.llm_layers, "text_tokens": text_tokens,
+            "skipped": skipped, "select_batches": batches, "gpu_estimate": GPU_ASSUMPTION}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    console.print(COST_ONLY[shape], style="yellow", markup=False)
+    _print_rows(results, COST_COLUMNS, f"{SHAPES[shape]} shape, a 672x672 image: {model_shape.image_tokens} image tokens "
+                f"({model_shape.num_candidates} candidates, {model_shape.newlines} newlines), {model_shape.llm_layers} LLM layers", COST_LEGEND)
+    print_selection(results, batches, f"Selection alone, ms per image (cpu), vs estimated GPU prefill ({GPU_ASSUMPTION})")
+    console.print(f"wrote {out / 'speed.json'}")
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -249,6 +277,19 @@ SPEED_LEGEND = (
     "prefill ms: end-to-end prefill (vision tower, selection, projector, LLM); speed-up and FLOPs ratio: vs full "
     "tokens; vs FLOPs: speed-up / FLOPs ratio; own cost: the method's time beyond the stock tower, in % of the "
     "full-token prefill; decode ms per token and KV cache (MB, fp16) of the 32-layer model."
+)
+COST_COLUMNS = [
+    ("method", lambda r: r["method"]),
+    ("budget", lambda r: r["budget"]),
+    ("tokens", lambda r: f"{r['tokens']:.0f}"),
+    ("TFLOPs", lambda r: f"{r['total_prefill_tflops']:.2f}"),
+    ("FLOPs\nratio", lambda r: f"{r['flops_ratio']:.2f}x"),
+    ("GPU ms", lambda r: f"{r['gpu_prefill_ms']:.1f}"),
+    ("KV\nMB", lambda r: f"{r['kv_bytes_32_layers_fp16'] / 1e6:.0f}"),
+]
+COST_LEGEND = (
+    "tokens: image tokens the LLM sees, newline rows included; TFLOPs: vision tower (every crop), projector and LLM "
+    "prefill; FLOPs ratio: full tokens' over this row's; GPU ms: that prefill estimated from FLOPs; KV cache in fp16."
 )
 
 
@@ -316,7 +357,7 @@ def selection_columns(batches: list[int]):
 
 SELECTION_LEGEND = (
     "ms/img b=B: the method's selection alone on random real-shape signals, batch of B, per image ('-': none to time: "
-    "in-LLM, all tokens, downsample); GPU ms: estimated prefill (vision tower, projector, 32-layer LLM) from FLOPs, "
+    "in-LLM, all tokens, downsample); GPU ms: estimated prefill (vision tower, projector, full-depth LLM) from FLOPs, "
     "full tokens and this row's; % GPU: selection per image over this row's GPU prefill (speed.json: every batch size)."
 )
 

@@ -587,3 +587,83 @@ def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     speed_plot(results, out / "speed.png", SHAPES.get(meta.get("shape"), "LLaVA-1.5-7B"), meta.get("extrapolated_to_layers", FULL_DEPTH))
+
+
+# ----------------------------------------------------------------------------- a shape without a bench: FLOPs and selection
+
+
+def newline_rows(selection, shape: Shape) -> int:
+    """Newline tokens a tiled family adds after ``selection``: one per canvas row that kept a single-source token
+    (kept or recovered; merged tokens go after the rows), as LLaVA-NeXT's adapter arranges them."""
+    if shape.crops == 1:
+        return 0
+    from .methods.base import Origin
+
+    single = (selection.origin == Origin.KEPT) | (selection.origin == Origin.RECOVERED)
+    starts = selection.source_sizes.cumsum(0) - selection.source_sizes
+    position = selection.source_index[starts[single]]
+    canvas = position[position >= shape.num_patches] - shape.num_patches
+    return int((canvas // shape.canvas[1]).unique().numel())
+
+
+def cost_rows(
+    methods: list[str], budgets: list[str], shape: Shape, text_tokens: int, select_batches=SELECT_BATCHES, reps: int = 5,
+    tflops: float = A100_BF16_TFLOPS, utilisation: float = PREFILL_UTILISATION,
+) -> tuple[list[dict], list[str]]:
+    """FLOPs, KV cache, estimated GPU prefill and the selection timed alone for every (method, budget), with no model.
+
+    For a shape whose family has no adapter yet (``COST_ONLY``). Tokens kept come from the method's own
+    selection on random signals of the shape (all candidates ranked together on a tiled shape), plus the
+    newline rows they leave (``newline_rows``); in-LLM methods from their plan on all image tokens. Methods
+    with no selection to time other than 'none', and spatial methods on a tiled shape, are listed as skipped.
+    Returns (rows, skipped); row keys as ``summarise_rows``'s cost and selection keys, 'none' first.
+    """
+    from .methods.llm_base import average_tokens, budget_for_average
+
+    full_cost = request_cost(shape, shape.image_tokens, text_tokens, projected_tokens=shape.num_candidates)
+    gpu_full = gpu_request_ms(full_cost, tflops, utilisation)["prefill_ms"]
+    skipped: list[str] = []
+
+    def row(name, budget, tokens, newlines, cost, stages=(), select=None):
+        gpu = gpu_request_ms(cost, tflops, utilisation)
+        each = sorted((select or {}).items())
+        return {
+            "method": name, "budget": str(budget), "tokens": tokens, "newline_tokens": newlines, "stages": list(stages),
+            "flops_ratio": round(full_cost["total_prefill_flops"] / cost["total_prefill_flops"], 3),
+            "total_prefill_tflops": round(cost["total_prefill_flops"] / 1e12, 3),
+            "kv_bytes_32_layers_fp16": int(cost["kv_cache_bytes"]),
+            "select_ms_per_image": {str(b): round(ms, 3) for b, ms in each},
+            "gpu_vision_ms": round(gpu["vision_ms"], 2), "gpu_llm_prefill_ms": round(gpu["llm_prefill_ms"], 2),
+            "gpu_prefill_ms": round(gpu["prefill_ms"], 2), "gpu_prefill_ms_full": round(gpu_full, 2),
+            "select_share_of_gpu_prefill": {str(b): round(ms / gpu["prefill_ms"], 4) for b, ms in each},
+        }
+
+    out = [row("none", "auto", float(shape.image_tokens), shape.newlines, full_cost)]
+    for name in methods:
+        method = get(name)
+        for b in budgets:
+            budget = Budget.parse(b)
+            label = f"{name}@{b}"
+            if budget.is_auto and not method.supports_auto:
+                continue
+            if getattr(method, "in_llm", False):
+                n = shape.image_tokens
+                if not budget.is_auto:
+                    budget = budget_for_average(method, budget.tokens(n), n, shape.llm_layers)
+                plan = method.plan(n, shape.llm_layers, budget)
+                stages = [(st.layer, st.keep) for st in plan]
+                cost = staged_cost(shape, n, stages, text_tokens, projected_tokens=shape.num_candidates)
+                out.append(row(name, budget, average_tokens(plan, n, shape.llm_layers), shape.newlines, cost, stages))
+            elif not times_selection(method) or (shape.crops > 1 and method.spatial):
+                if name != "none":
+                    skipped.append(f"{label}: no selection on all candidates to time without the model")
+            else:
+                timing = selection_ms_per_image(method, budget, shape, select_batches, reps)
+                kept = random_signals(method, shape, 1)
+                with torch.no_grad():
+                    [selection] = method.select(kept, budget)
+                newlines = newline_rows(selection, shape)
+                tokens = selection.num_tokens + newlines
+                cost = request_cost(shape, tokens, text_tokens, projected_tokens=selection.num_tokens)
+                out.append(row(name, budget, float(tokens), newlines, cost, select=timing.ms_per_image))
+    return out, skipped
