@@ -40,7 +40,7 @@ import torch
 from .cost import A100_BF16_TFLOPS, PREFILL_UTILISATION, Shape, gpu_request_ms, request_cost, staged_cost
 from .methods import Budget, Method, Signal, Signals, VTCError, get
 from .models.family import family_of_model
-from .shapes import NEXT_IMAGE, build_llava15, build_llava_next, clip_text_scorer_vit_l, onevision_shape
+from .shapes import build_llava15, build_llava_next, clip_text_scorer_vit_l
 
 FULL_DEPTH = 32  # LLaVA-1.5's and LLaVA-NeXT's Llama-7B; a bench uses its shape's depth
 SHAPES = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "llava-onevision-7b": "LLaVA-OneVision-7B"}
