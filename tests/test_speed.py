@@ -400,7 +400,7 @@ def test_speed_command_tables_for_next_and_onevision(next_bench, tiny_dirs, tmp_
     result = CliRunner().invoke(app, args + ["--shape", "llava-next-7b", "--out", str(tmp_path / "next")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "LLaVA-NeXT-7B shape, a 672x672 image: 88 image tokens" in text and "fastervlm 0.1" in text and "none auto 88" in text
+    assert "LLaVA-NeXT-7B shape, a 64x64 image: 88 image tokens" in text and "fastervlm 0.1" in text and "none auto 88" in text
     meta = json.loads((tmp_path / "next" / "speed.json").read_text())["meta"]
     assert (meta["shape"], meta["image_tokens"], meta["candidates"]) == ("llava-next-7b", 88, 80)
     # OneVision: no model, the FLOPs table and the selection alone on its 3645 candidates

@@ -219,7 +219,8 @@ def speed_cmd(
             "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", ""), "select_batches": batches,
             "gpu_estimate": GPU_ASSUMPTION}
     write_outputs(results, meta, out)
-    image = "" if shape == "llava-1.5-7b" else f", a 672x672 image: {bench.image_tokens} image tokens"
+    sizes = bench.inputs.get("image_sizes")
+    image = "" if sizes is None else f", a {int(sizes[0][1])}x{int(sizes[0][0])} image: {bench.image_tokens} image tokens"
     print_speed(results, f"{SHAPES[shape]} shape{image}, {llm_layers} decoder layers built, timings extrapolated to {bench.depth} "
                          f"({meta['device']}, {meta['dtype']})")
     print_selection(results, batches, f"Selection alone, ms per image ({meta['device']}), vs estimated GPU prefill ({GPU_ASSUMPTION})")
