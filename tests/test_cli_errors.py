@@ -73,7 +73,7 @@ def test_speed_error_in_the_middle_of_the_run(tiny_dirs, tmp_path, monkeypatch):
     tiny = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0]).eval()  # 2 decoder layers
     scorer = ClipTextScorer.from_pretrained(tiny_dirs[1])
     real = speed.SpeedBench
-    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode: real(layers, text, decode, model=tiny, text_scorer=scorer))
+    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode, **kw: real(layers, text, decode, model=tiny, text_scorer=scorer, **kw))
     result = runner.invoke(app, ["speed", "--methods", "pyramiddrop", "--budgets", "8", "--llm-layers", "2", "--reps", "1",
                                  "--text-tokens", "6", "--decode-tokens", "1", "--out", str(tmp_path / "o")])
     fails_cleanly(result, "build at least 4 decoder layers")

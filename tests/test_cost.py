@@ -104,3 +104,81 @@ def test_gpu_request_time_for_llava15_7b_by_hand():
     # patch embedding 576 x 3 x 14^2 x 1024, doubled: 381,918,216,192 FLOPs
     assert est["vision_ms"] == pytest.approx(381_918_216_192 / 156e9, rel=1e-12)  # 2.45 ms
     assert est["prefill_ms"] == pytest.approx((1_669_394_333_696 + 381_918_216_192) / 156e9, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- the tiled shapes
+
+NEXT_672 = dict(crops=5, canvas=(48, 48))  # llava-v1.6 on a 672x672 image: base + 2x2 tiles, 48x48 canvas, no unpadding
+
+
+def meta_model(cls, config):
+    config._attn_implementation = "eager"  # the FLOP counter sees eager attention's matmuls (the full n x n)
+    with torch.device("meta"):
+        return cls(config).eval()
+
+
+def test_llava_next_7b_on_a_672_image_against_the_flop_counter_and_by_hand(llama7b_on_meta):
+    from dataclasses import replace
+
+    from transformers import CLIPVisionModel
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+
+    from vtc.shapes import llava_next_config
+
+    config = llava_next_config()
+    s = replace(Shape.from_config(config), **NEXT_672)
+    assert (s.num_candidates, s.newlines, s.image_tokens) == (576 + 2304, 48, 2928)
+    cost = request_cost(s, 2928, 64, projected_tokens=2880)
+    # the tower runs on every crop; the projector on the 2880 patch tokens; the LLM on 2928 image + 64 text positions
+    tower = meta_model(CLIPVisionModel, config.vision_config)
+    assert counted(lambda: tower(torch.empty(5, 3, 336, 336, device="meta"))) == pytest.approx(cost["vision_flops"], rel=1e-9)
+    projector = meta_model(LlavaNextMultiModalProjector, config)
+    assert counted(lambda: projector(torch.empty(1, 2880, 1024, device="meta"))) == pytest.approx(cost["projector_flops"], rel=1e-9)
+
+    def prefill():
+        hidden = llama7b_on_meta.model(inputs_embeds=torch.empty(1, 2992, 4096, device="meta")).last_hidden_state
+        llama7b_on_meta.lm_head(hidden[:, -1:])
+
+    assert counted(prefill) == pytest.approx(cost["prefill_flops"], rel=1e-9)
+    # by hand: one decoder layer on 2992 positions: 2992 x 4 x 4096^2 + 2 x 2992^2 x 4096 + 3 x 2992 x 4096 x 11008
+    # = 678,841,810,944 multiply-adds; 32 layers + LM head 4096 x 32064, doubled: 43,446,138,568,704 FLOPs;
+    # projector 2 x 2880 x (1024 x 4096 + 4096^2) = 120,795,955,200; tower 5 x 381,918,216,192 (LLaVA-1.5's one crop)
+    assert cost["prefill_flops"] == 43_446_138_568_704 and cost["projector_flops"] == 120_795_955_200
+    assert cost["vision_flops"] == 5 * 381_918_216_192
+    est = gpu_request_ms(cost)
+    assert est["llm_prefill_ms"] == pytest.approx(279.28, abs=0.01) and est["vision_ms"] == pytest.approx(12.24, abs=0.01)
+    # 10% of the candidates (288) and the 48 newline rows they keep: 400 positions; layer 82,260,787,200 multiply-adds
+    ten = request_cost(s, 288 + 48, 64, projected_tokens=288)
+    assert ten["prefill_flops"] == 2 * (32 * 82_260_787_200 + 4096 * 32064)
+    assert cost["prefill_flops"] / ten["prefill_flops"] == pytest.approx(8.25, abs=0.01)  # the LLM prefill alone: 8.3x
+    assert cost["total_prefill_flops"] / ten["total_prefill_flops"] == pytest.approx(6.33, abs=0.01)  # with the 5-crop tower
+    staged = staged_cost(s, 2928, [(2, 288)], 64, projected_tokens=2880)
+    assert staged["projector_flops"] == cost["projector_flops"] and staged["vision_flops"] == cost["vision_flops"]
+
+
+def test_llava_onevision_7b_tokens_from_its_processor_and_flops_from_the_counter():
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from vtc.shapes import ONEVISION_PINPOINTS, QWEN2_7B, SIGLIP_SO400M_384, onevision_shape
+
+    # the processor's own token count (built bare: its video processor needs torchvision), anyres_max_9
+    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    processor.image_processor = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=ONEVISION_PINPOINTS)
+    processor.num_image_tokens, processor.vision_aspect_ratio = 729, "anyres_max_9"
+    for size in ((672, 672), (1000, 3000), (2000, 1500), (300, 500)):  # square, wide (scaled down to ~9 crops), tall, small
+        assert onevision_shape(size).image_tokens == processor._get_number_of_features(*size, 384, 384), size
+    s = onevision_shape((672, 672))
+    # 2x2 tiles of 27x27 patches: 729 base + 54 x 54 canvas + 54 newlines = 3699
+    assert (s.crops, s.canvas, s.num_candidates, s.image_tokens) == (5, (54, 54), 3645, 3699)
+    assert (s.llm_layers, s.kv_width, s.cls_tokens) == (28, 512, 0)  # 4 KV heads of 128
+    cost = request_cost(s, 3699, 64, projected_tokens=3645)
+    tower = meta_model(SiglipVisionModel, SiglipVisionConfig(**SIGLIP_SO400M_384, vision_use_head=False))
+    assert counted(lambda: tower(torch.empty(5, 3, 384, 384, device="meta"))) == pytest.approx(cost["vision_flops"], rel=1e-9)
+    qwen = meta_model(Qwen2ForCausalLM, Qwen2Config(**QWEN2_7B))
+
+    def prefill():
+        hidden = qwen.model(inputs_embeds=torch.empty(1, 3699 + 64, 3584, device="meta")).last_hidden_state
+        qwen.lm_head(hidden[:, -1:])
+
+    assert counted(prefill) == pytest.approx(cost["prefill_flops"], rel=1e-9)
+    assert kv_cache_bytes(s, 3763) == 2 * 28 * 3763 * 512 * 2

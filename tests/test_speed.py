@@ -1,6 +1,7 @@
 """vtc speed: the summary worked by hand at 4 built layers, and the measurement plumbing on a tiny LLaVA."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -9,8 +10,8 @@ from transformers import LlavaForConditionalGeneration
 from typer.testing import CliRunner
 
 from vtc import speed
-from vtc.cost import Shape
-from vtc.methods import Method, Selection, Signal, VTCError, get
+from vtc.cost import Shape, request_cost
+from vtc.methods import Budget, Method, Selection, Signal, VTCError, get
 from vtc.models.clip_text import ClipTextScorer
 from vtc.speed import (FULL_DEPTH, Row, Sample, SpeedBench, random_signals, run_speed, selection_ms_per_image, summarise_rows,
                        to_full_depth, write_outputs)
@@ -274,7 +275,7 @@ def test_speed_command_prints_the_selection_table_and_saves_it(tiny_dirs, tmp_pa
     tiny = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0]).eval()
     scorer = ClipTextScorer.from_pretrained(tiny_dirs[1])
     real = speed.SpeedBench
-    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode: real(layers, text, decode, model=tiny, text_scorer=scorer))
+    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode, **kw: real(layers, text, decode, model=tiny, text_scorer=scorer, **kw))
     result = CliRunner().invoke(app, ["speed", "--methods", "fastervlm,pool", "--budgets", "4", "--llm-layers", "2", "--reps", "1",
                                       "--text-tokens", "6", "--decode-tokens", "1", "--select-batches", "1,3", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -284,3 +285,132 @@ def test_speed_command_prints_the_selection_table_and_saves_it(tiny_dirs, tmp_pa
     assert set(by["fastervlm"]["select_ms_per_image"]) == set(by["pool"]["select_share_of_gpu_prefill"]) == {"1", "3"}
     text = " ".join(result.output.split())
     assert "Selection alone, ms per image" in text and "A100 bf16" in text and "b=3" in text and "% GPU" in text
+
+
+# ----------------------------------------------------------------------------- other model shapes
+
+
+def test_llava_next_7b_bench_image_has_the_processors_token_count():
+    """The 672x672 image `vtc speed --shape llava-next-7b` times: the adapter's count is what LlavaNextProcessor
+    (built from the shape's config, no download) writes for it, 576 base + 48 rows x (48 + 1 newline)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from vtc.models.llava_next import LlavaNextAdapter
+    from vtc.shapes import NEXT_IMAGE, llava_next_config
+    from vtc.testing import word_tokenizer
+
+    config = llava_next_config(1)
+    tokenizer = word_tokenizer()
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                                   image_grid_pinpoints=config.image_grid_pinpoints),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    inputs = processor(images=[Image.fromarray(np.zeros((*NEXT_IMAGE, 3), np.uint8))], text=["<image> hi"], return_tensors="pt")
+    written = int((inputs["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum())
+    with torch.device("meta"):
+        adapter = LlavaNextAdapter(LlavaNextForConditionalGeneration(config))
+    layout = adapter.layout(NEXT_IMAGE)
+    assert written == adapter.tokens_before(inputs)[0] == 576 + 48 * 49 == 2928
+    assert (layout.crops, tuple(layout.canvas.shape), layout.num_candidates) == (5, (48, 48), 2880)
+    assert inputs["pixel_values"].shape[1] == layout.crops
+
+
+@pytest.fixture(scope="module")
+def next_bench(tiny_dirs, tmp_path_factory):
+    from transformers import LlavaNextForConditionalGeneration
+
+    from vtc.testing import save_tiny_llava_next
+
+    path = save_tiny_llava_next(tmp_path_factory.mktemp("speed") / "next")  # 2 decoder layers, 32 px crops of 4x4 patches
+    model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    return SpeedBench(text_tokens=6, decode_tokens=2, model=model, text_scorer=ClipTextScorer.from_pretrained(tiny_dirs[1]))
+
+
+def test_next_bench_times_the_tiled_image_through_the_adapter(next_bench):
+    bench = next_bench
+    # a 64x64 image on 32 px crops: base + 2x2 tiles; 16 base patches + an 8x8 canvas, 8 newline rows
+    assert bench.inputs["pixel_values"].shape[:2] == (1, 5) and bench.image_tokens == 16 + 8 * 9 == 88
+    assert (bench.shape.crops, bench.shape.num_candidates, bench.shape.candidate_grid) == (5, 80, (1, 80))
+    _, results = run_speed(["fastervlm", "downsample", "fastv"], ["0.1"], 2, 1, 6, 2, bench=bench, select_batches=(1,))
+    by = {r["method"]: r for r in results}
+    assert "downsample" not in by and any("downsample" in note and "tiles" in note for note in bench.skipped)
+    cfg = bench.model.config.text_config
+    kv_width = cfg.hidden_size // cfg.num_attention_heads * cfg.num_key_value_heads
+    full, kept = by["none"], by["fastervlm"]
+    # what the LLM saw, read from its KV cache: 10% of 80 candidates (8) plus the newline rows they kept
+    assert full["tokens"] == 88 and full["newline_tokens"] == 8
+    assert kept["tokens"] - kept["newline_tokens"] == 8 and 1 <= kept["newline_tokens"] <= 8
+    for r in (full, kept):
+        assert r["kv_bytes_measured"] == 2 * 2 * (r["tokens"] + 6) * kv_width * 4
+    # FLOPs: 5 crops through the tower for every row; the projector on patch tokens, not newlines
+    full_cost = request_cost(bench.shape, 88, 6, projected_tokens=80)
+    kept_cost = request_cost(bench.shape, int(kept["tokens"]), 6, projected_tokens=8)
+    assert kept["flops_ratio"] == round(full_cost["total_prefill_flops"] / kept_cost["total_prefill_flops"], 3)
+    assert kept_cost["vision_flops"] == 5 * request_cost(replace(bench.shape, crops=1, canvas=(0, 0)), 16, 6)["vision_flops"]
+    # in-LLM: its plan over all 88 image tokens, newlines included
+    (layer, keep), = by["fastv"]["stages"]
+    assert layer == 2 and (2 * 88 + 30 * keep) / 32 == pytest.approx(by["fastv"]["tokens"])
+    assert set(kept["select_ms_per_image"]) == {"1"}
+
+
+def test_newline_rows_count_the_canvas_rows_a_selection_keeps(next_bench):
+    from vtc.speed import newline_rows
+
+    bench = next_bench
+    inputs = bench.inputs
+    for name, budget in (("fastervlm", "0.1"), ("divprune", "20"), ("visionzip", "12"), ("pool", "0.25")):
+        method = get(name)
+        [selection], _ = bench.adapter.compress(inputs, method, Budget.parse(budget), None)
+        bench.adapter.project([selection])  # arranges the tokens and counts the newlines it wrote
+        assert newline_rows(selection, bench.shape) == selection.info["newline_tokens"], name
+    # by hand on a 2x2 base + 2x3 canvas: kept base 1, canvas cells 4 + 0 (row 0) and 4 + 5 (row 1): one row is 1, 2
+    shape = replace(UNIT, image_size=2, crops=3, canvas=(2, 3))
+    kept = Selection.from_kept(torch.zeros(1, 10, 1), torch.tensor([[1, 4, 9]]))
+    assert newline_rows(kept[0], shape) == 2
+    assert newline_rows(Selection.from_kept(torch.zeros(1, 10, 1), torch.tensor([[0, 1, 2]]))[0], shape) == 0
+    assert newline_rows(kept[0], UNIT) == 0  # one grid: no newlines
+
+
+def test_random_signals_of_a_tiled_shape_rank_every_candidate_together():
+    tiled = replace(SMALL, crops=5, canvas=(8, 8))  # 16 base + 64 canvas candidates
+    signals = random_signals(get("fastervlm"), tiled, batch=2)
+    assert signals.features.shape == (2, 80, 32) and signals.grid == (1, 80) and signals.cls_attn.shape == (2, 80)
+
+
+def test_shapes_are_refused_by_name_and_onevision_has_no_bench_yet():
+    with pytest.raises(VTCError, match="llava-next-7b"):
+        SpeedBench(shape="llava-2")
+    with pytest.raises(VTCError, match="OneVision adapter"):
+        SpeedBench(shape="llava-onevision-7b")
+    with pytest.raises(VTCError, match="between 1 and 32"):
+        SpeedBench(llm_layers=33, shape="llava-next-7b")
+
+
+def test_speed_command_tables_for_next_and_onevision(next_bench, tiny_dirs, tmp_path, monkeypatch):
+    from vtc.cli import app
+
+    real = speed.SpeedBench
+    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode, **kw: real(
+        layers, text, decode, model=next_bench.model, text_scorer=ClipTextScorer.from_pretrained(tiny_dirs[1]), **kw))
+    args = ["speed", "--methods", "fastervlm", "--budgets", "10%", "--llm-layers", "2", "--reps", "1", "--text-tokens", "6",
+            "--decode-tokens", "1", "--select-batches", "1"]
+    result = CliRunner().invoke(app, args + ["--shape", "llava-next-7b", "--out", str(tmp_path / "next")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "LLaVA-NeXT-7B shape, a 64x64 image: 88 image tokens" in text and "fastervlm 0.1" in text and "none auto 88" in text
+    meta = json.loads((tmp_path / "next" / "speed.json").read_text())["meta"]
+    assert (meta["shape"], meta["image_tokens"], meta["candidates"]) == ("llava-next-7b", 88, 80)
+    # OneVision: no model, the FLOPs table and the selection alone on its 3645 candidates
+    result = CliRunner().invoke(app, args + ["--shape", "llava-onevision-7b", "--methods", "fastervlm,fastv", "--out", str(tmp_path / "ov")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "LLaVA-OneVision-7B shape, a 672x672 image: 3699 image tokens" in text and "no LLaVA-OneVision adapter" in text
+    rows = {r["method"]: r for r in json.loads((tmp_path / "ov" / "speed.json").read_text())["results"]}
+    assert rows["none"]["tokens"] == 3699 and rows["fastervlm"]["tokens"] == 364 + rows["fastervlm"]["newline_tokens"]
+    assert rows["fastervlm"]["flops_ratio"] > 5 and set(rows["fastervlm"]["select_ms_per_image"]) == {"1"}
+    assert rows["fastv"]["stages"] and rows["fastv"]["select_ms_per_image"] == {}
+    result = CliRunner().invoke(app, args + ["--shape", "llava-9", "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "llava-onevision-7b" in " ".join(result.output.split())

@@ -210,32 +210,66 @@ def speed_cmd(
     decode_tokens: int = typer.Option(8, "--decode-tokens", min=1, help="Tokens decoded to time the per-token cost."),
     out: Path = typer.Option(Path("vtc-speed-out"), "--out", help="Where speed.json and speed.png go."),
     select_batches: str = typer.Option("1,16,64", "--select-batches", help="Batch sizes to time each method's selection alone at (ms per image)."),
+    shape: str = typer.Option("llava-1.5-7b", "--shape", help="Model shape: llava-1.5-7b, llava-next-7b (a 672x672 image: base + 4 tiles) or llava-onevision-7b (FLOPs and selection only)."),
 ) -> None:
-    """Time every method on the real LLaVA-1.5-7B shape (random weights): prefill speed-up vs the FLOPs ratio,
+    """Time every method on a real 7B model shape (random weights): prefill speed-up vs the FLOPs ratio,
     and each method's own selection time per image next to the prefill's estimated A100 time."""
     from rich.progress import Progress
 
     from .cost import GPU_ASSUMPTION
-    from .speed import FULL_DEPTH, run_speed, write_outputs
+    from .speed import COST_ONLY, SHAPES, run_speed, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         get(name)
     budget_list = [str(Budget.parse(b.strip())) for b in budgets.split(",") if b.strip()]
     batches = _batch_sizes(select_batches)
+    if shape not in SHAPES:
+        raise VTCError(f"--shape '{shape}' is not one of {', '.join(SHAPES)}")
     _check_out_dir(out)
+    if shape in COST_ONLY:
+        _speed_cost_only(names, budget_list, shape, reps, text_tokens, batches, out)
+        return
     with Progress(console=console) as progress:
-        bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress, select_batches=batches)
+        bench, results = run_speed(names, budget_list, llm_layers, reps, text_tokens, decode_tokens, progress, select_batches=batches, shape=shape)
     for note in bench.skipped:
         console.print(f"[yellow]skipped[/] {escape(note)}")
-    meta = {"skipped": bench.skipped, "llm_layers_built": llm_layers, "extrapolated_to_layers": FULL_DEPTH, "reps": reps, "text_tokens": text_tokens,
+    meta = {"shape": shape, "image_tokens": bench.image_tokens, "candidates": bench.shape.num_candidates,
+            "skipped": bench.skipped, "llm_layers_built": llm_layers, "extrapolated_to_layers": bench.depth, "reps": reps, "text_tokens": text_tokens,
             "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", ""), "select_batches": batches,
             "gpu_estimate": GPU_ASSUMPTION}
     write_outputs(results, meta, out)
-    print_speed(results, f"LLaVA-1.5-7B shape, {llm_layers} decoder layers built, timings extrapolated to {FULL_DEPTH} "
+    sizes = bench.inputs.get("image_sizes")
+    image = "" if sizes is None else f", a {int(sizes[0][1])}x{int(sizes[0][0])} image: {bench.image_tokens} image tokens"
+    print_speed(results, f"{SHAPES[shape]} shape{image}, {llm_layers} decoder layers built, timings extrapolated to {bench.depth} "
                          f"({meta['device']}, {meta['dtype']})")
     print_selection(results, batches, f"Selection alone, ms per image ({meta['device']}), vs estimated GPU prefill ({GPU_ASSUMPTION})")
     console.print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
+
+
+def _speed_cost_only(names: list[str], budgets: list[str], shape: str, reps: int, text_tokens: int, batches: list[int], out: Path) -> None:
+    """A shape with no family adapter yet: FLOPs, KV cache and GPU estimate per row, and the selection alone."""
+    import json
+
+    from .cost import GPU_ASSUMPTION
+    from .shapes import NEXT_IMAGE, onevision_shape
+    from .speed import COST_ONLY, SHAPES, cost_rows
+
+    model_shape = onevision_shape(NEXT_IMAGE)
+    with console.status("timing each method's selection alone"):
+        results, skipped = cost_rows(names, budgets, model_shape, text_tokens, batches, max(5, reps))
+    for note in skipped:
+        console.print(f"[yellow]skipped[/] {escape(note)}")
+    meta = {"shape": shape, "cost_only": COST_ONLY[shape], "image": list(NEXT_IMAGE), "image_tokens": model_shape.image_tokens,
+            "candidates": model_shape.num_candidates, "llm_layers": model_shape.llm_layers, "text_tokens": text_tokens,
+            "skipped": skipped, "select_batches": batches, "gpu_estimate": GPU_ASSUMPTION}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    console.print(COST_ONLY[shape], style="yellow", markup=False)
+    _print_rows(results, COST_COLUMNS, f"{SHAPES[shape]} shape, a 672x672 image: {model_shape.image_tokens} image tokens "
+                f"({model_shape.num_candidates} candidates, {model_shape.newlines} newlines), {model_shape.llm_layers} LLM layers", COST_LEGEND)
+    print_selection(results, batches, f"Selection alone, ms per image (cpu), vs estimated GPU prefill ({GPU_ASSUMPTION})")
+    console.print(f"wrote {out / 'speed.json'}")
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -264,6 +298,19 @@ SPEED_LEGEND = (
     "prefill ms: end-to-end prefill (vision tower, selection, projector, LLM); speed-up and FLOPs ratio: vs full "
     "tokens; vs FLOPs: speed-up / FLOPs ratio; own cost: the method's time beyond the stock tower, in % of the "
     "full-token prefill; decode ms per token and KV cache (MB, fp16) of the 32-layer model."
+)
+COST_COLUMNS = [
+    ("method", lambda r: r["method"]),
+    ("budget", lambda r: r["budget"]),
+    ("tokens", lambda r: f"{r['tokens']:.0f}"),
+    ("TFLOPs", lambda r: f"{r['total_prefill_tflops']:.2f}"),
+    ("FLOPs\nratio", lambda r: f"{r['flops_ratio']:.2f}x"),
+    ("GPU ms", lambda r: f"{r['gpu_prefill_ms']:.1f}"),
+    ("KV\nMB", lambda r: f"{r['kv_bytes_32_layers_fp16'] / 1e6:.0f}"),
+]
+COST_LEGEND = (
+    "tokens: image tokens the LLM sees, newline rows included; TFLOPs: vision tower (every crop), projector and LLM "
+    "prefill; FLOPs ratio: full tokens' over this row's; GPU ms: that prefill estimated from FLOPs; KV cache in fp16."
 )
 
 
@@ -331,7 +378,7 @@ def selection_columns(batches: list[int]):
 
 SELECTION_LEGEND = (
     "ms/img b=B: the method's selection alone on random real-shape signals, batch of B, per image ('-': none to time: "
-    "in-LLM, all tokens, downsample); GPU ms: estimated prefill (vision tower, projector, 32-layer LLM) from FLOPs, "
+    "in-LLM, all tokens, downsample); GPU ms: estimated prefill (vision tower, projector, full-depth LLM) from FLOPs, "
     "full tokens and this row's; % GPU: selection per image over this row's GPU prefill (speed.json: every batch size)."
 )
 

@@ -5,6 +5,10 @@ for LLaVA-1.5-7B at 576 image tokens this reproduces): FLOPs = 2 x multiply-adds
 attention scores and weighted sums count the full n x n (no causal halving); Llama's
 gated MLP counts its three matrices; norms, softmax, RoPE and biases are ignored (< 1%).
 The LM head runs on the last position only (``generate`` keeps one logit row).
+
+Tiled families (LLaVA-NeXT, LLaVA-OneVision): the vision tower runs once per crop (base + tiles);
+the projector runs on the patch tokens; the language model also sees one newline token per row
+of the tile canvas (``Shape.canvas``), which the projector does not make.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class Shape:
     kv_heads: int
     vocab: int
     vision_heads: int = 16  # CLIP ViT-L's; sets the width of head-averaged keys (vision_width // vision_heads)
+    cls_tokens: int = 1  # CLIP's CLS; SigLIP (LLaVA-OneVision) has none
+    crops: int = 1  # vision-tower forwards per image: 1, or base + tiles
+    canvas: tuple[int, int] = (0, 0)  # (rows, columns) of the unpadded tile canvas, in patches; rows = newline tokens
 
     @classmethod
     def from_config(cls, config, llm_layers: int | None = None) -> "Shape":
@@ -50,16 +57,35 @@ class Shape:
         return side, side
 
     @property
+    def num_candidates(self) -> int:
+        """Patch tokens a method chooses from: the base crop's, then the tile canvas's."""
+        return self.num_patches + self.canvas[0] * self.canvas[1]
+
+    @property
+    def newlines(self) -> int:
+        return self.canvas[0]
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens of the stock prompt: every candidate and one newline per canvas row."""
+        return self.num_candidates + self.newlines
+
+    @property
+    def candidate_grid(self) -> tuple[int, int]:
+        """The grid a method ranks the candidates on: the crop's, or one row of all candidates when tiled."""
+        return self.grid if self.crops == 1 else (1, self.num_candidates)
+
+    @property
     def kv_width(self) -> int:
         return self.llm_width // self.heads * self.kv_heads
 
 
 def vision_flops(s: Shape, layers: int | None = None) -> float:
-    """Patch embedding + ``layers`` (default all) CLIP encoder layers on 1 + N tokens."""
-    n, d = s.num_patches + 1, s.vision_width
+    """Patch embedding + ``layers`` (default all) encoder layers on CLS + N tokens, once per crop."""
+    n, d = s.num_patches + s.cls_tokens, s.vision_width
     embed = s.num_patches * 3 * s.patch_size**2 * d
     per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * s.vision_mlp
-    return 2.0 * (embed + (s.vision_layers if layers is None else layers) * per_layer)
+    return 2.0 * s.crops * (embed + (s.vision_layers if layers is None else layers) * per_layer)
 
 
 def projector_flops(s: Shape, tokens: int) -> float:
@@ -91,11 +117,17 @@ def kv_cache_bytes(s: Shape, tokens: int, bytes_per_value: int = 2) -> int:
     return 2 * s.llm_layers * tokens * s.kv_width * bytes_per_value
 
 
-def request_cost(s: Shape, image_tokens: int, text_tokens: int, bytes_per_value: int = 2, vision_layers: int | None = None) -> dict:
-    """Costs of one request: vision tower on N patches, projector and prefill on the kept image tokens."""
+def request_cost(
+    s: Shape, image_tokens: int, text_tokens: int, bytes_per_value: int = 2, vision_layers: int | None = None,
+    projected_tokens: int | None = None,
+) -> dict:
+    """Costs of one request: vision tower on N patches, projector and prefill on the kept image tokens.
+
+    ``projected_tokens``: the image tokens the projector makes (default all; a tiled family's
+    newline tokens are learned embeddings, not projected)."""
     tokens = image_tokens + text_tokens
     vision = vision_flops(s, vision_layers)
-    projector = projector_flops(s, image_tokens)
+    projector = projector_flops(s, image_tokens if projected_tokens is None else projected_tokens)
     prefill = prefill_flops(s, tokens)
     return {
         "vision_flops": vision,
@@ -107,7 +139,10 @@ def request_cost(s: Shape, image_tokens: int, text_tokens: int, bytes_per_value:
     }
 
 
-def staged_cost(s: Shape, n_image: int, stages: list[tuple[int, int]], text_tokens: int, bytes_per_value: int = 2) -> dict:
+def staged_cost(
+    s: Shape, n_image: int, stages: list[tuple[int, int]], text_tokens: int, bytes_per_value: int = 2,
+    projected_tokens: int | None = None,
+) -> dict:
     """Costs when image tokens are dropped inside the LLM: ``stages`` = (layer, image tokens kept from it on).
 
     Each decoder layer is charged for the tokens it sees; the KV cache holds, per layer, the
@@ -119,7 +154,7 @@ def staged_cost(s: Shape, n_image: int, stages: list[tuple[int, int]], text_toke
         current, prev = keep, layer
     counts += [current] * (s.llm_layers - prev)
     prefill = 2.0 * (sum(llm_layer_macs(s, c + text_tokens) for c in counts) + s.llm_width * s.vocab)
-    vision, projector = vision_flops(s), projector_flops(s, n_image)
+    vision, projector = vision_flops(s), projector_flops(s, n_image if projected_tokens is None else projected_tokens)
     kv = sum(2 * (c + text_tokens) * s.kv_width * bytes_per_value for c in counts)
     return {
         "vision_flops": vision, "projector_flops": projector, "prefill_flops": prefill,

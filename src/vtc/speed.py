@@ -1,12 +1,21 @@
-"""`vtc speed`: wall-clock savings of every method on the real LLaVA-1.5-7B shape (random weights).
+"""`vtc speed`: wall-clock savings of every method on a real 7B model shape (random weights).
+
+Shapes (``SHAPES``): LLaVA-1.5-7B (one 336 px image, 576 tokens); LLaVA-NeXT-7B (a 672x672 image:
+base crop + 2x2 tiles, 576 + 2304 = 2880 candidate tokens and 48 newline rows, 2928 image tokens,
+the count LlavaNextProcessor writes for it); LLaVA-OneVision-7B (SigLIP + Qwen2-7B: FLOPs, GPU
+estimate and selection timing only until its family adapter lands: ``COST_ONLY``). The bench drives
+the model through its family adapter (``compress``, ``project``, ``splice_ids``, ``tokens_before``,
+``language_model``), so the same code times every family; budgets count candidate tokens (a 10%
+budget keeps 288 of NeXT's 2880), and the tokens a row reports are what the LLM sees, newlines included.
 
 For each method and budget, in one process, interleaved with the full-token run and
 repeated: the vision tower (with the method's signal extraction), the method's own
 selection, the projector, the LLM prefill, the time per decoded token, the KV-cache
 bytes and the peak memory of the prefill. ``llm_layers`` builds fewer decoder layers
-than the 32 of Llama-7B; decoder layers are timed one by one (forward hooks), and the
-32-layer figures are extrapolated as (measured prefill - measured layers) + mean layer
-time x 32. Every extrapolated figure says so.
+than the shape's (32 for Llama-7B, 28 for Qwen2-7B); decoder layers are timed one by one
+(forward hooks), and the full-depth figures are extrapolated as (measured prefill - measured
+layers) + mean layer time x depth. Every extrapolated figure says so (the ``*_32_layers``
+keys keep their names for every shape; the depth is in the meta).
 
 Next to the CPU wall clock, each vision-side method's own selection is timed per image at
 batch 1, 16 and 64 on random signals of the model's real shape (``selection_ms_per_image``),
@@ -23,17 +32,19 @@ import statistics
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .cost import A100_BF16_TFLOPS, PREFILL_UTILISATION, Shape, gpu_request_ms, request_cost, staged_cost
 from .methods import Budget, Method, Signal, Signals, VTCError, get
-from .models.llava import LlavaAdapter
-from .shapes import build_llava15, clip_text_scorer_vit_l
+from .models.family import family_of_model
+from .shapes import build_llava15, build_llava_next, clip_text_scorer_vit_l
 
-FULL_DEPTH = 32
+FULL_DEPTH = 32  # LLaVA-1.5's and LLaVA-NeXT's Llama-7B; a bench uses its shape's depth
+SHAPES = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "llava-onevision-7b": "LLaVA-OneVision-7B"}
+COST_ONLY = {"llava-onevision-7b": "no LLaVA-OneVision adapter on this branch yet: FLOPs, GPU estimate and selection timing only"}
 QUESTION = "what is the color of the small triangle left of the red car ?"
 SELECT_BATCHES = (1, 16, 64)  # batch sizes the selection is timed at
 NOT_A_SELECTION = ("none", "downsample")  # no selection to time: all tokens; a smaller tower forward
@@ -53,7 +64,8 @@ class Sample:
     decode_layers_ms: list[float]  # each built layer's share of one decoded token
     kv_bytes: int
     peak_bytes: int
-    tokens: float  # image tokens sent to the LLM (in-LLM methods: averaged over the 32 layers)
+    tokens: float  # image tokens sent to the LLM, newlines included (in-LLM methods: averaged over the layers)
+    newlines: int = 0  # of those, layout tokens the projector does not make (LLaVA-NeXT's newline rows)
 
 
 @dataclass
@@ -66,11 +78,11 @@ class Row:
     stages: list[tuple[int, int]] = field(default_factory=list)
     select_ms_per_image: dict[int, float] = field(default_factory=dict)  # batch size -> median ms per image
 
-    def stage_depths(self) -> list[int] | None:
-        """How many of the 32 layers each stage spans (None: one stage, no pruning inside the LLM)."""
+    def stage_depths(self, depth: int = FULL_DEPTH) -> list[int] | None:
+        """How many of the ``depth`` layers each stage spans (None: one stage, no pruning inside the LLM)."""
         if not self.stages:
             return None
-        bounds = [0] + [layer for layer, _ in self.stages] + [FULL_DEPTH]
+        bounds = [0] + [layer for layer, _ in self.stages] + [depth]
         return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
 
 
@@ -161,7 +173,7 @@ def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu"
     softmax-like and positive.
     """
     g = torch.Generator().manual_seed(seed)
-    n, d = shape.num_patches, shape.vision_width
+    n, d = shape.num_candidates, shape.vision_width
     keys_dim = d // shape.vision_heads if method.attention.keys == "head_mean" else d
     make = {
         Signal.CLS_ATTN: lambda: torch.randn(batch, n, generator=g).mul(2).softmax(-1),
@@ -172,7 +184,7 @@ def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu"
         Signal.CLS_FEATURE: lambda: torch.randn(batch, d, generator=g),
     }
     present = {name: make[name]().to(device) for name in make if name in method.needs}
-    return Signals(features=torch.randn(batch, n, d, generator=g).to(device), grid=shape.grid, **present)
+    return Signals(features=torch.randn(batch, n, d, generator=g).to(device), grid=shape.candidate_grid, **present)
 
 
 @dataclass
@@ -217,38 +229,88 @@ def selection_ms_per_image(method, budget, shape: Shape, batches=SELECT_BATCHES,
 
 
 class SpeedBench:
-    """The model, inputs and timers of one `vtc speed` run."""
+    """The model, inputs and timers of one `vtc speed` run, driven through the model's family adapter."""
 
-    def __init__(self, llm_layers: int = 2, text_tokens: int = 64, decode_tokens: int = 8, device: str = "auto", model=None, text_scorer=None):
-        """``model`` / ``text_scorer`` default to the LLaVA-1.5-7B shape with ``llm_layers`` decoder layers (tests pass tiny ones)."""
-        if llm_layers < 1 or llm_layers > FULL_DEPTH:
-            raise VTCError(f"--llm-layers must be between 1 and {FULL_DEPTH}, got {llm_layers}")
+    def __init__(
+        self, llm_layers: int = 2, text_tokens: int = 64, decode_tokens: int = 8, device: str = "auto", model=None, text_scorer=None,
+        shape: str = "llava-1.5-7b", image_size: tuple[int, int] | None = None,
+    ):
+        """``model`` / ``text_scorer`` default to ``shape`` built with ``llm_layers`` decoder layers (tests pass tiny ones).
+
+        ``image_size`` (height, width): the picture a tiled family splits into crops; default twice the
+        tower's crop each way (672x672 for LLaVA-NeXT-7B: base + 2x2 tiles)."""
+        if shape not in SHAPES:
+            raise VTCError(f"--shape '{shape}' is not one of {', '.join(SHAPES)}")
+        if shape in COST_ONLY and model is None:
+            raise VTCError(f"--shape {shape}: {COST_ONLY[shape]}")
         if text_tokens < 2:
             raise VTCError(f"--text-tokens must be at least 2, got {text_tokens}")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.model = (model if model is not None else build_llava15(llm_layers, self.dtype)).to(self.device)
+        build = build_llava_next if shape == "llava-next-7b" else build_llava15
+        if model is None:
+            self._check_layers(llm_layers, FULL_DEPTH)
+            model = build(llm_layers, self.dtype)
+        self.model = model.to(self.device)
         scorer = text_scorer if text_scorer is not None else clip_text_scorer_vit_l()
-        self.adapter = LlavaAdapter(self.model, scorer.to(self.device, self.dtype))
-        self.layers = self.model.model.language_model.layers
+        self.adapter = family_of_model(self.model)(self.model, scorer.to(self.device, self.dtype))
+        self.layers = self.adapter.language_model.layers
         self.llm_layers, self.decode_tokens, self.text_tokens = len(self.layers), decode_tokens, text_tokens
-        self.shape = Shape.from_config(self.model.config, llm_layers=FULL_DEPTH)
-        g = torch.Generator().manual_seed(0)
-        size = self.adapter.tower.config.image_size
-        self.pixels = torch.randn(1, 3, size, size, generator=g).to(self.device, self.dtype)
+        self.shape_name = shape
+        g = torch.Generator().manual_seed(0)  # pixels, then the text ids
+        self.inputs = self._image_inputs(image_size, g)
+        self.tokens_before = self.adapter.tokens_before(self.inputs)  # what the stock processor writes for this image
+        self.image_tokens = self.tokens_before[0]
+        self.shape = self._cost_shape()
+        self._check_layers(self.llm_layers, self.shape.llm_layers)
         image_id = self.model.config.image_token_id
         vocab = self.model.config.text_config.vocab_size
         text = torch.randint(2, min(vocab, image_id), (text_tokens,), generator=g)
-        image = torch.full((self.adapter.num_patches,), image_id)
+        image = torch.full((self.image_tokens,), image_id)
         half = text_tokens // 3  # system prompt before the image, question after it
-        self.input_ids = torch.cat([text[:half], image, text[half:]])[None].to(self.device)
-        self.attention_mask = torch.ones_like(self.input_ids)
+        self.inputs["input_ids"] = torch.cat([text[:half], image, text[half:]])[None].to(self.device)
+        self.inputs["attention_mask"] = torch.ones_like(self.inputs["input_ids"])
         self.skipped: list[str] = []
-        self.stage_plans: dict[tuple[str, str], list[tuple[int, int]]] = {}  # in-LLM (method, budget) -> 32-layer stages
+        self.stage_plans: dict[tuple[str, str], list[tuple[int, int]]] = {}  # in-LLM (method, budget) -> full-depth stages
+
+    @staticmethod
+    def _check_layers(built: int, depth: int) -> None:
+        if not 1 <= built <= depth:
+            raise VTCError(f"--llm-layers must be between 1 and {depth}, got {built}")
+
+    @property
+    def depth(self) -> int:
+        """Decoder layers of the full model the timings are extrapolated to."""
+        return self.shape.llm_layers
+
+    def _image_inputs(self, image_size, g: torch.Generator) -> dict:
+        """Random pixels of one image as the family's processor shapes them (tiled: every crop, and the image size)."""
+        size = self.adapter.tower.config.image_size
+        if not self.adapter.tiled:
+            pixels = torch.randn(1, 3, size, size, generator=g)
+            return {"pixel_values": pixels.to(self.device, self.dtype), "input_ids": torch.zeros(1, 1, dtype=torch.long)}
+        image_size = tuple(image_size or (2 * size, 2 * size))
+        crops = self.adapter.layout(image_size).crops
+        pixels = torch.randn(1, crops, 3, size, size, generator=g)
+        return {"pixel_values": pixels.to(self.device, self.dtype), "image_sizes": torch.tensor([image_size], device=self.device),
+                "input_ids": torch.zeros(1, 1, dtype=torch.long)}
+
+    def _cost_shape(self) -> Shape:
+        """The full-depth cost-model shape of this model and image (a tiled family: its crops and canvas)."""
+        shape = Shape.from_config(self.model.config, llm_layers=FULL_DEPTH)
+        if not self.adapter.tiled:
+            return shape
+        layout = self.adapter.layouts(self.inputs)[0]
+        return replace(shape, crops=layout.crops, canvas=tuple(layout.canvas.shape))
+
+    def stock_tower(self) -> None:
+        """The stock model's vision-tower forward on every crop of the image (what it pays with or without compression)."""
+        pixels = self.inputs["pixel_values"]
+        self.adapter.tower(pixels.flatten(0, 1) if pixels.dim() == 5 else pixels, output_hidden_states=True)
 
     @torch.no_grad()
     def run_once(self, method, budget: Budget, time_tower: bool = False) -> Sample:
-        """One timed request. ``method`` is a vision-side Method, or an in-LLM method run on all N tokens.
+        """One timed request. ``method`` is a vision-side Method, or an in-LLM method run on all image tokens.
 
         ``time_tower`` also times the stock vision-tower forward (the reference for a method's own overhead).
         """
@@ -260,26 +322,22 @@ class SpeedBench:
         if time_tower:
             _sync(d)
             t = time.perf_counter()
-            self.model.model.vision_tower(self.pixels, output_hidden_states=True)
+            self.stock_tower()
             _sync(d)
             tower = _ms(t)
 
-        t = time.perf_counter()
-        grid = vision.input_grid(vision_budget, self.adapter.grid)
-        signals = self.adapter.signals(self.pixels, vision.needs, vision.attention, [QUESTION], grid=grid, text=vision.text)
+        queries = [QUESTION] if Signal.TEXT_SIM in vision.needs else None
+        selections, timings = self.adapter.compress(self.inputs, vision, vision_budget, queries)
         _sync(d)
-        signals_ms = _ms(t)
-        t = time.perf_counter()
-        selections = vision.select(signals, vision_budget)
-        _sync(d)
-        select_ms = _ms(t)
         t = time.perf_counter()
         projected = self.adapter.project(selections)
-        ids, mask = self.adapter.splice_ids(self.input_ids, self.attention_mask, [selections[0].num_tokens], 0)
+        counts = [p.shape[0] for p in projected]
+        ids, mask = self.adapter.splice_ids(self.inputs["input_ids"], self.inputs["attention_mask"], counts, 0, expected=self.tokens_before)
         _sync(d)
         project_ms = _ms(t)
+        newlines = int((selections[0].info or {}).get("newline_tokens", 0))
 
-        pruner, tokens = None, float(selections[0].num_tokens)
+        pruner, tokens = None, float(counts[0])
         if in_llm:
             pruner, tokens = self._pruner(method, budget, ids, mask)
         clock = _LayerClock(self.layers)
@@ -307,35 +365,36 @@ class SpeedBench:
                 decode_layers = [x / self.decode_tokens for x in clock.take_ms()]
         finally:
             clock.remove()
-        return Sample(tower, signals_ms, select_ms, project_ms, prefill_ms, layers_ms, decode, decode_layers, kv_bytes, peak["peak"], tokens)
+        return Sample(tower, timings["signals_ms"], timings["select_ms"], project_ms, prefill_ms, layers_ms, decode, decode_layers,
+                      kv_bytes, peak["peak"], tokens, newlines)
 
     def _pruner(self, method, budget: Budget, ids, mask):
-        """The in-LLM method's 32-layer plan, replayed on the built layers 1..S (one built layer per stage)."""
+        """The in-LLM method's full-depth plan, replayed on the built layers 1..S (one built layer per stage)."""
         from .methods.llm_base import PlanOverride, average_tokens
         from .models.llm_prune import InLLMPruner
 
-        n = self.adapter.num_patches
-        plan = method.plan(n, FULL_DEPTH, budget)
+        n = self.image_tokens
+        plan = method.plan(n, self.depth, budget)
         if len(plan) + 1 > self.llm_layers:
             raise VTCError(f"{method.name} prunes in {len(plan)} stages: build at least {len(plan) + 1} decoder layers (--llm-layers)")
         replay = PlanOverride(method, [st.keep for st in plan])
-        pruner = InLLMPruner(self.model.model.language_model, replay, Budget.parse(1.0), ids, mask, self.model.config.image_token_id)
+        pruner = InLLMPruner(self.adapter.language_model, replay, Budget.parse(1.0), ids, mask, self.adapter.image_token_id)
         self.stage_plans[(method.name, str(budget))] = [(st.layer, st.keep) for st in plan]
-        return pruner, average_tokens(plan, n, FULL_DEPTH)
+        return pruner, average_tokens(plan, n, self.depth)
 
 
-def to_full_depth(measured_ms: float, layers_ms, stage_depths: list[int] | None = None) -> float:
-    """Extrapolate a timing with a few built decoder layers to Llama-7B's 32.
+def to_full_depth(measured_ms: float, layers_ms, stage_depths: list[int] | None = None, depth: int = FULL_DEPTH) -> float:
+    """Extrapolate a timing with a few built decoder layers to the full model's ``depth`` (Llama-7B's 32).
 
-    Vision-side methods: every layer sees the same tokens, so the mean layer time x 32.
-    In-LLM methods (``stage_depths``: how many of the 32 layers each stage spans): built layer s
+    Vision-side methods: every layer sees the same tokens, so the mean layer time x depth.
+    In-LLM methods (``stage_depths``: how many of the layers each stage spans): built layer s
     runs stage s, the last stage runs on all remaining built layers; each stage's mean layer
     time is multiplied by its depth in the 32-layer plan.
     """
     layers_ms = list(layers_ms)
     outside = measured_ms - sum(layers_ms)
     if not stage_depths:
-        return outside + sum(layers_ms) / len(layers_ms) * FULL_DEPTH
+        return outside + sum(layers_ms) / len(layers_ms) * depth
     last = len(stage_depths) - 1
     groups = [[t] for t in layers_ms[:last]] + [layers_ms[last:]]
     return outside + sum(depth * sum(g) / len(g) for depth, g in zip(stage_depths, groups))
@@ -378,11 +437,13 @@ def summarise_rows(
     if full.method != "none":
         raise VTCError(f"the first speed row must be the full-token run 'none', got '{full.method}'")
 
+    depth = shape.llm_layers
+
     def prefill_32(s: Sample, row: Row) -> float:
-        return to_full_depth(s.prefill_ms, s.layers_ms, row.stage_depths())
+        return to_full_depth(s.prefill_ms, s.layers_ms, row.stage_depths(depth), depth)
 
     def decode_32(s: Sample, row: Row) -> float:
-        return to_full_depth(s.decode_ms_per_token, s.decode_layers_ms, row.stage_depths())
+        return to_full_depth(s.decode_ms_per_token, s.decode_layers_ms, row.stage_depths(depth), depth)
 
     def e2e(s: Sample, row: Row) -> float:
         return s.signals_ms + s.select_ms + s.project_ms + prefill_32(s, row)
@@ -390,7 +451,8 @@ def summarise_rows(
     full_e2e = med(e2e(s, full) for s in full.samples)
     stock_tower = med(s.tower_ms for s in full.samples)
     full_tokens = int(full.samples[0].tokens)
-    full_cost = request_cost(shape, full_tokens, text_tokens)
+    full_projected = full_tokens - full.samples[0].newlines
+    full_cost = request_cost(shape, full_tokens, text_tokens, projected_tokens=full_projected)
     full_flops = full_cost["total_prefill_flops"]
     gpu_full = gpu_request_ms(full_cost, tflops, utilisation)["prefill_ms"]
     out = []
@@ -399,9 +461,10 @@ def summarise_rows(
         tokens = med(x.tokens for x in s)
         e2e_all = [e2e(x, row) for x in s]
         own = [x.signals_ms - stock_tower + x.select_ms for x in s]  # what the method adds to the stock tower
-        cost = request_cost(shape, round(tokens), text_tokens)
+        newlines = med(x.newlines for x in s)
+        cost = request_cost(shape, round(tokens), text_tokens, projected_tokens=round(tokens - newlines))
         if row.stages:  # in-LLM: the LLM prefill sees N image tokens until the first stage, fewer after
-            cost = staged_cost(shape, full_tokens, row.stages, text_tokens)
+            cost = staged_cost(shape, full_tokens, row.stages, text_tokens, projected_tokens=full_projected)
         speedup = full_e2e / med(e2e_all)
         flops_ratio = full_flops / cost["total_prefill_flops"]
         gpu = gpu_request_ms(cost, tflops, utilisation)
@@ -411,6 +474,7 @@ def summarise_rows(
                 "method": row.method,
                 "budget": row.budget,
                 "tokens": tokens,
+                "newline_tokens": newlines,
                 "tower_ms": round(stock_tower, 1),
                 "signals_ms": round(med(x.signals_ms for x in s), 1),
                 "select_ms": round(med(x.select_ms for x in s), 2),
@@ -442,11 +506,15 @@ def summarise_rows(
 
 def run_speed(
     methods: list[str], budgets: list[str], llm_layers: int, reps: int, text_tokens: int, decode_tokens: int, progress=None, bench=None,
-    select_batches=SELECT_BATCHES,
+    select_batches=SELECT_BATCHES, shape: str = "llava-1.5-7b",
 ) -> tuple[SpeedBench, list[dict]]:
     """Measure every (method, budget) against full tokens, interleaved, ``reps`` times; then each vision-side
-    method's selection alone, per image at each of ``select_batches`` (at least 5 timed calls per size)."""
-    bench = bench or SpeedBench(llm_layers, text_tokens, decode_tokens)
+    method's selection alone, per image at each of ``select_batches`` (at least 5 timed calls per size).
+
+    On a tiled family, a method that shrinks the tower's input grid (downsample) is refused by the adapter
+    and listed in ``bench.skipped``; a spatial method (pool) runs per tile there, which the random-signal
+    selection timing does not model, so its selection is not timed alone (also listed)."""
+    bench = bench or SpeedBench(llm_layers, text_tokens, decode_tokens, shape=shape)
     from .methods.llm_base import budget_for_average
 
     plan = [("none", Budget.parse("auto"))]
@@ -456,9 +524,12 @@ def run_speed(
             budget = Budget.parse(b)
             if budget.is_auto and not method.supports_auto:
                 continue
+            if bench.adapter.tiled and not getattr(method, "in_llm", False) and method.input_grid(budget, bench.adapter.grid) is not None:
+                bench.skipped.append(f"{name}@{b}: shrinks the tower's input to one smaller grid; {bench.adapter.name}'s tiles are not supported by it")
+                continue
             if getattr(method, "in_llm", False) and not budget.is_auto:  # papers compare in-LLM methods by layer average
                 try:
-                    budget = budget_for_average(method, budget.tokens(bench.adapter.num_patches), bench.adapter.num_patches, FULL_DEPTH)
+                    budget = budget_for_average(method, budget.tokens(bench.image_tokens), bench.image_tokens, bench.depth)
                 except VTCError as exc:
                     bench.skipped.append(f"{name}@{b}: {exc}")
                     continue
@@ -475,6 +546,10 @@ def run_speed(
     for row in rows:
         row.stages = bench.stage_plans.get((row.method, row.budget), [])
     timed = [(row, budget) for row, (name, budget) in zip(rows, plan) if times_selection(instances[name])]
+    if bench.shape.crops > 1:
+        for row, _ in [(r, b) for r, b in timed if instances[r.method].spatial]:
+            bench.skipped.append(f"{row.method}@{row.budget}: selection not timed alone (it runs per tile on a tiled image)")
+        timed = [(r, b) for r, b in timed if not instances[r.method].spatial]
     task = progress.add_task("selection", total=len(timed)) if progress and timed else None
     for row, budget in timed:
         timing = selection_ms_per_image(instances[row.method], budget, bench.shape, select_batches, max(5, reps), bench.device)
@@ -484,7 +559,7 @@ def run_speed(
     return bench, summarise(bench, rows)
 
 
-def speed_plot(results: list[dict], path: Path) -> None:
+def speed_plot(results: list[dict], path: Path, title: str = "LLaVA-1.5-7B", depth: int = FULL_DEPTH) -> None:
     """Speed-up vs tokens kept, one marker set per method, with the analytical FLOPs-ratio curve."""
     import matplotlib
 
@@ -498,8 +573,9 @@ def speed_plot(results: list[dict], path: Path) -> None:
         pts = sorted((r["tokens"], r["speedup"]) for r in results if r["method"] == name)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, alpha=0.8)
     ax.set_xlabel("image tokens sent to the LLM")
-    ax.set_ylabel("end-to-end prefill speed-up vs 576 tokens")
-    ax.set_title("LLaVA-1.5-7B shape (32 LLM layers, extrapolated)")
+    full = next((r["tokens"] for r in results if r["method"] == "none"), 576)
+    ax.set_ylabel(f"end-to-end prefill speed-up vs {full:.0f} tokens")
+    ax.set_title(f"{title} shape ({depth} LLM layers, extrapolated)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -510,4 +586,84 @@ def speed_plot(results: list[dict], path: Path) -> None:
 def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    speed_plot(results, out / "speed.png")
+    speed_plot(results, out / "speed.png", SHAPES.get(meta.get("shape"), "LLaVA-1.5-7B"), meta.get("extrapolated_to_layers", FULL_DEPTH))
+
+
+# ----------------------------------------------------------------------------- a shape without a bench: FLOPs and selection
+
+
+def newline_rows(selection, shape: Shape) -> int:
+    """Newline tokens a tiled family adds after ``selection``: one per canvas row that kept a single-source token
+    (kept or recovered; merged tokens go after the rows), as LLaVA-NeXT's adapter arranges them."""
+    if shape.crops == 1:
+        return 0
+    from .methods.base import Origin
+
+    single = (selection.origin == Origin.KEPT) | (selection.origin == Origin.RECOVERED)
+    starts = selection.source_sizes.cumsum(0) - selection.source_sizes
+    position = selection.source_index[starts[single]]
+    canvas = position[position >= shape.num_patches] - shape.num_patches
+    return int((canvas // shape.canvas[1]).unique().numel())
+
+
+def cost_rows(
+    methods: list[str], budgets: list[str], shape: Shape, text_tokens: int, select_batches=SELECT_BATCHES, reps: int = 5,
+    tflops: float = A100_BF16_TFLOPS, utilisation: float = PREFILL_UTILISATION,
+) -> tuple[list[dict], list[str]]:
+    """FLOPs, KV cache, estimated GPU prefill and the selection timed alone for every (method, budget), with no model.
+
+    For a shape whose family has no adapter yet (``COST_ONLY``). Tokens kept come from the method's own
+    selection on random signals of the shape (all candidates ranked together on a tiled shape), plus the
+    newline rows they leave (``newline_rows``); in-LLM methods from their plan on all image tokens. Methods
+    with no selection to time other than 'none', and spatial methods on a tiled shape, are listed as skipped.
+    Returns (rows, skipped); row keys as ``summarise_rows``'s cost and selection keys, 'none' first.
+    """
+    from .methods.llm_base import average_tokens, budget_for_average
+
+    full_cost = request_cost(shape, shape.image_tokens, text_tokens, projected_tokens=shape.num_candidates)
+    gpu_full = gpu_request_ms(full_cost, tflops, utilisation)["prefill_ms"]
+    skipped: list[str] = []
+
+    def row(name, budget, tokens, newlines, cost, stages=(), select=None):
+        gpu = gpu_request_ms(cost, tflops, utilisation)
+        each = sorted((select or {}).items())
+        return {
+            "method": name, "budget": str(budget), "tokens": tokens, "newline_tokens": newlines, "stages": list(stages),
+            "flops_ratio": round(full_cost["total_prefill_flops"] / cost["total_prefill_flops"], 3),
+            "total_prefill_tflops": round(cost["total_prefill_flops"] / 1e12, 3),
+            "kv_bytes_32_layers_fp16": int(cost["kv_cache_bytes"]),
+            "select_ms_per_image": {str(b): round(ms, 3) for b, ms in each},
+            "gpu_vision_ms": round(gpu["vision_ms"], 2), "gpu_llm_prefill_ms": round(gpu["llm_prefill_ms"], 2),
+            "gpu_prefill_ms": round(gpu["prefill_ms"], 2), "gpu_prefill_ms_full": round(gpu_full, 2),
+            "select_share_of_gpu_prefill": {str(b): round(ms / gpu["prefill_ms"], 4) for b, ms in each},
+        }
+
+    out = [row("none", "auto", float(shape.image_tokens), shape.newlines, full_cost)]
+    for name in methods:
+        method = get(name)
+        for b in budgets:
+            budget = Budget.parse(b)
+            label = f"{name}@{b}"
+            if budget.is_auto and not method.supports_auto:
+                continue
+            if getattr(method, "in_llm", False):
+                n = shape.image_tokens
+                if not budget.is_auto:
+                    budget = budget_for_average(method, budget.tokens(n), n, shape.llm_layers)
+                plan = method.plan(n, shape.llm_layers, budget)
+                stages = [(st.layer, st.keep) for st in plan]
+                cost = staged_cost(shape, n, stages, text_tokens, projected_tokens=shape.num_candidates)
+                out.append(row(name, budget, average_tokens(plan, n, shape.llm_layers), shape.newlines, cost, stages))
+            elif not times_selection(method) or (shape.crops > 1 and method.spatial):
+                if name != "none":
+                    skipped.append(f"{label}: no selection on all candidates to time without the model")
+            else:
+                timing = selection_ms_per_image(method, budget, shape, select_batches, reps)
+                kept = random_signals(method, shape, 1)
+                with torch.no_grad():
+                    [selection] = method.select(kept, budget)
+                newlines = newline_rows(selection, shape)
+                tokens = selection.num_tokens + newlines
+                cost = request_cost(shape, tokens, text_tokens, projected_tokens=selection.num_tokens)
+                out.append(row(name, budget, float(tokens), newlines, cost, select=timing.ms_per_image))
+    return out, skipped
