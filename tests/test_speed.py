@@ -407,7 +407,7 @@ def test_speed_command_tables_for_next_and_onevision(next_bench, tiny_dirs, tmp_
     result = CliRunner().invoke(app, args + ["--shape", "llava-onevision-7b", "--methods", "fastervlm,fastv", "--out", str(tmp_path / "ov")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "LLaVA-OneVision-7B shape, a 672x672 image: 3699 image tokens" in text and "no LLaVA-OneVision adapter" in text
+    assert "LLaVA-OneVision-7B shape, a 672x672 image: 3699 image tokens" in text and "not wired for LLaVA-OneVision yet" in text
     rows = {r["method"]: r for r in json.loads((tmp_path / "ov" / "speed.json").read_text())["results"]}
     assert rows["none"]["tokens"] == 3699 and rows["fastervlm"]["tokens"] == 364 + rows["fastervlm"]["newline_tokens"]
     assert rows["fastervlm"]["flops_ratio"] > 5 and set(rows["fastervlm"]["select_ms_per_image"]) == {"1"}

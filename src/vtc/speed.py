@@ -3,7 +3,7 @@
 Shapes (``SHAPES``): LLaVA-1.5-7B (one 336 px image, 576 tokens); LLaVA-NeXT-7B (a 672x672 image:
 base crop + 2x2 tiles, 576 + 2304 = 2880 candidate tokens and 48 newline rows, 2928 image tokens,
 the count LlavaNextProcessor writes for it); LLaVA-OneVision-7B (SigLIP + Qwen2-7B: FLOPs, GPU
-estimate and selection timing only until its family adapter lands: ``COST_ONLY``). The bench drives
+estimate and selection timing only: its adapter is in, the wall-clock bench is not wired to it yet, ``COST_ONLY``). The bench drives
 the model through its family adapter (``compress``, ``project``, ``splice_ids``, ``tokens_before``,
 ``language_model``), so the same code times every family; budgets count candidate tokens (a 10%
 budget keeps 288 of NeXT's 2880), and the tokens a row reports are what the LLM sees, newlines included.
@@ -44,7 +44,7 @@ from .shapes import build_llava15, build_llava_next, clip_text_scorer_vit_l
 
 FULL_DEPTH = 32  # LLaVA-1.5's and LLaVA-NeXT's Llama-7B; a bench uses its shape's depth
 SHAPES = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "llava-onevision-7b": "LLaVA-OneVision-7B"}
-COST_ONLY = {"llava-onevision-7b": "no LLaVA-OneVision adapter on this branch yet: FLOPs, GPU estimate and selection timing only"}
+COST_ONLY = {"llava-onevision-7b": "the wall-clock bench is not wired for LLaVA-OneVision yet: FLOPs, GPU estimate and selection timing only"}
 QUESTION = "what is the color of the small triangle left of the red car ?"
 SELECT_BATCHES = (1, 16, 64)  # batch sizes the selection is timed at
 NOT_A_SELECTION = ("none", "downsample")  # no selection to time: all tokens; a smaller tower forward
