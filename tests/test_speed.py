@@ -383,7 +383,7 @@ def test_random_signals_of_a_tiled_shape_rank_every_candidate_together():
 def test_shapes_are_refused_by_name_and_onevision_has_no_bench_yet():
     with pytest.raises(VTCError, match="llava-next-7b"):
         SpeedBench(shape="llava-2")
-    with pytest.raises(VTCError, match="OneVision adapter"):
+    with pytest.raises(VTCError, match="not wired for LLaVA-OneVision"):
         SpeedBench(shape="llava-onevision-7b")
     with pytest.raises(VTCError, match="between 1 and 32"):
         SpeedBench(llm_layers=33, shape="llava-next-7b")
