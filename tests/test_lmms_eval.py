@@ -133,6 +133,20 @@ def test_the_lmms_task_holds_vtc_benchs_synthetic_samples_with_their_pixels(tmp_
     assert process_results({"answer": "circle"}, ["square"]) == {"accuracy": 0.0}
 
 
+def test_vtc_lmms_task_writes_the_task_and_prints_the_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from vtc.cli import app
+
+    result = CliRunner().invoke(app, ["lmms-task", str(tmp_path / "t"), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "t" / "vtc_synthetic.jsonl").read_text().splitlines()) == 2
+    assert f"--tasks vtc_synthetic --include_path {tmp_path / 't'}" in " ".join(result.output.split())
+    (tmp_path / "file").write_text("x")
+    refused = CliRunner().invoke(app, ["lmms-task", str(tmp_path / "file")])
+    assert refused.exit_code == 2 and "is not a directory" in refused.output
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
