@@ -82,6 +82,21 @@ def test_batched_requests_answer_as_one_at_a_time_in_request_order(tiny_pipe, mo
     assert calls == [2, 1, 2]  # max_new_tokens=3: requests 0, 2 | 3; max_new_tokens=5: requests 1, 4
 
 
+def test_the_bridge_loads_a_tiled_family_from_model_args_and_splits_budgets_per_tile(tmp_path, tiny_dirs):
+    from vtc.bench.lmms import load_pipeline
+    from vtc.testing import save_tiny_llava_next
+
+    model = save_tiny_llava_next(tmp_path / "llava_next", text_layers=2)
+    options = bridge_options(pretrained=str(model), clip=str(tiny_dirs[1]), method="fastervlm", budget=12, per_tile="true", batch_size=3)
+    pipe = load_pipeline(options)
+    assert pipe.adapter.tiled
+    images = [random_image(1, (40, 52)), random_image(2, (90, 30)), random_image(3, (64, 64))]
+    questions = ["what is the color ?", "how many circle ?", "describe the picture ."]
+    alone = [pipe([im], [q], method="fastervlm", budget=12, per_tile=True, max_new_tokens=4)[0].text for im, q in zip(images, questions)]
+    items = [(q, {"max_new_tokens": 4}, [im]) for q, im in zip(questions, images)]
+    assert answer_requests(pipe, options, items) == alone
+
+
 def test_answers_stop_at_the_tasks_stop_strings_and_sampling_or_extra_images_are_refused(tiny_pipe):
     assert cut_at_stops("yes\n\nno", ["\n\n"]) == "yes"
     assert cut_at_stops("red. blue", [".", "\n\n"]) == "red"
