@@ -230,22 +230,6 @@ def test_two_processes_give_the_same_results_as_one(tiny_dirs, tmp_path):
     assert _results(tmp_path / "two") == _results(tmp_path / "one")
 
 
-def test_lmms_eval_bridge(tiny_pipe):
-    from vtc.bench.lmms import answer_requests, register
-
-    try:
-        import lmms_eval  # noqa: F401
-    except ImportError:
-        with pytest.raises(VTCError, match=r"visual-token-compression\[lmms\]"):
-            register()
-    image = Image.new("RGB", (40, 40), (10, 200, 10))
-    [answer] = answer_requests(tiny_pipe, "random", "4", [("what color ?", {"max_new_tokens": 3}, [image])])
-    [direct] = tiny_pipe([image], ["what color ?"], method="random", budget="4", max_new_tokens=3)
-    assert answer == direct.text
-    with pytest.raises(VTCError, match="exactly one image"):
-        answer_requests(tiny_pipe, "random", "4", [("q", {}, [image, image])])
-
-
 def test_a_sample_whose_generation_raises_is_a_recorded_failure_and_its_batch_mates_still_score(tiny_pipe, tmp_path, monkeypatch):
     from vtc.bench.runner import Plan
     from vtc.bench.tasks import Task, TaskSample

@@ -26,7 +26,10 @@ class _ErrorBoundary(TyperGroup):
     command, its last step included, prints its message and exits with status 2, never a traceback."""
 
     def invoke(self, ctx):
+        from .env import check_torchvision
+
         try:
+            check_torchvision()  # a torchvision that cannot load would otherwise fail inside transformers
             return super().invoke(ctx)
         except (VTCError, FileNotFoundError) as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
@@ -184,6 +187,21 @@ def bench_cmd(
 
         print_report(write_report(out))
         console.print(f"report: {out / 'report.md'}, {out / 'pareto.png'}, {out / 'report.html'}")
+
+
+@app.command("lmms-task")
+def lmms_task_cmd(
+    out: Path = typer.Argument(Path("vtc-lmms-task"), help="Directory for the task's YAML, questions and images."),
+    limit: int = typer.Option(500, "--limit", min=1, help="First N questions of the synthetic benchmark (as `vtc bench --limit N`)."),
+) -> None:
+    """Write the synthetic benchmark as an lmms-eval task that reads only local files (for `--include_path`)."""
+    from .bench.lmms_task import TASK_NAME, write_task
+
+    _check_out_dir(out, "OUT")
+    config = write_task(out, limit)
+    console.print(f"wrote {config} ({limit} questions)")
+    console.print(f"run: python -m lmms_eval --model vtc --model_args method=recoverable,budget=auto --tasks {TASK_NAME} "
+                  f"--include_path {config.parent} --batch_size 8", markup=False, soft_wrap=True)
 
 
 @app.command("report")

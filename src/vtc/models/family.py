@@ -36,9 +36,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..methods.base import Budget, Method, Selection, VTCError
+from ..env import check_torchvision
+
+check_torchvision()  # before transformers: a torchvision that cannot load fails there with a traceback
+
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+
+from ..methods.base import Budget, Method, Selection, VTCError  # noqa: E402
 
 FAMILIES: dict[str, type["Family"]] = {}
 

@@ -31,11 +31,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..methods.base import Budget, VTCError
-from ..methods.llm_base import Choice, LLMMethod, Stage, average_tokens
+from ..env import check_torchvision
+
+check_torchvision()  # before transformers: a torchvision that cannot load fails there with a traceback
+
+from transformers.cache_utils import DynamicCache  # noqa: E402
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
+
+from ..methods.base import Budget, VTCError  # noqa: E402
+from ..methods.llm_base import Choice, LLMMethod, Stage, average_tokens  # noqa: E402
 
 
 MASKABLE = ("sdpa", "eager")  # implementations that take an arbitrary 4-D mask
