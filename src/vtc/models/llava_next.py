@@ -256,10 +256,11 @@ class LlavaNextAdapter(LlavaAdapter):
         row = (position[canvas] - layout.patches) // layout.canvas.shape[1]
         newline = self.image_newline.to(tokens)[None]
         pieces = [tokens[base]]
-        for r in row.unique_consecutive().tolist():
+        rows = row.unique_consecutive().tolist()
+        for r in rows:
             pieces += [tokens[canvas[row == r]], newline]
         pieces.append(tokens[(~single).nonzero().squeeze(1)])
-        selection.info = {**selection.info, "newline_tokens": len(row.unique_consecutive())}
+        selection.info = {**selection.info, "newline_tokens": len(rows)}
         return torch.cat(pieces)
 
     def map_panels(self, selection: Selection) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
