@@ -9,8 +9,44 @@ def top_in_raster_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores along the last dim, back in raster order (ties: lower index first).
 
     ``scores`` (N,) or (B, N): a batch is ranked row by row in one call."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return order[..., :k].sort(dim=-1).values
+    k = min(k, scores.shape[-1])
+    return mask_indices(top_k_mask(scores, k), k)
+
+
+def top_k_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """(..., N) bool: the ``k`` highest scores of each row, equal scores taken lower index first; ``k`` an int
+    or one count per row (shape ``scores.shape[:-1]``). The same set as the first k of a stable descending
+    sort, found without sorting: the k-th largest value (one ``topk``), everything above it, then as many
+    entries equal to it as still fit, in index order (a cumulative count). No host synchronisation."""
+    n = scores.shape[-1]
+    counts = torch.as_tensor(k, device=scores.device).clamp(0, n).expand(scores.shape[:-1])
+    width = int(counts.max()) if isinstance(k, torch.Tensor) else min(int(k), n)
+    if width == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    largest = scores.topk(width, dim=-1, sorted=True).values  # (..., width), descending
+    kth = largest.gather(-1, (counts - 1).clamp(min=0).unsqueeze(-1))  # (..., 1)
+    above = scores > kth
+    tied = scores == kth
+    room = counts.unsqueeze(-1) - above.sum(-1, keepdim=True)  # ties still taken, lower index first
+    chosen = above | (tied & (tied.cumsum(-1) <= room))
+    return chosen & (counts > 0).unsqueeze(-1)
+
+
+def mask_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., k) ascending indices of the True entries of each row of ``mask`` (..., N), which has exactly k of
+    them per row: a scatter by running count, no sort."""
+    slot = torch.where(mask, mask.cumsum(-1) - 1, k)  # False entries go to a spare column k
+    index = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
+    return torch.zeros((*mask.shape[:-1], k + 1), dtype=torch.long, device=mask.device).scatter_(-1, slot, index)[..., :k]
+
+
+def top_k_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., k) indices of the ``k`` highest scores, highest first, equal scores lower index first: equal to
+    ``torch.sort(scores, descending=True, stable=True).indices[..., :k]`` with a sort of k entries, not N."""
+    k = min(k, scores.shape[-1])
+    index = mask_indices(top_k_mask(scores, k), k)  # ascending index, so the stable sort keeps ties in order
+    order = torch.sort(scores.gather(-1, index), dim=-1, descending=True, stable=True).indices
+    return index.gather(-1, order)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ import torch
 
 from .base import AttentionSpec, Budget, Method, Origin, Selection, Signal, Signals, TextSpec, VTCError, register
 from .lof import lof_outlier_counts
-from .primitives import gather_rows
+from .primitives import gather_rows, top_k_descending
 
 LOF_NEIGHBOURS = 20
 ORIGINAL_CENTRE_NEIGHBOURS = 10  # the published code sizes the centres with LOF's function default
@@ -214,7 +214,7 @@ def merge_leftovers(
         allowed = leftovers[:, None, :].expand(b, c, n).clone()
         allowed.scatter_(2, centres[..., None], False)  # not its own neighbour
         nearness = nearness.masked_fill(~allowed, -float("inf"))
-        nbrs = torch.sort(nearness, dim=-1, descending=True, stable=True).indices[..., :m]  # ties: lower index
+        nbrs = top_k_descending(nearness, m)  # nearest first, ties: lower index
     m_row = (count - 1).clamp(min=0, max=MERGE_NEIGHBOURS)  # neighbours each centre of row b takes
     in_group = valid_ctr[..., None] & (torch.arange(m, device=nbrs.device) < m_row[:, None, None])
     members = torch.cat([centres[..., None], nbrs], dim=-1)  # (B, C, 1 + M)
