@@ -138,21 +138,39 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
     else:  # every row is a full row: one k, one algorithm
         k, brute = width, (True if width >= n // 2 else None)
     padded = _padded(ordered, width, torch.inf)
-    position = _neighbours(padded, ordered, width, brute)  # (w, B, n) padded positions, nearest first
-    neighbour = _at(padded, position)
-    if brute is None:  # KD-tree: sqrt((x - y)**2) == |x - y| (no under- or overflow for sane scores)
-        distance = (neighbour - ordered).abs().to(dtype)
+    if brute is None or brute is True:  # one algorithm for every row
+        position = _neighbours(padded, ordered, width, brute)  # (w, B, n) padded positions, nearest first
+        neighbour = _at(padded, position)
+        if brute is None:  # KD-tree: sqrt((x - y)**2) == |x - y| (no under- or overflow for sane scores)
+            distance = (neighbour - ordered).abs().to(dtype)
+        else:
+            distance = _brute_distance(ordered, neighbour, dtype)
     else:
-        # brute force roots a float32 input's squared distance after rounding it to float32
-        squared = _squared(ordered, neighbour, brute.squeeze(-1) if brute is not True else brute)
-        distance = _sqrt(squared.to(dtype).to(torch.float64)).to(dtype)
-        if brute is not True:  # rows on the KD-tree
-            distance = torch.where(brute.squeeze(-1), distance, (neighbour - ordered).abs().to(dtype))
+        # Rows differ: a brute-force row has at most 2 * n_neighbors + 1 valid entries (k >= L // 2), and its
+        # valid entries sort first, so its own computation needs only that many leading columns; the KD-tree
+        # computation serves every column of every row. Rows are independent, so the results are combined
+        # row by row: the same as running each row alone, with no host synchronisation to find the rows.
+        head = min(n, 2 * n_neighbors + 1)
+        position = _neighbours(padded, ordered, width, None)
+        neighbour = _at(padded, position)
+        distance = (neighbour - ordered).abs().to(dtype)
+        rows = brute.view(1, batch, 1)
+        head_position = _neighbours(padded, ordered[:, :head], width, True)
+        head_neighbour = _at(padded, head_position)
+        position[..., :head] = torch.where(rows, head_position, position[..., :head])
+        distance[..., :head] = torch.where(rows, _brute_distance(ordered[:, :head], head_neighbour, dtype), distance[..., :head])
     kth = distance[width - 1] if not masked else distance.gather(0, (k - 1).view(1, batch, 1).expand(1, batch, n))[0]
     reach = torch.maximum(distance, _at(_padded(kth, width, 0.0), position))
     lrd = 1.0 / (_mean(reach, k) + LRD_EPSILON)  # (B, n)
     factor = _mean(_at(_padded(lrd, width, 1.0), position) / lrd, k)
     return torch.empty_like(factor).scatter_(-1, order, factor), valid, count
+
+
+def _brute_distance(ordered: Tensor, neighbour: Tensor, dtype: torch.dtype) -> Tensor:
+    """Brute force's distances: the root of the GEMM-expanded squared distance, which for a float32 input is
+    rounded to float32 before the root."""
+    squared = _squared(ordered, neighbour, True)
+    return _sqrt(squared.to(dtype).to(torch.float64)).to(dtype)
 
 
 def _padded(rows: Tensor, width: int, fill: float) -> Tensor:
