@@ -158,7 +158,8 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
         head_position = _neighbours(padded, ordered[:, :head], width, True)
         head_neighbour = _at(padded, head_position)
         position[..., :head] = torch.where(rows, head_position, position[..., :head])
-        distance[..., :head] = torch.where(rows, _brute_distance(ordered[:, :head], head_neighbour, dtype), distance[..., :head])
+        head_distance = _brute_distance(ordered[:, :head], head_neighbour, dtype)
+        distance[..., :head] = torch.where(rows, head_distance, distance[..., :head])
     kth = distance[width - 1] if not masked else distance.gather(0, (k - 1).view(1, batch, 1).expand(1, batch, n))[0]
     reach = torch.maximum(distance, _at(_padded(kth, width, 0.0), position))
     lrd = 1.0 / (_mean(reach, k) + LRD_EPSILON)  # (B, n)

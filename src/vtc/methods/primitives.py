@@ -37,7 +37,8 @@ def mask_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
     them per row: a scatter by running count, no sort."""
     slot = torch.where(mask, mask.cumsum(-1) - 1, k)  # False entries go to a spare column k
     index = torch.arange(mask.shape[-1], device=mask.device).expand(mask.shape)
-    return torch.zeros((*mask.shape[:-1], k + 1), dtype=torch.long, device=mask.device).scatter_(-1, slot, index)[..., :k]
+    spare = torch.zeros((*mask.shape[:-1], k + 1), dtype=torch.long, device=mask.device)
+    return spare.scatter_(-1, slot, index)[..., :k]
 
 
 def top_k_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
