@@ -250,3 +250,24 @@ def test_recoverable_fixture_text_scores_equal_sklearn():
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(VTCError, match=match):
         call()
+
+
+@pytest.mark.parametrize("kind", ["random", "quantised", "softmax"])
+def test_window_and_merge_loop_find_the_same_neighbours(kind):
+    """The two computations of the KD-tree rows' neighbours (chosen by batch size and device) agree exactly,
+    also on tie-heavy rows and with +inf (invalid) entries at the end of a row."""
+    from vtc.methods.lof import _neighbours, _padded, _window_neighbours
+
+    g = torch.Generator().manual_seed({"random": 0, "quantised": 1, "softmax": 2}[kind])
+    scores = torch.randn(6, 97, generator=g, dtype=torch.float64)
+    if kind == "quantised":
+        scores = (scores * 3).round() / 3
+    if kind == "softmax":
+        scores = scores.softmax(-1)
+    scores[0, 60:] = torch.inf  # a row with invalid entries, sorted last
+    ordered = scores.sort(dim=-1).values
+    for width in (1, 5, 20, 48):
+        padded = _padded(ordered, width, torch.inf)
+        window, loop = _window_neighbours(padded, ordered, width), _neighbours(padded, ordered, width, None)
+        valid = ordered.isfinite()
+        assert torch.equal(window[:, valid], loop[:, valid]), width

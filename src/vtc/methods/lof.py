@@ -21,9 +21,11 @@ What scikit-learn 1.9 computes, and how it is reproduced here
   are (torch's vectorised sqrt is not: ``_sqrt`` corrects it).
 * In 1-D, after sorting a row, the k nearest other entries of the entry at sorted position i are a window
   i - a .. i + k - a (without i): a merge of its left and right neighbours, nearest first, which also
-  gives them in the order of increasing distance in which scikit-learn returns and sums them. The merge is
-  a loop over the k neighbour ranks, each step a few (B, n) operations: no N x N matrix, no sort of the
-  candidates.
+  gives them in the order of increasing distance in which scikit-learn returns and sums them. No N x N
+  matrix: the merge is either a loop over the k neighbour ranks (a few (B, n) operations each; brute-force
+  rows, and large CPU batches) or, for the KD-tree rows, a fixed dozen operations on the (B, n, k) windows
+  (``_window_neighbours``; cheaper where each operation has a fixed cost, as on an accelerator). Both give
+  the same neighbours (tested). With a mask, brute-force rows are computed on their leading 2k + 1 columns.
 * The sample itself: scikit-learn asks for k + 1 neighbours and drops the sample, or, when k + 1 duplicates
   hide it, the first duplicate. Either way the k neighbours are the k nearest *other* entries, and the
   choice among exact duplicates changes no density (equal scores have equal k-distances and densities).
@@ -72,6 +74,7 @@ LRD_EPSILON = 1e-10  # scikit-learn's guard against a zero mean reachability dis
 OFFSET = 1.5  # contamination="auto": an entry is an outlier when -factor < -1.5
 PAIRWISE_BLOCKSIZE = 128  # numpy sums at most this many terms with its unrolled loop before recursing
 ACCUMULATORS = 8  # numpy's unrolled pairwise sum keeps eight partial sums
+WINDOW_MAX_CPU_ENTRIES = 4096  # on the CPU, larger batches of scores find neighbours with the merge loop
 
 
 def lof_outlier_counts(
@@ -139,7 +142,8 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
         k, brute = width, (True if width >= n // 2 else None)
     padded = _padded(ordered, width, torch.inf)
     if brute is None or brute is True:  # one algorithm for every row
-        position = _neighbours(padded, ordered, width, brute)  # (w, B, n) padded positions, nearest first
+        # (w, B, n) padded positions, nearest first
+        position = _exact_neighbours(padded, ordered, width) if brute is None else _neighbours(padded, ordered, width, True)
         neighbour = _at(padded, position)
         if brute is None:  # KD-tree: sqrt((x - y)**2) == |x - y| (no under- or overflow for sane scores)
             distance = (neighbour - ordered).abs().to(dtype)
@@ -151,7 +155,7 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
         # computation serves every column of every row. Rows are independent, so the results are combined
         # row by row: the same as running each row alone, with no host synchronisation to find the rows.
         head = min(n, 2 * n_neighbors + 1)
-        position = _neighbours(padded, ordered, width, None)
+        position = _exact_neighbours(padded, ordered, width)
         neighbour = _at(padded, position)
         distance = (neighbour - ordered).abs().to(dtype)
         rows = brute.view(1, batch, 1)
@@ -183,6 +187,39 @@ def _padded(rows: Tensor, width: int, fill: float) -> Tensor:
 def _at(rows: Tensor, index: Tensor) -> Tensor:
     """rows (B, m) at index (w, B, n): (w, B, n)."""
     return rows.unsqueeze(0).expand(index.shape[0], -1, -1).gather(-1, index)
+
+
+def _window_neighbours(padded: Tensor, ordered: Tensor, width: int) -> Tensor:
+    """``_neighbours`` for exact squared distances (the KD-tree's ``(x - y)**2``), in a fixed number of tensor
+    operations instead of one merge step per rank. In a sorted row the squared distance to the j-th entry on
+    either side never decreases with j (rounding is monotone), so the merge of the two sides takes the a-th
+    left neighbour iff it is not farther than the (k - a + 1)-th right one: the count of such a is how many
+    left neighbours the k nearest include. The k chosen, lefts first, then go through a stable sort by
+    distance, which puts a left before a right at equal distance, as the merge does."""
+    batch, n = ordered.shape
+    window = padded.unfold(1, 2 * width + 1, 1)  # (B, n, 2w + 1): entry i at the middle of window i (a view)
+    x = ordered.unsqueeze(-1)
+    left_square = (x - window[..., :width].flip(-1)) ** 2  # (B, n, w): the j-th left neighbour at j - 1
+    right_square = (x - window[..., width + 1 :]) ** 2
+    lefts = (left_square <= right_square.flip(-1)).sum(-1, keepdim=True)  # left neighbours among the k
+    slot = torch.arange(width, device=ordered.device)
+    from_left = slot < lefts
+    right_rank = (slot - lefts).clamp(min=0)
+    square = torch.where(from_left, left_square, right_square.gather(-1, right_rank))
+    centre = torch.arange(width, width + n, device=ordered.device).view(1, n, 1)  # padded position of each entry
+    position = torch.where(from_left, centre - 1 - slot, centre + 1 + right_rank)
+    chosen = position.gather(-1, torch.sort(square, dim=-1, stable=True).indices)  # (B, n, w), nearest first
+    return chosen.permute(2, 0, 1).contiguous()
+
+
+def _exact_neighbours(padded: Tensor, ordered: Tensor, width: int) -> Tensor:
+    """The KD-tree rows' neighbours by whichever of two equal computations costs less: the window form (a
+    fixed dozen operations) where operations are dear, i.e. on an accelerator or for a small CPU batch; the
+    merge loop (2w cheap operations, no sort of many short rows, which the CPU does slowly) on a large CPU
+    batch. Measured on one CPU thread: 16 x 576 scores, loop 3 ms, window 7 ms; 1 x 576, loop 2.5, window 1.4."""
+    if ordered.device.type != "cpu" or ordered.numel() <= WINDOW_MAX_CPU_ENTRIES:
+        return _window_neighbours(padded, ordered, width)
+    return _neighbours(padded, ordered, width, None)
 
 
 def _neighbours(padded: Tensor, ordered: Tensor, width: int, brute: Tensor | bool | None) -> Tensor:
