@@ -34,8 +34,7 @@ def top_k_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     above = scores > kth
     tied = scores == kth
     room = counts.unsqueeze(-1) - above.sum(-1, keepdim=True)  # ties still taken, lower index first
-    chosen = above | (tied & (running_count(tied) <= room))
-    return chosen & (counts > 0).unsqueeze(-1)
+    return above | (tied & (running_count(tied) <= room))  # a zero count: nothing above, no room for ties
 
 
 def mask_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
