@@ -271,3 +271,14 @@ def test_window_and_merge_loop_find_the_same_neighbours(kind):
         window, loop = _window_neighbours(padded, ordered, width), _neighbours(padded, ordered, width, None)
         valid = ordered.isfinite()
         assert torch.equal(window[:, valid], loop[:, valid]), width
+
+
+@pytest.mark.parametrize("k", [10, 20])
+def test_brute_force_rows_beside_long_rows_keep_scikit_learns_rounded_distances(k):
+    """A masked batch mixes brute-force rows (at most 2k + 1 entries) with KD-tree rows. Far from zero, the
+    brute-force distance (a root of the GEMM expansion) differs from |x - y| in its last bits for every
+    entry, so each brute row's entries, up to the (2k + 1)-th, must take the brute-force path."""
+    rng = np.random.default_rng(7 + k)
+    rows = [1000.0 + rng.normal(size=s) * 1e-2 for s in (2 * k + 1, 2 * k, k + 1, 2 * k + 1)]
+    rows += [rng.normal(size=300), rng.normal(size=3 * k)]
+    assert_rows_equal_sklearn(rows, k, torch.float64)
