@@ -46,6 +46,8 @@ def assert_rows_equal_sklearn(rows: list[np.ndarray], k: int, dtype: torch.dtype
         assert not batched[b, len(row):].any()
         if factors and expected_factors is not None:
             np.testing.assert_array_equal(batched_factors[b, : len(row)].numpy(), expected_factors, err_msg=f"row {b}")
+            alone_factors = local_outlier_factors(torch.from_numpy(row)[None], k, dtype=dtype)[0].numpy()
+            np.testing.assert_array_equal(alone_factors, expected_factors, err_msg=f"row {b} alone")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
