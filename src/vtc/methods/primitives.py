@@ -8,9 +8,10 @@ import torch
 def top_in_raster_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores along the last dim, back in raster order (ties: lower index first).
 
-    ``scores`` (N,) or (B, N): a batch is ranked row by row in one call."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # one short sort: cheaper than top_k_mask
-    return order[..., :k].sort(dim=-1).values  # for (B, 576) rows (measured 0.23 vs 0.30 ms at batch 1)
+    ``scores`` (N,) or (B, N): a batch is ranked row by row in one call. One sort of each row: on rows this
+    short it costs less than ``top_k_mask``'s operations (0.23 vs 0.30 ms at batch 1, 576 scores)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
 
 
 def running_count(mask: torch.Tensor) -> torch.Tensor:
@@ -23,7 +24,8 @@ def top_k_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """(..., N) bool: the ``k`` highest scores of each row, equal scores taken lower index first; ``k`` an int
     or one count per row (shape ``scores.shape[:-1]``). The same set as the first k of a stable descending
     sort, found without sorting: the k-th largest value (one ``topk``), everything above it, then as many
-    entries equal to it as still fit, in index order (a cumulative count). No host synchronisation."""
+    entries equal to it as still fit, in index order (a cumulative count). An int ``k`` needs no host
+    synchronisation; per-row counts read their maximum once."""
     n = scores.shape[-1]
     counts = torch.as_tensor(k, device=scores.device).clamp(0, n).expand(scores.shape[:-1])
     width = int(counts.max()) if isinstance(k, torch.Tensor) else min(int(k), n)
