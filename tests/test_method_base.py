@@ -141,6 +141,37 @@ def test_build_owner_and_sources_equal_claiming_one_token_after_the_other(seed):
     assert torch.equal(sel.tokens[glob : glob + k], feats[kept])
 
 
+@pytest.mark.parametrize("seed", range(25))
+def test_build_batch_equals_claiming_one_token_after_the_other_in_every_image(seed):
+    """Images of one batch share counts (k kept, m merged, F flat sources) but not how F splits among
+    the merged tokens: some get none, one gets all. Each image is checked against the definition."""
+    from vtc.methods import Origin
+
+    g = torch.Generator().manual_seed(seed)
+    b, n = 3, int(torch.randint(1, 30, (1,), generator=g))
+    k, m = int(torch.randint(0, n + 1, (1,), generator=g)), int(torch.randint(0, 5, (1,), generator=g))
+    f = int(torch.randint(m, 3 * n, (1,), generator=g)) if m else 0
+    kept = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b)])
+    flat = torch.randint(0, n, (b, f), generator=g)
+    cuts = torch.randint(0, f + 1, (b, max(m - 1, 0)), generator=g).sort(dim=1).values
+    edges = torch.cat([torch.zeros(b, 1, dtype=torch.long), cuts, torch.full((b, 1), f)], dim=1)
+    sizes = edges.diff(dim=1) if m else torch.zeros(b, 0, dtype=torch.long)
+    anchors = torch.where(torch.rand(b, m, generator=g) < 0.6, torch.randint(0, n, (b, m), generator=g), -1)
+    glob = int(torch.randint(0, 2, (1,), generator=g))
+    origin = torch.randint(0, 2, (b, k), generator=g)
+    feats = torch.randn(b, n, 3, generator=g)
+    sels = Selection.build_batch(
+        feats, kept, origin, torch.randn(b, m, 3, generator=g), (flat, sizes), anchors,
+        info=[{"image": i} for i in range(b)], global_tokens=torch.randn(b, glob, 3, generator=g),
+    )
+    for i, sel in enumerate(sels):
+        sources = [flat[i, e0:e1].tolist() for e0, e1 in zip(edges[i, :-1].tolist(), edges[i, 1:].tolist())][:m]
+        assert sel.owner.tolist() == _naive_owner(n, kept[i].tolist(), sources, anchors[i].tolist(), glob)
+        assert [s.tolist() for s in sel.sources] == [[]] * glob + [[p] for p in kept[i].tolist()] + sources
+        assert sel.origin.tolist() == [Origin.GLOBAL] * glob + origin[i].tolist() + [Origin.MERGED] * m
+        assert torch.equal(sel.tokens[glob : glob + k], feats[i, kept[i]]) and sel.info == {"image": i}
+
+
 def test_selection_needs_one_form_of_provenance():
     with pytest.raises(VTCError, match="either a sources list"):
         Selection(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), owner=torch.zeros(1, dtype=torch.long))

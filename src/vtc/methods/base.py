@@ -353,18 +353,64 @@ class Selection:
         cls, features: torch.Tensor, kept: torch.Tensor, info: "list[dict[str, Any]] | None" = None
     ) -> "list[Selection]":
         """One Selection per image for methods that keep patches and merge nothing: ``features`` (B, N, D),
-        ``kept`` (B, k) patch indices in output order. Equal to ``build(features[b], kept[b])`` per image,
-        with the gathers and owner maps made for the whole batch at once."""
-        b, n, d = features.shape
+        ``kept`` (B, k) patch indices in output order. Equal to ``build(features[b], kept[b])`` per image."""
+        return cls.build_batch(features, kept, info=info)
+
+    @classmethod
+    def build_batch(
+        cls,
+        features: torch.Tensor,
+        kept: torch.Tensor,
+        kept_origin: torch.Tensor | int = Origin.KEPT,
+        merged_tokens: torch.Tensor | None = None,
+        merged_sources: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+        merged_anchors: torch.Tensor | None = None,
+        info: "dict[str, Any] | list[dict[str, Any]] | None" = None,
+        global_tokens: torch.Tensor | None = None,
+    ) -> "list[Selection]":
+        """``build`` for a whole batch whose images have the same counts, in a fixed number of tensor
+        operations (the per-image loop only slices): ``features`` (B, N, D); ``kept`` (B, k);
+        ``kept_origin`` (B, k) or one code; ``merged_tokens`` (B, M, D); ``merged_sources`` flat as
+        ((B, F) indices, (B, M) sizes), each row's sizes summing to F; ``merged_anchors`` (B, M), -1 for
+        none; ``global_tokens`` (B, G, D); ``info`` one dict for every image or one per image.
+        Image b's Selection equals ``build(features[b], kept[b], ...)`` with its rows of each argument."""
+        b, n = features.shape[:2]
         kept = kept.to(torch.long)
-        k = kept.shape[1]
-        tokens = gather_rows(features, kept)
-        owner = torch.full((b, n), -1, dtype=torch.long).scatter_(1, kept, torch.arange(k).expand(b, k))
-        origin = torch.full((b, k), int(Origin.KEPT), dtype=torch.long)
-        sizes = torch.ones((b, k), dtype=torch.long)
-        infos = info or [None] * b
+        k, dev = kept.shape[1], kept.device
+        g = 0 if global_tokens is None else global_tokens.shape[1]
+        m = 0 if merged_tokens is None else merged_tokens.shape[1]
+        parts = [gather_rows(features, kept)]
+        if g:
+            parts.insert(0, global_tokens.to(features.dtype))
+        if m:
+            parts.append(merged_tokens.to(features.dtype))
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        origin = torch.empty((b, g + k + m), dtype=torch.long, device=dev)
+        origin[:, :g], origin[:, g + k :] = int(Origin.GLOBAL), int(Origin.MERGED)
+        origin[:, g : g + k] = kept_origin if isinstance(kept_origin, int) else kept_origin.to(torch.long)
+        sizes = torch.ones((b, g + k + m), dtype=torch.long, device=dev)
+        sizes[:, :g] = 0
+        owner = torch.full((b, n), -1, dtype=torch.long, device=dev)
+        owner.scatter_(1, kept, torch.arange(g, g + k, device=dev).expand(b, k))
+        source_index = kept
+        if m:
+            if merged_sources is None:
+                raise VTCError("Selection.build_batch: merged tokens need their merged_sources")
+            flat, merged_sizes = merged_sources[0].to(torch.long), merged_sources[1].to(torch.long)
+            sizes[:, g + k :] = merged_sizes
+            if merged_anchors is not None:  # anchors claim themselves before any merged token claims its sources
+                anchors = merged_anchors.to(torch.long)
+                ids = torch.arange(g + k, g + k + m, device=dev).expand(b, m)
+                owner = _claim_unowned(owner, anchors.clamp(min=0), torch.where(anchors >= 0, ids, _UNCLAIMED))
+            # each flat entry's merged token: the count of tokens whose sources end at or before it
+            ends = merged_sizes.cumsum(1)
+            position = torch.arange(flat.shape[1], device=dev).expand(b, -1).contiguous()
+            token_of_entry = g + k + torch.searchsorted(ends, position, right=True)
+            owner = _claim_unowned(owner, flat, token_of_entry)
+            source_index = torch.cat([kept, flat], dim=1)
+        infos = info if isinstance(info, list) else [info] * b
         return [
-            cls(tokens[i], origin[i], owner=owner[i], info=infos[i], source_index=kept[i], source_sizes=sizes[i])
+            cls(tokens[i], origin[i], owner=owner[i], info=infos[i], source_index=source_index[i], source_sizes=sizes[i])
             for i in range(b)
         ]
 
@@ -429,14 +475,18 @@ class Selection:
         )
 
 
+_UNCLAIMED = torch.iinfo(torch.long).max  # a token id larger than every real one: claims nothing
+
+
 def _claim_unowned(owner: torch.Tensor, patches: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Every patch still unowned goes to the first token (lowest id) that lists it: the result of
-    claiming in output order, one token after the other."""
+    claiming in output order, one token after the other. Works on one image ((N,) owner) or a batch
+    ((B, N) owner, (B, P) patches and ids); an id of ``_UNCLAIMED`` claims nothing."""
     if patches.numel() == 0:
         return owner
-    first = torch.full_like(owner, torch.iinfo(torch.long).max)
-    first.scatter_reduce_(0, patches, token_ids, reduce="amin")
-    return torch.where((owner < 0) & (first != torch.iinfo(torch.long).max), first, owner)
+    first = torch.full_like(owner, _UNCLAIMED)
+    first.scatter_reduce_(-1, patches, token_ids, reduce="amin")
+    return torch.where((owner < 0) & (first != _UNCLAIMED), first, owner)
 
 
 # ----------------------------------------------------------------------------- methods
