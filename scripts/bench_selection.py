@@ -1,7 +1,7 @@
 """Selection time of every vision-side method, per image at batch 1, 16 and 64, next to the estimated GPU prefill.
 
     python scripts/bench_selection.py [--reps 10] [--budgets 64,128,192,auto] [--batches 1,16,64]
-                                      [--methods fastervlm,recoverable] [--compare-naive]
+                                      [--methods fastervlm,recoverable] [--compare-naive] [--fresh-pages]
 
 Signals have LLaVA-1.5-7B shapes (576 patches on 24 x 24, features 1024-d, keys 1024-d
 or 64-d head means, projected tokens 4096-d) with random values, only those each method
@@ -11,7 +11,9 @@ The reference is the same request's prefill on a GPU, estimated from its FLOPs
 (``vtc.cost.gpu_request_ms``: vision tower + projector + 32-layer LLM prefill at the
 method's tokens and 64 text tokens, A100 bf16 peak at the stated utilisation).
 Torch runs on ONE thread (``torch.set_num_threads(1)``) so numbers compare across runs and
-machines. Signal extraction is not included (see scripts/bench_overhead.py); ``none``,
+machines. Freed memory is kept for reuse (``vtc.speed.reuse_freed_memory``), as a GPU's caching
+allocator keeps it: with glibc's defaults every large temporary is fresh, page-faulting memory,
+and that costs more than most methods' arithmetic (``--fresh-pages`` shows it). Signal extraction is not included (see scripts/bench_overhead.py); ``none``,
 ``downsample`` (a smaller tower forward, not a selection) and in-LLM methods are left out.
 
 ``--compare-naive`` also times the frozen per-image implementations in tests/naive/ (the
@@ -33,7 +35,7 @@ import torch
 from vtc.cost import GPU_ASSUMPTION, Shape, gpu_request_ms, request_cost
 from vtc.methods import Budget, Method, VTCError, available, get
 from vtc.shapes import llava15_config
-from vtc.speed import random_signals, selection_ms_per_image, times_selection
+from vtc.speed import random_signals, reuse_freed_memory, selection_ms_per_image, times_selection
 
 TEXT_TOKENS = 64
 TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -94,8 +96,13 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--methods", default="", help="comma-separated (default: every vision-side method)")
     parser.add_argument("--compare-naive", action="store_true", help="also time the frozen per-image code in tests/naive/")
+    parser.add_argument(
+        "--fresh-pages", action="store_true",
+        help="leave glibc's malloc as it is: large temporaries page-fault on first touch (see reuse_freed_memory)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    reused = False if args.fresh_pages else reuse_freed_memory()
     budgets = [Budget.parse(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     names = [m.strip() for m in args.methods.split(",") if m.strip()] or available()
@@ -105,6 +112,8 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()} (torch.set_num_threads(1), for comparable numbers); CPU selection on random")
     print(f"LLaVA-1.5-7B-shape signals ({shape.num_patches} patches); GPU prefill estimated from FLOPs: {GPU_ASSUMPTION},")
     print(f"vision tower + projector + 32-layer LLM at the method's tokens + {TEXT_TOKENS} text tokens")
+    print("freed memory reused (glibc mallopt, as a GPU's caching allocator)" if reused else
+          "fresh pages for every large temporary (glibc malloc defaults): page faults included")
     if args.compare_naive:
         listed = ", ".join(sorted(c for c in classes if not c.startswith("_")))
         print(f"old = frozen per-image code in tests/naive/ ({listed}); x = old / new at each batch")

@@ -1,6 +1,8 @@
 """vtc speed: the summary worked by hand at 4 built layers, and the measurement plumbing on a tiny LLaVA."""
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -414,3 +416,29 @@ def test_speed_command_tables_for_next_and_onevision(next_bench, tiny_dirs, tmp_
     assert rows["fastv"]["stages"] and rows["fastv"]["select_ms_per_image"] == {}
     result = CliRunner().invoke(app, args + ["--shape", "llava-9", "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "llava-onevision-7b" in " ".join(result.output.split())
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from vtc.speed import reuse_freed_memory
+if sys.argv[1] == "reuse" and not reuse_freed_memory():
+    raise SystemExit("no glibc")
+def faults_of_a_fresh_fill():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 1024 * 1024)  # 64 MB, freed at once: over glibc's largest default mmap threshold
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_fresh_fill()
+print(min(faults_of_a_fresh_fill() for _ in range(4)))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt and minor-fault counts are Linux's")
+def test_reuse_freed_memory_stops_large_temporaries_page_faulting():
+    """A 64 MB temporary made and freed again and again: with glibc's defaults each one is fresh memory
+    (one minor fault per 4 KB page, 16384); after reuse_freed_memory the freed block is reused."""
+    def faults(mode):
+        run = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout.strip())
+
+    assert faults("default") > 10_000
+    assert faults("reuse") < 1_000

@@ -160,6 +160,27 @@ def _sync(device):
 # ----------------------------------------------------------------------------- the selection alone, per image
 
 
+def reuse_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse (as torch's CUDA caching allocator does) rather
+    than unmapping every block over 32 MB at free; returns False where that is not possible (no glibc).
+
+    Without it, each new large CPU temporary (a (16, 576, 1024) float tensor is 38 MB) is fresh
+    memory whose first touch page-faults: writing it costs ~3.5 ns per float here, 5x a reused
+    block, so a CPU timing of selection mostly measured the kernel's page zeroing, a cost a GPU
+    user never sees. Process-wide and irreversible: call it only in a benchmark process."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def times_selection(method) -> bool:
     """True for methods whose selection is timed alone: vision-side, and not 'none' or 'downsample'."""
     return not getattr(method, "in_llm", False) and method.name not in NOT_A_SELECTION

@@ -61,7 +61,5 @@ class EViT(Method):
             kept = kept.sort(dim=-1).values
         dropped = ranked[:, total - 1 :].sort(dim=-1).values
         fused = fuse_inattentive(feats, attn, dropped)
-        return [
-            Selection.build(feats[b], kept[b], merged_tokens=fused[b], merged_sources=[dropped[b]])
-            for b in range(signals.batch_size)
-        ]
+        one_group = torch.full((signals.batch_size, 1), dropped.shape[1], dtype=torch.long, device=dropped.device)
+        return Selection.build_batch(feats, kept, merged_tokens=fused, merged_sources=(dropped, one_group))

@@ -185,6 +185,20 @@ class PruMerge(Method):
             extra = (attn * pruned)[:, None, :].to(work) @ feats.to(work)  # (B, 1, D)
             raster = torch.arange(n, device=kept.device)
             pruned_first = torch.where(pruned, raster, n + raster).sort(dim=-1).values  # pruned patches, raster order
+        if len(set(counts)) == 1:  # every image keeps as many: the whole batch in one go
+            count = counts[0]
+            flat, sizes = sources[:, :count].reshape(b, -1), torch.full((b, count), sources.shape[-1], device=kept.device)
+            tokens, anchors = merged[:, :count], kept[:, :count]
+            if with_extra:
+                tokens = torch.cat([tokens, extra.to(tokens.dtype)], dim=1)
+                flat = torch.cat([flat, pruned_first[:, : n - count]], dim=1)
+                sizes = torch.cat([sizes, torch.full((b, 1), n - count, device=kept.device)], dim=1)
+                anchors = torch.cat([anchors, torch.full((b, 1), -1, device=kept.device)], dim=1)
+            nothing_kept = torch.empty(b, 0, dtype=torch.long, device=kept.device)
+            return Selection.build_batch(
+                feats, nothing_kept, merged_tokens=tokens, merged_sources=(flat, sizes), merged_anchors=anchors,
+                info={"kept_before_merge": count},
+            )
         no_anchor = torch.full((1,), -1, dtype=torch.long, device=kept.device)
         out = []
         for i, count in enumerate(counts):

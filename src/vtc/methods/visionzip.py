@@ -52,6 +52,25 @@ def contextual_targets(remaining: int, count: int) -> torch.Tensor:
     return torch.arange(0, remaining, step)[:count]
 
 
+def sum_members(
+    features: torch.Tensor, members: torch.Tensor, group: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, D) float32 sums of the features of each group's members and (B, C) member counts;
+    ``members`` (B, M) patch indices, ``group`` (B, M) their group in [0, C).
+
+    One index_add over every patch of the batch (patches in no group go to a spare slot): it reads
+    the features once, in order, which on the CPU is 2-3x faster than gathering the members first
+    or multiplying by a dense (C, N) membership matrix."""
+    b, n, d = features.shape
+    slot = torch.full((b, n), count, dtype=torch.long, device=features.device).scatter_(1, members, group)
+    slot += torch.arange(b, device=features.device)[:, None] * (count + 1)
+    slot = slot.reshape(-1)
+    sums = torch.zeros(b * (count + 1), d, dtype=torch.float32, device=features.device)
+    sums.index_add_(0, slot, features.reshape(b * n, d).float())
+    counts = torch.bincount(slot, minlength=b * (count + 1)).to(torch.float32)
+    return sums.view(b, count + 1, d)[:, :count], counts.view(b, count + 1)[:, :count]
+
+
 def merge_contextual(
     features: torch.Tensor, keys: torch.Tensor, remaining: torch.Tensor, count: int, average: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,10 +86,7 @@ def merge_contextual(
     targets, others = remaining[:, is_target], remaining[:, ~is_target]
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     assign = (gather_rows(unit, others) @ gather_rows(unit, targets).transpose(1, 2)).argmax(-1)  # (B, R - C) each member's target
-    membership = torch.zeros(b, count, features.shape[1], dtype=torch.float32)
-    membership.scatter_(2, others[:, None, :].expand(b, count, -1), (assign[:, None, :] == torch.arange(count)[None, :, None]).float())
-    sums = membership @ features.float()
-    counts = membership.sum(-1)
+    sums, counts = sum_members(features, others, assign, count)
     target_feats = gather_rows(features, targets).float()
     if average:
         tokens = (target_feats + sums) / (counts + 1)[..., None]
@@ -108,16 +124,13 @@ class VisionZip(Method):
         patches = dominant - 1 if self.keep_cls else dominant
         ranked = torch.sort(signals.cls_attn, dim=-1, descending=True, stable=True).indices  # ties: lower index
         kept = ranked[:, :patches].sort(dim=-1).values
-        cls = (lambda b: signals.cls_feature[b : b + 1]) if self.keep_cls else (lambda b: None)
+        cls = signals.cls_feature[:, None, :] if self.keep_cls else None
         info = {"dominant": dominant, "contextual": count}
         if count == 0:
-            return [Selection.build(feats[b], kept[b], info=info, global_tokens=cls(b)) for b in range(batch)]
+            return Selection.build_batch(feats, kept, info=info, global_tokens=cls)
         remaining = ranked[:, patches:].sort(dim=-1).values
         tokens, targets, flat, sizes = merge_contextual(feats, signals.keys, remaining, count, self.contextual == "mean")
-        return [
-            Selection.build(
-                feats[b], kept[b], merged_tokens=tokens[b], merged_sources=(flat[b], sizes[b]),
-                merged_anchors=targets[b], info=info, global_tokens=cls(b),
-            )
-            for b in range(batch)
-        ]
+        return Selection.build_batch(
+            feats, kept, merged_tokens=tokens, merged_sources=(flat, sizes), merged_anchors=targets, info=info,
+            global_tokens=cls,
+        )
