@@ -56,6 +56,30 @@ def test_merge_equals_naive_loop(budget):
     assert (sel.owner >= 0).all()
 
 
+def naive_neighbours(keys, i):
+    sims = sorted(((float(torch.nn.functional.cosine_similarity(keys[i], keys[j], dim=0)), j) for j in range(len(keys)) if j != i), reverse=True)
+    return [j for _, j in sims[:NEIGHBOURS]]
+
+
+@pytest.mark.parametrize("budget", ["auto", 10, 3])
+def test_owner_map_kept_first_then_the_first_kept_token_absorbing_it_then_the_extra_token(budget):
+    """Every patch in a batch of 3: a kept patch owns itself; a pruned patch belongs to the first kept token
+    (output order) whose neighbours take it, else to the extra token of all pruned patches (which is
+    built around no patch: it claims no patch before the kept tokens do)."""
+    s = signals(seed=5, batch=3)
+    for b, sel in enumerate(get("prumerge").select(s, budget)):
+        k = sel.info["kept_before_merge"]
+        kept = [int(src[0]) for src in sel.sources[:k]]
+        expected = [-1] * N
+        for t, i in enumerate(kept):
+            expected[i] = t
+        for t, i in enumerate(kept):
+            for j in naive_neighbours(s.keys[b], i):
+                expected[j] = t if expected[j] < 0 else expected[j]
+        expected = [k if o < 0 else o for o in expected]
+        assert sel.owner.tolist() == expected
+
+
 def test_raster_order_option():
     s = signals(seed=2)
     [sel] = get("prumerge", order="raster").select(s, 10)
