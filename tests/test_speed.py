@@ -382,13 +382,57 @@ def test_random_signals_of_a_tiled_shape_rank_every_candidate_together():
     assert signals.features.shape == (2, 80, 32) and signals.grid == (1, 80) and signals.cls_attn.shape == (2, 80)
 
 
-def test_shapes_are_refused_by_name_and_onevision_has_no_bench_yet():
+def test_shapes_are_refused_by_name_and_depth_is_the_shapes_own():
     with pytest.raises(VTCError, match="llava-next-7b"):
         SpeedBench(shape="llava-2")
-    with pytest.raises(VTCError, match="not wired for LLaVA-OneVision"):
-        SpeedBench(shape="llava-onevision-7b")
     with pytest.raises(VTCError, match="between 1 and 32"):
         SpeedBench(llm_layers=33, shape="llava-next-7b")
+    with pytest.raises(VTCError, match="between 1 and 28"):  # Qwen2-7B
+        SpeedBench(llm_layers=29, shape="llava-onevision-7b")
+
+
+def test_model_cost_shape_reads_each_familys_layout_without_weights():
+    """The no-model shapes equal the counts worked out elsewhere: LlavaNextProcessor's 2928 for a 672x672 image
+    (the test above) and LlavaOnevisionProcessor's 3699 (tests/test_cost.py), and one 576-token grid for LLaVA-1.5."""
+    from vtc.shapes import onevision_shape
+    from vtc.speed import model_cost_shape
+
+    one, nxt, ov = (model_cost_shape(n) for n in ("llava-1.5-7b", "llava-next-7b", "llava-onevision-7b"))
+    assert (one.image_tokens, one.crops, one.llm_layers, one.cls_tokens) == (576, 1, 32, 1)
+    assert (nxt.image_tokens, nxt.crops, nxt.canvas, nxt.llm_layers) == (2928, 5, (48, 48), 32)
+    assert ov == onevision_shape() and (ov.image_tokens, ov.llm_layers, ov.cls_tokens) == (3699, 28, 0)
+
+
+@pytest.fixture(scope="module")
+def onevision_bench(tmp_path_factory):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from vtc.testing import save_tiny_llava_onevision
+
+    path = save_tiny_llava_onevision(tmp_path_factory.mktemp("speed") / "ov")  # SigLIP, Qwen2 (2 layers), 32 px crops
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path).eval()
+    return SpeedBench(text_tokens=6, decode_tokens=2, model=model, shape="llava-onevision-7b")
+
+
+def test_onevision_bench_times_the_tiled_image_with_the_language_models_text_score(onevision_bench):
+    from vtc.models.embed_text import EmbeddingTextScorer
+
+    bench = onevision_bench
+    # no CLS token: 16 base patches + an 8x8 canvas + 8 newline rows; SigLIP gets the embedding text source
+    assert bench.image_tokens == 16 + 64 + 8 and bench.shape.cls_tokens == 0 and bench.depth == 28
+    assert isinstance(bench.adapter.text_scorer, EmbeddingTextScorer)
+    _, results = run_speed(["fastervlm", "recoverable", "fastv"], ["0.1"], 2, 1, 6, 2, bench=bench, select_batches=(1,))
+    by = {r["method"]: r for r in results}
+    cfg = bench.model.config.text_config
+    kv_width = cfg.hidden_size // cfg.num_attention_heads * cfg.num_key_value_heads
+    for name in ("fastervlm", "recoverable"):
+        r = by[name]
+        assert r["tokens"] - r["newline_tokens"] == 8 and r["kv_bytes_measured"] == 2 * 2 * (r["tokens"] + 6) * kv_width * 4
+    # prefill extrapolated to Qwen2-7B's 28 layers: measured - measured layers + 28 x the mean layer
+    s = bench.run_once(get("fastervlm"), Budget.parse("0.1"))
+    assert to_full_depth(s.prefill_ms, s.layers_ms, depth=28) == pytest.approx(s.prefill_ms - sum(s.layers_ms) + 14 * sum(s.layers_ms))
+    (layer, keep), = by["fastv"]["stages"]
+    assert layer == 2 and (2 * 88 + 26 * keep) / 28 == pytest.approx(by["fastv"]["tokens"])
 
 
 def test_speed_command_tables_for_next_and_onevision(next_bench, tiny_dirs, tmp_path, monkeypatch):
@@ -405,15 +449,19 @@ def test_speed_command_tables_for_next_and_onevision(next_bench, tiny_dirs, tmp_
     assert "LLaVA-NeXT-7B shape, a 64x64 image: 88 image tokens" in text and "fastervlm 0.1" in text and "none auto 88" in text
     meta = json.loads((tmp_path / "next" / "speed.json").read_text())["meta"]
     assert (meta["shape"], meta["image_tokens"], meta["candidates"]) == ("llava-next-7b", 88, 80)
-    # OneVision: no model, the FLOPs table and the selection alone on its 3645 candidates
-    result = CliRunner().invoke(app, args + ["--shape", "llava-onevision-7b", "--methods", "fastervlm,fastv", "--out", str(tmp_path / "ov")])
+    # --cost-only: no model, the FLOPs table and the selection alone on OneVision's 3645 candidates
+    result = CliRunner().invoke(app, args + ["--shape", "llava-onevision-7b", "--cost-only", "--methods", "fastervlm,fastv", "--out", str(tmp_path / "ov")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "LLaVA-OneVision-7B shape, a 672x672 image: 3699 image tokens" in text and "not wired for LLaVA-OneVision yet" in text
+    assert "LLaVA-OneVision-7B shape, a 672x672 image: 3699 image tokens" in text and "no model built" in text
     rows = {r["method"]: r for r in json.loads((tmp_path / "ov" / "speed.json").read_text())["results"]}
     assert rows["none"]["tokens"] == 3699 and rows["fastervlm"]["tokens"] == 364 + rows["fastervlm"]["newline_tokens"]
     assert rows["fastervlm"]["flops_ratio"] > 5 and set(rows["fastervlm"]["select_ms_per_image"]) == {"1"}
     assert rows["fastv"]["stages"] and rows["fastv"]["select_ms_per_image"] == {}
+    result = CliRunner().invoke(app, args + ["--cost-only", "--out", str(tmp_path / "one")])  # LLaVA-1.5: one grid
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads((tmp_path / "one" / "speed.json").read_text())["results"]}
+    assert rows["none"]["tokens"] == 576 and rows["fastervlm"]["tokens"] == 58 and rows["fastervlm"]["newline_tokens"] == 0
     result = CliRunner().invoke(app, args + ["--shape", "llava-9", "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "llava-onevision-7b" in " ".join(result.output.split())
 

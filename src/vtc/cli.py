@@ -228,24 +228,24 @@ def speed_cmd(
     decode_tokens: int = typer.Option(8, "--decode-tokens", min=1, help="Tokens decoded to time the per-token cost."),
     out: Path = typer.Option(Path("vtc-speed-out"), "--out", help="Where speed.json and speed.png go."),
     select_batches: str = typer.Option("1,16,64", "--select-batches", help="Batch sizes to time each method's selection alone at (ms per image)."),
-    shape: str = typer.Option("llava-1.5-7b", "--shape", help="Model shape: llava-1.5-7b, llava-next-7b (a 672x672 image: base + 4 tiles) or llava-onevision-7b (FLOPs and selection only)."),
+    shape: str = typer.Option("llava-1.5-7b", "--shape", help="Model shape: llava-1.5-7b, llava-next-7b (a 672x672 image: base + 4 tiles) or llava-onevision-7b (the same image: base + 4 tiles of 384 px, Qwen2-7B)."),
+    cost_only: bool = typer.Option(False, "--cost-only", help="No model: FLOPs, KV cache, estimated GPU prefill and each method's selection alone (seconds, not minutes)."),
 ) -> None:
     """Time every method on a real 7B model shape (random weights): prefill speed-up vs the FLOPs ratio,
     and each method's own selection time per image next to the prefill's estimated A100 time."""
     from rich.progress import Progress
 
     from .cost import GPU_ASSUMPTION
-    from .speed import COST_ONLY, SHAPES, run_speed, write_outputs
+    from .speed import SHAPES, check_shape, run_speed, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         get(name)
     budget_list = [str(Budget.parse(b.strip())) for b in budgets.split(",") if b.strip()]
     batches = _batch_sizes(select_batches)
-    if shape not in SHAPES:
-        raise VTCError(f"--shape '{shape}' is not one of {', '.join(SHAPES)}")
+    check_shape(shape)
     _check_out_dir(out)
-    if shape in COST_ONLY:
+    if cost_only:
         _speed_cost_only(names, budget_list, shape, reps, text_tokens, batches, out)
         return
     with Progress(console=console) as progress:
@@ -266,26 +266,26 @@ def speed_cmd(
 
 
 def _speed_cost_only(names: list[str], budgets: list[str], shape: str, reps: int, text_tokens: int, batches: list[int], out: Path) -> None:
-    """A shape with no family adapter yet: FLOPs, KV cache and GPU estimate per row, and the selection alone."""
+    """No model built: FLOPs, KV cache and GPU estimate per row, and the selection alone, for the shape's picture."""
     import json
 
     from .cost import GPU_ASSUMPTION
-    from .shapes import NEXT_IMAGE, onevision_shape
-    from .speed import COST_ONLY, SHAPES, cost_rows
+    from .speed import SHAPES, cost_rows, default_image, model_cost_shape
 
-    model_shape = onevision_shape(NEXT_IMAGE)
+    model_shape, image = model_cost_shape(shape), default_image(shape)
     with console.status("timing each method's selection alone"):
         results, skipped = cost_rows(names, budgets, model_shape, text_tokens, batches, max(5, reps))
     for note in skipped:
         console.print(f"[yellow]skipped[/] {escape(note)}")
-    meta = {"shape": shape, "cost_only": COST_ONLY[shape], "image": list(NEXT_IMAGE), "image_tokens": model_shape.image_tokens,
-            "candidates": model_shape.num_candidates, "llm_layers": model_shape.llm_layers, "text_tokens": text_tokens,
-            "skipped": skipped, "select_batches": batches, "gpu_estimate": GPU_ASSUMPTION}
+    meta = {"shape": shape, "cost_only": True, "image": None if image is None else list(image),
+            "image_tokens": model_shape.image_tokens, "candidates": model_shape.num_candidates, "llm_layers": model_shape.llm_layers,
+            "text_tokens": text_tokens, "skipped": skipped, "select_batches": batches, "gpu_estimate": GPU_ASSUMPTION}
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    console.print(COST_ONLY[shape], style="yellow", markup=False)
-    _print_rows(results, COST_COLUMNS, f"{SHAPES[shape]} shape, a 672x672 image: {model_shape.image_tokens} image tokens "
-                f"({model_shape.num_candidates} candidates, {model_shape.newlines} newlines), {model_shape.llm_layers} LLM layers", COST_LEGEND)
+    picture = "" if image is None else f", a {image[1]}x{image[0]} image"
+    layout = "" if not model_shape.newlines else f" ({model_shape.num_candidates} candidates, {model_shape.newlines} newlines)"
+    _print_rows(results, COST_COLUMNS, f"{SHAPES[shape]} shape{picture}: {model_shape.image_tokens} image tokens{layout}, "
+                f"{model_shape.llm_layers} LLM layers (no model built: FLOPs and estimates)", COST_LEGEND)
     print_selection(results, batches, f"Selection alone, ms per image (cpu), vs estimated GPU prefill ({GPU_ASSUMPTION})")
     console.print(f"wrote {out / 'speed.json'}")
 

@@ -45,6 +45,7 @@ class Shape:
             llm_width=t.hidden_size, llm_mlp=t.intermediate_size, llm_layers=llm_layers or t.num_hidden_layers,
             heads=t.num_attention_heads, kv_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
             vocab=t.vocab_size, vision_heads=v.num_attention_heads,
+            cls_tokens=0 if getattr(v, "model_type", "").startswith("siglip") else 1,  # SigLIP has no CLS token
         )
 
     @property

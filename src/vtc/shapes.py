@@ -82,7 +82,7 @@ def build_llava_next(llm_layers: int = 2, dtype: torch.dtype = torch.float32, **
     return model.to(dtype).eval()
 
 
-# ----------------------------------------------------------------------------- LLaVA-OneVision-7B (cost only for now)
+# ----------------------------------------------------------------------------- LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov)
 
 # llava-onevision-qwen2-7b-ov(-hf): SigLIP-so400m-patch14-384 with its last layer removed (26 of 27 layers; patch
 # tokens only, no CLS) and a Qwen2-7B decoder. Values as in transformers' LlavaOnevisionConfig defaults (which are
@@ -93,6 +93,31 @@ QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_key_value_heads=4, vocab_size=152064)
 ONEVISION_PINPOINTS = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]  # (1x1 .. 6x6) x 384 px
 ONEVISION_MAX_TILES = 9  # anyres_max_9: a canvas of more than 9 crops' patches is scaled down to about that many
+
+
+ONEVISION_IMAGE_TOKEN_ID = 151646  # "<image>" in the checkpoint's Qwen2 tokenizer
+
+
+def onevision_config(llm_layers: int = QWEN2_7B["num_hidden_layers"], **llm_overrides):
+    """LLaVA-OneVision-7B: SigLIP-so400m/384 (26 layers kept), a 2-layer GELU projector, Qwen2-7B."""
+    from transformers import LlavaOnevisionConfig
+
+    text = {**QWEN2_7B, "num_hidden_layers": llm_layers, "model_type": "qwen2", "rope_theta": 1_000_000.0,
+            "max_position_embeddings": 32768, **llm_overrides}
+    return LlavaOnevisionConfig(
+        vision_config={**SIGLIP_SO400M_384, "model_type": "siglip_vision_model"}, text_config=text,
+        image_token_id=ONEVISION_IMAGE_TOKEN_ID, image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_aspect_ratio=f"anyres_max_{ONEVISION_MAX_TILES}", vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+
+
+def build_onevision(llm_layers: int = 2, dtype: torch.dtype = torch.float32, **llm_overrides):
+    """A random-weight LLaVA-OneVision-7B-shaped model (``llm_layers`` decoder layers), in eval mode."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(onevision_config(llm_layers, **llm_overrides))
+    return model.to(dtype).eval()
 
 
 def onevision_canvas(image_size=NEXT_IMAGE) -> tuple[int, int, int]:
@@ -114,14 +139,9 @@ def onevision_canvas(image_size=NEXT_IMAGE) -> tuple[int, int, int]:
 
 def onevision_shape(image_size=NEXT_IMAGE):
     """The cost model's Shape of LLaVA-OneVision-7B on one image of ``image_size`` (base crop + tiles + newlines)."""
+    from dataclasses import replace
+
     from .cost import Shape
 
-    v, t = SIGLIP_SO400M_384, QWEN2_7B
     tiles, rows, cols = onevision_canvas(image_size)
-    return Shape(
-        vision_width=v["hidden_size"], vision_mlp=v["intermediate_size"], vision_layers=v["num_hidden_layers"],
-        patch_size=v["patch_size"], image_size=v["image_size"], llm_width=t["hidden_size"], llm_mlp=t["intermediate_size"],
-        llm_layers=t["num_hidden_layers"], heads=t["num_attention_heads"], kv_heads=t["num_key_value_heads"],
-        vocab=t["vocab_size"], vision_heads=v["num_attention_heads"], cls_tokens=0, crops=1 + tiles,
-        canvas=(rows, cols),
-    )
+    return replace(Shape.from_config(onevision_config()), crops=1 + tiles, canvas=(rows, cols))

@@ -2,8 +2,10 @@
 
 Shapes (``SHAPES``): LLaVA-1.5-7B (one 336 px image, 576 tokens); LLaVA-NeXT-7B (a 672x672 image:
 base crop + 2x2 tiles, 576 + 2304 = 2880 candidate tokens and 48 newline rows, 2928 image tokens,
-the count LlavaNextProcessor writes for it); LLaVA-OneVision-7B (SigLIP + Qwen2-7B: FLOPs, GPU
-estimate and selection timing only: its adapter is in, the wall-clock bench is not wired to it yet, ``COST_ONLY``). The bench drives
+the count LlavaNextProcessor writes for it); LLaVA-OneVision-7B (SigLIP-so400m + Qwen2-7B, the same
+672x672 picture: base crop + 2x2 tiles of 384 px, 729 + 2916 = 3645 candidates and 54 newline rows,
+3699 image tokens, 28 decoder layers). ``cost_only`` rows (``cost_rows``, CLI ``--cost-only``) need no
+model: FLOPs, KV cache, GPU estimate and the selection alone. The bench drives
 the model through its family adapter (``compress``, ``project``, ``splice_ids``, ``tokens_before``,
 ``language_model``), so the same code times every family; budgets count candidate tokens (a 10%
 budget keeps 288 of NeXT's 2880), and the tokens a row reports are what the LLM sees, newlines included.
@@ -40,11 +42,13 @@ import torch
 from .cost import A100_BF16_TFLOPS, PREFILL_UTILISATION, Shape, gpu_request_ms, request_cost, staged_cost
 from .methods import Budget, Method, Signal, Signals, VTCError, get
 from .models.family import family_of_model
-from .shapes import build_llava15, build_llava_next, clip_text_scorer_vit_l
+from .shapes import (NEXT_IMAGE, build_llava15, build_llava_next, build_onevision, clip_text_scorer_vit_l, llava15_config,
+                     llava_next_config, onevision_config)
 
 FULL_DEPTH = 32  # LLaVA-1.5's and LLaVA-NeXT's Llama-7B; a bench uses its shape's depth
 SHAPES = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "llava-onevision-7b": "LLaVA-OneVision-7B"}
-COST_ONLY = {"llava-onevision-7b": "the wall-clock bench is not wired for LLaVA-OneVision yet: FLOPs, GPU estimate and selection timing only"}
+_CONFIGS = {"llava-1.5-7b": llava15_config, "llava-next-7b": llava_next_config, "llava-onevision-7b": onevision_config}
+_BUILDERS = {"llava-1.5-7b": build_llava15, "llava-next-7b": build_llava_next, "llava-onevision-7b": build_onevision}
 QUESTION = "what is the color of the small triangle left of the red car ?"
 SELECT_BATCHES = (1, 16, 64)  # batch sizes the selection is timed at
 NOT_A_SELECTION = ("none", "downsample")  # no selection to time: all tokens; a smaller tower forward
@@ -181,6 +185,42 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
+def check_shape(shape: str) -> None:
+    if shape not in SHAPES:
+        raise VTCError(f"--shape '{shape}' is not one of {', '.join(SHAPES)}")
+
+
+def full_depth(shape: str) -> int:
+    """Decoder layers of the named model (Llama-7B 32, Qwen2-7B 28): the depth timings are extrapolated to."""
+    check_shape(shape)
+    return _CONFIGS[shape]().text_config.num_hidden_layers
+
+
+def default_image(shape: str) -> tuple[int, int] | None:
+    """The picture a tiled shape times (672x672: LLaVA-NeXT's base + 2x2 tiles); None for one-grid LLaVA-1.5."""
+    return None if shape == "llava-1.5-7b" else NEXT_IMAGE
+
+
+def model_cost_shape(shape: str, image_size: tuple[int, int] | None = None) -> Shape:
+    """The full-depth cost Shape of a named model on one image: crops and canvas from its family adapter's
+    own layout, on a weightless (meta-device) model, so no 7B model is built."""
+    check_shape(shape)
+    config = _CONFIGS[shape]()
+    full = Shape.from_config(config)
+    image_size = image_size or default_image(shape)
+    if image_size is None:
+        return full
+    import transformers
+
+    from .models.family import family_for
+
+    family = family_for(config.model_type)
+    with torch.device("meta"):
+        model = getattr(transformers, family.model_class)(config)
+    layout = family(model).layout(tuple(image_size))
+    return replace(full, crops=layout.crops, canvas=tuple(layout.canvas.shape))
+
+
 def times_selection(method) -> bool:
     """True for methods whose selection is timed alone: vision-side, and not 'none' or 'downsample'."""
     return not getattr(method, "in_llm", False) and method.name not in NOT_A_SELECTION
@@ -258,23 +298,23 @@ class SpeedBench:
     ):
         """``model`` / ``text_scorer`` default to ``shape`` built with ``llm_layers`` decoder layers (tests pass tiny ones).
 
-        ``image_size`` (height, width): the picture a tiled family splits into crops; default twice the
-        tower's crop each way (672x672 for LLaVA-NeXT-7B: base + 2x2 tiles)."""
-        if shape not in SHAPES:
-            raise VTCError(f"--shape '{shape}' is not one of {', '.join(SHAPES)}")
-        if shape in COST_ONLY and model is None:
-            raise VTCError(f"--shape {shape}: {COST_ONLY[shape]}")
+        ``image_size`` (height, width): the picture a tiled family splits into crops; default 672x672 for a
+        built 7B shape (``default_image``), twice the tower's crop each way for a model passed in."""
+        check_shape(shape)
         if text_tokens < 2:
             raise VTCError(f"--text-tokens must be at least 2, got {text_tokens}")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        build = build_llava_next if shape == "llava-next-7b" else build_llava15
+        self.full_depth = full_depth(shape)
         if model is None:
-            self._check_layers(llm_layers, FULL_DEPTH)
-            model = build(llm_layers, self.dtype)
+            self._check_layers(llm_layers, self.full_depth)
+            model = _BUILDERS[shape](llm_layers, self.dtype)
+            image_size = image_size or default_image(shape)
         self.model = model.to(self.device)
-        scorer = text_scorer if text_scorer is not None else clip_text_scorer_vit_l()
-        self.adapter = family_of_model(self.model)(self.model, scorer.to(self.device, self.dtype))
+        scorer = text_scorer if text_scorer is not None else self._default_text_scorer()
+        if isinstance(scorer, torch.nn.Module):
+            scorer = scorer.to(self.device, self.dtype)
+        self.adapter = family_of_model(self.model)(self.model, scorer)
         self.layers = self.adapter.language_model.layers
         self.llm_layers, self.decode_tokens, self.text_tokens = len(self.layers), decode_tokens, text_tokens
         self.shape_name = shape
@@ -293,6 +333,16 @@ class SpeedBench:
         self.inputs["attention_mask"] = torch.ones_like(self.inputs["input_ids"])
         self.skipped: list[str] = []
         self.stage_plans: dict[tuple[str, str], list[tuple[int, int]]] = {}  # in-LLM (method, budget) -> full-depth stages
+
+    def _default_text_scorer(self):
+        """CLIP-L's text tower where the vision tower is CLIP; the language model's own input embeddings (with
+        a small word tokenizer for the question) where it is not (SigLIP: CLIP's text space does not apply)."""
+        if self.model.config.vision_config.model_type.startswith("clip"):
+            return clip_text_scorer_vit_l()
+        from .models.embed_text import EmbeddingTextScorer
+        from .testing import word_tokenizer
+
+        return EmbeddingTextScorer.from_model(self.model, word_tokenizer())
 
     @staticmethod
     def _check_layers(built: int, depth: int) -> None:
@@ -318,7 +368,7 @@ class SpeedBench:
 
     def _cost_shape(self) -> Shape:
         """The full-depth cost-model shape of this model and image (a tiled family: its crops and canvas)."""
-        shape = Shape.from_config(self.model.config, llm_layers=FULL_DEPTH)
+        shape = Shape.from_config(self.model.config, llm_layers=self.full_depth)
         if not self.adapter.tiled:
             return shape
         layout = self.adapter.layouts(self.inputs)[0]
@@ -633,7 +683,7 @@ def cost_rows(
 ) -> tuple[list[dict], list[str]]:
     """FLOPs, KV cache, estimated GPU prefill and the selection timed alone for every (method, budget), with no model.
 
-    For a shape whose family has no adapter yet (``COST_ONLY``). Tokens kept come from the method's own
+    The model is never built (``vtc speed --cost-only``). Tokens kept come from the method's own
     selection on random signals of the shape (all candidates ranked together on a tiled shape), plus the
     newline rows they leave (``newline_rows``); in-LLM methods from their plan on all image tokens. Methods
     with no selection to time other than 'none', and spatial methods on a tiled shape, are listed as skipped.
