@@ -9,7 +9,7 @@ Algorithm, as the official code runs it (prefill only):
      (image embeds . text embeds^T), averaged over the image tokens; the raters are the
      text tokens (after the image) whose score is above the mean.
   2. At each pruning layer l: s_j = the raters' head-mean attention to image token j;
-     keep the top n_l.
+     keep the top n_l (equal scores: the earlier token).
   3. Recycling: of the tokens dropped at this stage, the top m = 30% (+1) by s are
      clustered with density-peaks k-NN (k = c; density exp(-mean squared distance to the k
      nearest, the token itself among them), distance to the nearest denser token, centers
@@ -58,7 +58,11 @@ OFFICIAL_DEPTHS = (32, 40)  # LLaVA-1.5-7B and 13B: the official code prunes at 
 
 
 def select_raters(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Indices (into ``text``) of the text tokens rated above the mean by the image tokens."""
+    """Indices (into ``text``) of the text tokens rated above the mean by the image tokens.
+
+    When none is above the mean (every text token rated alike, or a single one), the best one
+    (the first of equals) rates alone, so a stage always has a rater.
+    """
     relevance = (image.float() @ text.float().T).softmax(dim=-1).mean(0)
     raters = torch.nonzero(relevance > relevance.mean()).squeeze(1)
     return raters if raters.numel() else relevance.argmax().reshape(1)
@@ -70,7 +74,8 @@ def density_peaks(x: torch.Tensor, clusters: int, k: int) -> tuple[torch.Tensor,
     As the official code: distances scaled by sqrt(dim); density = exp(-mean squared distance
     to the k nearest rows, the row itself included); a row's parent distance is to the
     nearest denser row (the largest distance for the densest); centers are the top
-    ``clusters`` by density x parent distance; every row joins its nearest center.
+    ``clusters`` by density x parent distance (equal products: the earlier row); every row joins
+    its nearest center.
     """
     n = x.shape[0]
     dist = torch.cdist(x.float(), x.float(), compute_mode="donot_use_mm_for_euclid_dist") / x.shape[1] ** 0.5
