@@ -74,7 +74,7 @@ class Sample:
 
 @dataclass
 class Row:
-    """The samples of one method at one budget; ``stages`` is an in-LLM method's 32-layer plan, (layer, tokens kept)."""
+    """The samples of one method at one budget; ``stages`` is an in-LLM method's full-depth plan, (layer, tokens kept)."""
 
     method: str
     budget: str
@@ -460,7 +460,7 @@ def to_full_depth(measured_ms: float, layers_ms, stage_depths: list[int] | None 
     Vision-side methods: every layer sees the same tokens, so the mean layer time x depth.
     In-LLM methods (``stage_depths``: how many of the layers each stage spans): built layer s
     runs stage s, the last stage runs on all remaining built layers; each stage's mean layer
-    time is multiplied by its depth in the 32-layer plan.
+    time is multiplied by its depth in the full-depth plan.
     """
     layers_ms = list(layers_ms)
     outside = measured_ms - sum(layers_ms)
@@ -489,11 +489,11 @@ def summarise(bench: SpeedBench, rows: list[Row]) -> list[dict]:
 def summarise_rows(
     rows: list[Row], shape: Shape, text_tokens: int, tflops: float = A100_BF16_TFLOPS, utilisation: float = PREFILL_UTILISATION
 ) -> list[dict]:
-    """Medians (and spread) per method/budget, extrapolated to 32 layers, next to the analytical FLOPs ratio.
+    """Medians (and spread) per method/budget, extrapolated to the full depth, next to the analytical FLOPs ratio.
 
     A pure function of the measured samples: ``rows[0]`` is the full-token run ('none', whose
-    samples carry the stock tower time); ``shape`` is the 32-layer model the costs are for.
-    End-to-end prefill = our tower run + selection + projector + the 32-layer LLM prefill; a
+    samples carry the stock tower time); ``shape`` is the full-depth model the costs are for.
+    End-to-end prefill = our tower run + selection + projector + the full-depth LLM prefill; a
     method's own overhead = its tower run minus the stock tower, plus its selection.
 
     GPU columns: the request's prefill estimated from its FLOPs at ``tflops`` x ``utilisation``
