@@ -490,3 +490,18 @@ def test_reuse_freed_memory_stops_large_temporaries_page_faulting():
 
     assert faults("default") > 10_000
     assert faults("reuse") < 1_000
+
+
+def test_flops_curve_runs_from_a_twentieth_of_the_tokens_to_all_and_falls_with_them():
+    from vtc.speed import flops_curve, model_cost_shape
+
+    shape = model_cost_shape("llava-1.5-7b")
+    curve = flops_curve(shape, 64)
+    tokens = [t for t, _ in curve]
+    ratios = [r for _, r in curve]
+    assert tokens[0] == 576 // 20 and tokens[-1] == 576 and tokens == sorted(set(tokens))
+    assert ratios[-1] == 1.0 and all(a > b for a, b in zip(ratios, ratios[1:]))
+    # the prefill FLOPs are affine in the tokens (plus a small attention term): 1 / ratio is nearly a line
+    inv = [1 / r for r in ratios]
+    slope = (inv[-1] - inv[0]) / (tokens[-1] - tokens[0])
+    assert all(abs(inv[0] + slope * (t - tokens[0]) - v) < 0.01 for t, v in zip(tokens, inv))

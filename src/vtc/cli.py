@@ -236,7 +236,7 @@ def speed_cmd(
     from rich.progress import Progress
 
     from .cost import GPU_ASSUMPTION
-    from .speed import SHAPES, check_shape, run_speed, write_outputs
+    from .speed import SHAPES, check_shape, flops_curve, run_speed, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
@@ -255,7 +255,7 @@ def speed_cmd(
     meta = {"shape": shape, "image_tokens": bench.image_tokens, "candidates": bench.shape.num_candidates,
             "skipped": bench.skipped, "llm_layers_built": llm_layers, "extrapolated_to_layers": bench.depth, "reps": reps, "text_tokens": text_tokens,
             "device": str(bench.device), "dtype": str(bench.dtype).replace("torch.", ""), "select_batches": batches,
-            "gpu_estimate": GPU_ASSUMPTION}
+            "gpu_estimate": GPU_ASSUMPTION, "flops_curve": flops_curve(bench.shape, text_tokens)}
     write_outputs(results, meta, out)
     sizes = bench.inputs.get("image_sizes")
     image = "" if sizes is None else f", a {int(sizes[0][1])}x{int(sizes[0][0])} image: {bench.image_tokens} image tokens"

@@ -630,15 +630,28 @@ def run_speed(
     return bench, summarise(bench, rows)
 
 
-def speed_plot(results: list[dict], path: Path, title: str = "LLaVA-1.5-7B", depth: int = FULL_DEPTH) -> None:
-    """Speed-up vs tokens kept, one marker set per method, with the analytical FLOPs-ratio curve."""
+def flops_curve(shape: Shape, text_tokens: int, points: int = 60) -> list[list[float]]:
+    """[tokens, full-token prefill FLOPs / prefill FLOPs at that many image tokens], from 5% of the image's
+    tokens to all of them: the analytical curve a speed plot draws its measured points against.
+    Every token is counted as projected (a tiled image's few newline rows are not, a <2% difference)."""
+    full = request_cost(shape, shape.image_tokens, text_tokens)["total_prefill_flops"]
+    low = max(1, shape.image_tokens // 20)
+    counts = sorted({round(low + (shape.image_tokens - low) * i / (points - 1)) for i in range(points)})
+    return [[t, full / request_cost(shape, t, text_tokens)["total_prefill_flops"]] for t in counts]
+
+
+def speed_plot(
+    results: list[dict], path: Path, title: str = "LLaVA-1.5-7B", depth: int = FULL_DEPTH, curve: list | None = None
+) -> None:
+    """Speed-up vs tokens kept, one marker set per method, with the analytical FLOPs-ratio curve
+    (``curve``: ``flops_curve``'s points; without it, the rows' own FLOPs ratios joined by lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    flops = sorted({(r["tokens"], r["flops_ratio"]) for r in results})
+    flops = curve or sorted({(r["tokens"], r["flops_ratio"]) for r in results})
     ax.plot([t for t, _ in flops], [f for _, f in flops], "k--", label="analytical FLOPs ratio")
     for name in dict.fromkeys(r["method"] for r in results if r["method"] != "none"):
         pts = sorted((r["tokens"], r["speedup"]) for r in results if r["method"] == name)
@@ -657,7 +670,8 @@ def speed_plot(results: list[dict], path: Path, title: str = "LLaVA-1.5-7B", dep
 def write_outputs(results: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    speed_plot(results, out / "speed.png", SHAPES.get(meta.get("shape"), "LLaVA-1.5-7B"), meta.get("extrapolated_to_layers", FULL_DEPTH))
+    speed_plot(results, out / "speed.png", SHAPES.get(meta.get("shape"), "LLaVA-1.5-7B"), meta.get("extrapolated_to_layers", FULL_DEPTH),
+               meta.get("flops_curve"))
 
 
 # ----------------------------------------------------------------------------- a shape without a bench: FLOPs and selection
