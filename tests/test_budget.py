@@ -95,3 +95,17 @@ def test_the_cli_spec_reads_budget_strings_the_same_way():
     assert (vision.tokens(576), llm.tokens(576)) == (288, 58)
     with pytest.raises(VTCError, match="write 100"):
         resolve("fastervlm", "1e2", {})
+
+
+def test_numpy_numbers_are_budgets_like_pythons():
+    """A budget taken from an array (np.int64 from arange, np.float32 from a linspace) means what the
+    same Python number means: a numpy int is a count, a numpy float a ratio, with the same refusals."""
+    import numpy as np
+
+    for given, expected in ((np.int64(64), Budget("count", 64)), (np.int32(1), Budget("count", 1)),
+                            (np.float32(0.25), Budget("ratio", 0.25)), (np.float64(1.0), Budget("ratio", 1.0))):
+        budget = Budget.parse(given)
+        assert budget == expected and type(budget.value) is type(expected.value)
+    for bad in (np.int64(0), np.float32(1.5), np.float64("nan"), np.bool_(True)):
+        with pytest.raises(VTCError, match="budget"):
+            Budget.parse(bad)

@@ -10,6 +10,7 @@ output token, where it came from.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -62,6 +63,10 @@ class Budget:
             raise VTCError(f"budget {budget!r}: expected a token count (64), a ratio (0.111) or 'auto'")
         if isinstance(budget, str):
             return cls._parse_text(budget)
+        if isinstance(budget, numbers.Integral) and not isinstance(budget, int):  # numpy ints: the same count
+            budget = int(budget)
+        elif isinstance(budget, numbers.Real) and type(budget) is not float and not isinstance(budget, int):
+            budget = float(budget)  # numpy floats (np.float64 subclasses float, np.float32 does not)
         if isinstance(budget, int):
             if budget <= 0:
                 raise VTCError(f"budget {budget}: a token count must be at least 1")
