@@ -517,3 +517,26 @@ def test_visionzip_option_checks_and_needs():
     sig = fake_signals(batch=1)
     sig.cls_feature = None
     assert method.select(sig, 10)[0].counts()["global"] == 0
+
+
+def _vision_side_methods():
+    from vtc.methods import available
+    from vtc.speed import times_selection
+
+    return [name for name in available() if times_selection(get(name))]
+
+
+@pytest.mark.parametrize("name", _vision_side_methods())
+def test_output_tokens_keep_the_features_dtype_in_half_precision(name):
+    """On a GPU the tower runs in bf16/fp16 and the projector takes that dtype: every output token, kept,
+    merged or global, must come back in the features' dtype (merges may sum in float32 inside)."""
+    sig = fake_signals(batch=2)
+    g = torch.Generator().manual_seed(3)
+    half = Signals(**{**{f: getattr(sig, f) for f in ("features", "grid", "cls_attn", "keys", "projected", "received_attn", "cls_feature")},
+                      "text_sim": torch.rand(2, 36, generator=g)})
+    for field in ("features", "cls_attn", "keys", "projected", "received_attn", "cls_feature", "text_sim"):
+        setattr(half, field, getattr(half, field).to(torch.bfloat16))
+    method = get(name)
+    for budget in [9] + (["auto"] if method.supports_auto else []):
+        for sel in method.select(half, budget):
+            assert sel.tokens.dtype == torch.bfloat16, (name, budget, sel.counts())
