@@ -172,6 +172,17 @@ def test_build_batch_equals_claiming_one_token_after_the_other_in_every_image(se
         assert torch.equal(sel.tokens[glob : glob + k], feats[i, kept[i]]) and sel.info == {"image": i}
 
 
+def test_merged_tokens_and_their_source_lists_must_match_in_number():
+    feats = torch.zeros(3, 2)
+    with pytest.raises(AssertionError, match="source list"):  # sources for a merged token that is not there
+        Selection.build(feats, torch.tensor([0]), merged_sources=[torch.tensor([1, 2])])
+    with pytest.raises(AssertionError, match="source list"):  # a merged token without sources
+        Selection.build(feats, torch.tensor([0]), merged_tokens=torch.zeros(1, 2))
+    with pytest.raises(AssertionError, match="source list"):
+        Selection.build_batch(feats[None], torch.tensor([[0]]), merged_tokens=torch.zeros(1, 2, 2),
+                              merged_sources=(torch.tensor([[1, 2]]), torch.tensor([[2]])))
+
+
 def test_selection_needs_one_form_of_provenance():
     with pytest.raises(VTCError, match="either a sources list"):
         Selection(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), owner=torch.zeros(1, dtype=torch.long))

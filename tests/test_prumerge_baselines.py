@@ -248,3 +248,90 @@ def test_merge_on_a_grid_smaller_than_the_neighbour_count():
     for token, src, i in zip(sel.tokens, sel.sources, (7, 9)):
         assert sorted(src.tolist()) == list(range(16)) and int(src[0]) == i
         torch.testing.assert_close(token, x[i] + sum(a[j] * x[j] for j in range(16) if j != i))
+
+
+class _KeepMergeAndGlobal:
+    """A user's own base method (registered nowhere): a global token, the top cls-attention patches, and two
+    merged tokens: patches 7 and 8 together, then patch 7 alone (anchored on it, so it owns 7). The rest drop."""
+
+    @staticmethod
+    def make():
+        from vtc.methods import Method, Selection, Signal
+
+        class KeepMergeAndGlobal(Method):
+            name = "keep-merge-global"
+            needs = frozenset({Signal.FEATURES, Signal.CLS_ATTN, Signal.CLS_FEATURE})
+            supports_auto = True
+
+            def select_batch(self, signals, budget):
+                n = signals.num_patches
+                total = 8 if budget.is_auto else budget.tokens(n)
+                out = []
+                for b in range(signals.batch_size):
+                    attn = signals.cls_attn[b].clone()
+                    attn[[7, 8]] = -1.0  # the merged patches are never kept as they are
+                    kept = attn.argsort(descending=True, stable=True)[: total - 3].sort().values
+                    feats = signals.features[b]
+                    merged = torch.stack([(feats[7] + feats[8]) / 2, feats[7]])
+                    out.append(Selection.build(
+                        feats, kept, merged_tokens=merged, merged_sources=[torch.tensor([7, 8]), torch.tensor([7])],
+                        merged_anchors=[-1, 7], global_tokens=signals.cls_feature[b : b + 1],
+                    ))
+                return out
+
+        return KeepMergeAndGlobal()
+
+
+@pytest.mark.parametrize("budget", ["auto", 12])
+def test_text_recovery_on_a_base_with_merged_and_global_tokens_keeps_them_as_they_were(budget):
+    """X+text adds recovered patches among the base's dropped ones; the base's global token stays first, its
+    merged tokens stay last with their values, sources and owners (the lone-source token anchored on 7 keeps
+    owning it, though the token before it also lists 7)."""
+    from vtc.methods import WithTextRecovery
+
+    g = torch.Generator().manual_seed(11)
+    s = Signals(torch.randn(2, N, D, generator=g), (8, 8), torch.rand(2, N, generator=g).softmax(-1),
+                cls_feature=torch.randn(2, D, generator=g))
+    s.text_sim = torch.zeros(2, N)
+    s.text_sim[:, [40, 41, 50]] = 1.0  # three patches the question points at, far above the rest
+    base = _KeepMergeAndGlobal.make()
+    composed = WithTextRecovery(base).select(s, budget)
+    for b, sel in enumerate(composed):
+        before = base.select(s, budget if budget == "auto" else 12 - sel.info["recovered"])[b]
+        k = sel.num_tokens
+        assert sel.origin[0] == Origin.GLOBAL and torch.equal(sel.tokens[0], s.cls_feature[b])
+        assert sel.origin[k - 2 :].tolist() == [Origin.MERGED, Origin.MERGED]
+        assert torch.equal(sel.tokens[k - 2 :], before.tokens[-2:])
+        assert [x.tolist() for x in sel.sources[k - 2 :]] == [[7, 8], [7]]
+        assert sel.owner[8] == k - 2 and sel.owner[7] == k - 1  # as in the base: the anchor owns its patch
+        recovered = [int(src[0]) for src, o in zip(sel.sources, sel.origin.tolist()) if o == Origin.RECOVERED]
+        assert recovered and set(recovered) <= {40, 41, 50} and sel.info["recovered"] == len(recovered)
+        assert all(before.owner[p] < 0 for p in recovered)  # recovered among what the base dropped
+        singles = sel.kept_indices().tolist()
+        assert singles == sorted(singles) and set(singles) == set(before.kept_indices().tolist()) | set(recovered)
+        if budget != "auto":
+            assert k == 12
+
+
+@pytest.mark.parametrize("budget", [8, 10])
+def test_text_recovery_never_recovers_a_patch_the_base_already_kept(budget):
+    """The question points hardest at patch 0, which the base keeps as its first output token (owner 0):
+    recovery must look only among dropped patches (owner < 0), so patch 0 appears once, as kept."""
+    g = torch.Generator().manual_seed(12)
+    attn = torch.rand(1, N, generator=g)
+    attn[0, 0] = 5.0  # fastervlm keeps patch 0, first in raster order
+    s = Signals(torch.randn(1, N, D, generator=g), (8, 8), attn.softmax(-1))
+    s.text_sim = torch.zeros(1, N)
+    s.text_sim[0, 0], s.text_sim[0, [40, 41]] = 3.0, 1.0
+    [sel] = get("fastervlm+text").select(s, budget)
+    kept = sel.kept_indices().tolist()
+    assert len(kept) == len(set(kept)) and 0 in kept and sel.origin[kept.index(0)] == Origin.KEPT
+    recovered = [p for p, o in zip(kept, sel.origin.tolist()) if o == Origin.RECOVERED]
+    assert recovered and set(recovered) <= {40, 41}
+
+
+def test_text_recovery_at_the_whole_budget_keeps_every_patch():
+    s = signals(seed=3)
+    s.text_sim = torch.rand(1, N, generator=torch.Generator().manual_seed(0))
+    [sel] = get("fastervlm+text").select(s, N)
+    assert sel.kept_indices().tolist() == list(range(N)) and sel.info["recovered"] == 0

@@ -446,7 +446,7 @@ class Selection:
             merged_sources = merged_sources or []
             sizes = torch.tensor([len(s) for s in merged_sources], dtype=torch.long)
             flat = torch.cat(merged_sources) if merged_sources else kept[:0]
-        if merged_tokens is not None and merged_tokens.shape[0] != sizes.numel():
+        if (0 if merged_tokens is None else merged_tokens.shape[0]) != sizes.numel():
             raise AssertionError("every output token needs a source list")
         one = (lambda x: None if x is None else x[None])
         anchors = None if merged_anchors is None else torch.as_tensor(merged_anchors, dtype=torch.long)
