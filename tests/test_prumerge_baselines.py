@@ -335,3 +335,29 @@ def test_text_recovery_at_the_whole_budget_keeps_every_patch():
     s.text_sim = torch.rand(1, N, generator=torch.Generator().manual_seed(0))
     [sel] = get("fastervlm+text").select(s, N)
     assert sel.kept_indices().tolist() == list(range(N)) and sel.info["recovered"] == 0
+
+
+def test_thinning_ordinals_equal_torch_linspace_rounded_for_every_count():
+    """The batched ordinals against torch.linspace itself, one (available, wanted) pair per row, for every
+    available up to 120 and every wanted up to it; padding past ``wanted`` is ``width``."""
+    from vtc.methods.prumerge import thinning_ordinals
+
+    pairs = torch.tensor([(a, w) for a in range(1, 121) for w in range(1, a + 1)])
+    width = 121
+    got = thinning_ordinals(pairs[:, 0], pairs[:, 1], width)
+    for row, (a, w) in zip(got.tolist(), pairs.tolist()):
+        expected = torch.linspace(0, a - 1, w).round().long().tolist()
+        assert row == expected + [width] * (width - w), (a, w)
+
+
+def test_first_in_order_takes_the_first_count_entries_of_the_mask_along_the_order():
+    from vtc.methods.prumerge import first_in_order
+
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(6, 15, generator=g) < 0.5
+    order = torch.stack([torch.randperm(15, generator=g) for _ in range(6)])
+    count = torch.tensor([0, 1, 3, 5, 15, 2])
+    got = first_in_order(mask, order, count)
+    for b in range(6):
+        picked = [int(j) for j in order[b] if mask[b, j]][: int(count[b])]
+        assert got[b].nonzero().squeeze(1).tolist() == sorted(picked)
