@@ -109,3 +109,12 @@ def test_numpy_numbers_are_budgets_like_pythons():
     for bad in (np.int64(0), np.float32(1.5), np.float64("nan"), np.bool_(True)):
         with pytest.raises(VTCError, match="budget"):
             Budget.parse(bad)
+
+
+@pytest.mark.parametrize("text", ["64.5", "1.5", "0.0", "0e0", "-3.0"])
+def test_ratios_that_are_no_whole_count_above_one_suggest_no_count(text):
+    """Only a whole number above 1 written as a decimal gets "write N"; 64.5 and 0.0 name the ratio rule alone."""
+    with pytest.raises(VTCError) as err:
+        Budget.parse(text)
+    message = str(err.value)
+    assert "write" not in message and message.endswith("a ratio must be in (0, 1]") or "expected a token count" in message
