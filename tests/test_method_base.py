@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vtc.methods import Selection, Signals, VTCError, available, get
+from vtc.methods import Selection, Signal, Signals, VTCError, available, get
 from vtc.methods.base import _REGISTRY, Method, register, register_factory
 
 
@@ -189,3 +189,13 @@ def test_selection_needs_one_form_of_provenance():
     listed = Selection(torch.zeros(2, 2), torch.tensor([0, 2]), [torch.tensor([1]), torch.tensor([0, 1])], torch.tensor([1, 0]))
     assert listed.source_sizes.tolist() == [1, 2] and listed.source_index.tolist() == [1, 0, 1]
     assert listed.kept_indices().tolist() == [1]
+
+
+def test_a_method_implementing_neither_selection_hook_says_so_by_name():
+    class Nothing(Method):
+        name = "nothing-here"
+        needs = frozenset({Signal.FEATURES})
+
+    signals = Signals(features=torch.zeros(1, 4, 2), grid=(2, 2))
+    with pytest.raises(NotImplementedError, match="'nothing-here' implements neither select_batch nor select_one"):
+        Nothing().select(signals, 2)
