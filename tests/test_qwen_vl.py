@@ -303,3 +303,44 @@ def test_map_panel_covers_the_picture(qwen_pipe):
     [(_, index, boxes)] = qwen_pipe.adapter.map_panels(sel)
     assert torch.equal(index, torch.arange(24)) and boxes.shape == (24, 4)
     assert abs(float(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()) - 1) < 1e-9
+
+
+def test_in_llm_physical_removal_equals_masking_with_3d_rotary(qwen_pipe, qwen_images):
+    """In-LLM pruning at a middle layer of the Qwen2 decoder: every kept row's logits equal the full run's with the
+    dropped image rows hidden from the layers after it; each kept row keeps its own (t, h, w) rotary row. A padded
+    batch of two image sizes keeping different numbers of tokens."""
+    from test_in_llm import Recorder
+
+    from vtc.models.llm_prune import InLLMPruner
+
+    pipe = qwen_pipe
+    inputs = pipe.prepare(qwen_images[:2], QUESTIONS[:2])
+    selections, _ = pipe.compress(inputs, QUESTIONS[:2], get("none"), Budget.parse("auto"))
+    feats = pipe.adapter.image_inputs(pipe.adapter.project(selections))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = pipe.adapter.generation_inputs(inputs, selections, ids, mask)["position_ids"]
+    k, lm = 2, pipe.model.model.language_model
+    method = Recorder(k, lambda b, img: img[5:] if b == 0 else img[::3])
+    with torch.no_grad():
+        with InLLMPruner(lm, method, Budget.parse(1.0), ids, mask, pipe.adapter.image_token_id) as pruner:
+            pruned = pipe.model(input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs=feats)
+        rows, length = pruner.rows, ids.shape[1]
+        kept = torch.zeros_like(mask, dtype=torch.bool)
+        for b in range(2):
+            kept[b, rows.index[b][rows.valid[b]]] = True
+        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & (kept & mask.bool())[:, None, :]
+        allowed = allowed | torch.eye(length, dtype=torch.bool)[None]
+
+        def hide(module, args, kwargs):
+            return args, {**kwargs, "attention_mask": allowed[:, None]}
+
+        handles = [layer.register_forward_pre_hook(hide, with_kwargs=True) for layer in lm.layers[k:]]
+        try:
+            reference = pipe.model(input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs=feats)
+        finally:
+            for h in handles:
+                h.remove()
+    assert pruner.kept_counts() == [24 - 5, 14]
+    for b in range(2):
+        valid = rows.valid[b]
+        torch.testing.assert_close(pruned.logits[b][valid], reference.logits[b, rows.index[b][valid]], atol=1e-5, rtol=1e-5)
