@@ -16,6 +16,8 @@ so an image is one grid of (H/2p) x (W/2p) tokens and N depends on the image.
   the merger applied to the mean of the members' 2 x 2 groups: one token in the space the merger
   was trained on, the same rule as LLaVA's "merge features, then project". The mean of the four
   patches (C,) would lose the within-group layout the merger reads and could not be sent exactly.
+  Methods that compare features (DivPrune, ToMe, PruMerge+, ...) compare these 4C-wide group
+  vectors: patch by patch, top-left with top-left.
 - **No CLS token.** ``cls_attn`` is substituted by the attention each merged token receives: the
   attention its four patches receive (summed, so it stays a distribution over the tokens), averaged
   over every patch query of its image, softmax over the image's patches (rotary applied as the
