@@ -271,6 +271,8 @@ def test_refusals_name_what_is_missing(qwen_pipe, qwen_images, tiny_dirs):
         pipe.generate(video, QUESTIONS[:2], "fastervlm", 0.3, max_new_tokens=1)
     with pytest.raises(VTCError, match="video input is not supported"):
         pipe.generate({**inputs, "pixel_values_videos": inputs["pixel_values"]}, QUESTIONS[:2], "none", "auto", max_new_tokens=1)
+    with pytest.raises(VTCError, match="pixel_values must be .*patches image_grid_thw describes"):
+        pipe.generate({**inputs, "pixel_values": inputs["pixel_values"][:-4]}, QUESTIONS[:2], "none", "auto", max_new_tokens=1)
     with pytest.raises(VTCError, match="exactly one image per prompt"):
         pipe.generate({**inputs, "input_ids": inputs["input_ids"][:1]}, QUESTIONS[:1], "none", "auto", max_new_tokens=1)
     with pytest.raises(VTCError, match="LlavaForConditionalGeneration is not supported.*Qwen2"):

@@ -219,6 +219,9 @@ class Qwen2VLAdapter(Family):
         pixels, thw = inputs["pixel_values"], inputs["image_grid_thw"]
         if not torch.isfinite(pixels).all():
             raise VTCError("pixel_values contain NaN or inf")
+        if pixels.dim() != 2 or pixels.shape[0] != int(thw.prod(-1).sum()):
+            raise VTCError(f"{self.label} pixel_values must be (patches, channels) with the {int(thw.prod(-1).sum())} patches "
+                           f"image_grid_thw describes; got shape {tuple(pixels.shape)} (use the model's own processor)")
         needs_attn = bool(needs & {Signal.CLS_ATTN, Signal.KEYS, Signal.RECEIVED_ATTN})
         layer = self.attention_layer(attention) if needs_attn else None
         store: dict = {}
