@@ -267,6 +267,7 @@ class Pipeline:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 mm_encoder_outputs=self.adapter.image_inputs(projected),
+                **self.adapter.generation_inputs(inputs, selections, input_ids, attention_mask),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.pad_token_id,

@@ -195,3 +195,59 @@ def save_tiny_llava_onevision(out: str | Path, seed: int = 0, image_size=32, pat
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
+def save_tiny_qwen_vl(out: str | Path, version: str = "2.5", seed: int = 0, patch_size=4, vision_layers=4, text_layers=4) -> Path:
+    """A random Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) model + image-only processor + chat template.
+
+    Patches of ``patch_size`` pixels merged 2x2, so an image of H x W (multiples of 2 * patch_size) gives
+    (H / 2p) x (W / 2p) language-model tokens. Qwen2.5-VL: window attention in windows of 2x2 merged tokens,
+    full attention in layers 1 and 3 (``fullatt_block_indexes``)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    from .models.qwen_vl import ImageOnlyQwenVLProcessor
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
+    )
+    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end", "image_pad", "video_pad")}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    if version == "2.5":
+        vision = dict(depth=vision_layers, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch_size,
+                      out_hidden_size=48, window_size=4 * patch_size, fullatt_block_indexes=[1, 3])
+        prefix = "Qwen2_5_VL"
+    else:
+        vision = dict(depth=vision_layers, embed_dim=32, hidden_size=48, mlp_ratio=2, num_heads=4, patch_size=patch_size)
+        prefix = "Qwen2VL"
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=text, vision_config=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+    )
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, min_pixels=(4 * patch_size) ** 2, max_pixels=(40 * patch_size) ** 2,
+    )
+    processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    processor.processor_class = f"{prefix}Processor"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -11,6 +11,7 @@ A family adapter owns everything model-specific; methods stay model-agnostic (th
   order, with any layout tokens the model expects (LLaVA-NeXT's newline rows).
 - ``splice_ids``: the prompt ids and attention mask rebuilt for K tokens per image.
 - ``image_inputs``: the argument that makes stock ``forward``/``generate`` use those tokens.
+- ``generation_inputs``: any other argument the spliced prompt needs (Qwen-VL: its 3-D positions).
 - ``language_model``: the decoder whose layers the in-LLM methods hook.
 - ``map_panels``: where each candidate token of an image lies in the picture (token maps).
 
@@ -75,7 +76,7 @@ def families() -> list[type["Family"]]:
 
 
 def _load_builtin_families() -> None:
-    from . import llava, llava_next, llava_onevision  # noqa: F401  (each registers itself)
+    from . import llava, llava_next, llava_onevision, qwen_vl  # noqa: F401  (each registers itself)
 
 
 class Family(ABC):
@@ -166,6 +167,11 @@ class Family(ABC):
             new_ids[b, width - row.numel() :] = row
             new_mask[b, width - row.numel() :] = 1
         return new_ids.to(input_ids.device), new_mask.to(input_ids.device)
+
+    def generation_inputs(self, inputs, selections: list[Selection], input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> dict:
+        """Extra arguments for stock forward/generate on the spliced prompt (Qwen-VL: its M-RoPE position_ids)."""
+        return {}
 
     @staticmethod
     def image_inputs(projected: list[torch.Tensor]) -> dict:
