@@ -67,7 +67,7 @@ def test_budget_larger_than_n_and_auto_are_refused(name):
         get(name).select(sig, "auto")
 
 
-@pytest.mark.parametrize("name, bad", [("visionzip", {"contextual": "sum"}), ("divprune", {"space": "pixels"}), ("tome", {"metric": "x"}), ("evit", {"order": "x"}), ("todre", {"objective": "x"})])
+@pytest.mark.parametrize("name, bad", [("visionzip", {"contextual": "sum"}), ("divprune", {"space": "pixels"}), ("tome", {"metric": "x"}), ("evit", {"order": "x"}), ("todre", {"objective": "x"}), ("prumerge", {"order": "x"}), ("prumerge+", {"neighbours": 0}), ("prumerge", {"neighbours": 2.5})])
 def test_bad_options_are_named(name, bad):
     with pytest.raises(VTCError, match=name):
         get(name, **bad)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
+from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
 from .primitives import gather_rows
 
 NEIGHBOURS = 32  # hard-coded in the official code
@@ -125,7 +125,9 @@ class PruMerge(Method):
 
     def __init__(self, order: str = "score", neighbours: int = NEIGHBOURS):
         if order not in ("score", "raster"):
-            raise ValueError(f"order must be 'score' or 'raster', got {order!r}")
+            raise VTCError(f"{self.name}: order must be 'score' or 'raster', got {order!r}")
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
+            raise VTCError(f"{self.name}: neighbours must be a whole number of at least 1, got {neighbours!r}")
         self.order = order
         self.neighbours = neighbours
 
