@@ -131,7 +131,7 @@ def test_clip_reading_equals_the_official_tower(tiny_dirs):
         with torch.no_grad():
             states = vision(case["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
             projected = mlp(case["projector"])(states)
-        text_sim = scorer.similarity(states, [case["question"]], TEXT)
+        text_sim = scorer.similarity(states, [case["question"]], get("cdpruner").text)  # what the method declares
         torch.testing.assert_close(text_sim[0], case["cosine"], atol=1e-5, rtol=1e-5)
         signals = Signals(features=states, grid=(4, 4), projected=projected, text_sim=text_sim)
         [selection] = get("cdpruner").select(signals, case["k"])
@@ -294,7 +294,7 @@ def test_adapter_scores_the_feature_layer_and_stops_there(tiny_pipe):
     handle = adapter.tower.encoder.layers[-1].register_forward_hook(lambda *args: calls.append(1))
     try:
         needs = get("cdpruner").needs
-        sig = adapter.signals(pixels, needs, AttentionSpec(), QUESTIONS[:2], text=TEXT)
+        sig = adapter.signals(pixels, needs, AttentionSpec(), QUESTIONS[:2], text=get("cdpruner").text)
         assert calls == []
         torch.testing.assert_close(sig.text_sim, scorer.similarity(hidden[-2][:, 1:], QUESTIONS[:2], TEXT))
         default = adapter.signals(pixels, needs, AttentionSpec(), QUESTIONS[:2], text=TextSpec())

@@ -41,8 +41,9 @@ Budgets: a count or a ratio of N; no 'auto' (the paper has no dynamic rule).
 A batch is selected at once: one batched matmul for the B kernels, then T batched greedy steps.
 
 Deliberate differences from the official code:
-  * The relevance is min-max normalised per image; the official code normalises over the whole
-    batch it is given (one image on LLaVA-1.5, all crops of an image on LLaVA-NeXT).
+  * The relevance is min-max normalised per image (per set of tokens the method is given); the
+    official code normalises over the whole batch it is given: one image on LLaVA-1.5, all crops of
+    an image on LLaVA-NeXT (vtc's global scope normalises over the image's unpadded candidates).
   * When every relevance is equal the official code divides by zero (an inf/NaN kernel); vtc
     takes them all as 1 (the DPP then reads similarity alone).
   * When the best remaining gain is not positive (the kernel is exhausted: budget above its
