@@ -129,7 +129,7 @@ class Signal:
     FEATURES = "features"  # (B, N, D) patch states of LLaVA's feature layer (-2): what is kept / merged
     CLS_ATTN = "cls_attn"  # (B, N) the CLS query's attention over the patches, at ``attention.layer``
     KEYS = "keys"  # (B, N, Dk) patch keys at ``attention.layer``
-    TEXT_SIM = "text_sim"  # (B, N) cosine(question's CLIP text embedding, projected final patch states), or with
+    TEXT_SIM = "text_sim"  # (B, N) cosine(question's CLIP text embedding, projected final (or feature-layer) patch states), or with
     # text_source="llm" the question's tokens in the LM's input-embedding table against the projected image tokens
     PROJECTED = "projected"  # (B, N, Dllm) patch features after the multimodal projector
     RECEIVED_ATTN = "received_attn"  # (B, N) attention each patch receives, averaged over the patch queries
@@ -169,9 +169,18 @@ class TextSpec:
     position, with no attention mask. ``max_length``: None = the tower's context.
     ``post_layernorm``: apply the vision tower's post_layernorm to the patch states first.
     ``scaled``: multiply the cosine by projection_dim ** -0.5.
+    ``patch_states``: which tower states the patches are scored from: ``"final"`` (the last
+    layer's, CLIP's own reading) or ``"feature"`` (LLaVA's feature layer, the states the
+    projector receives: CDPruner's reading; the tower then stops at the feature layer).
+    ``segments``: read a question longer than the text tower's context whole, in context-long
+    segments (zero-padded, masked), and score each patch by the mean of its cosines with the
+    segments (CDPruner's reading); off, the question is truncated to ``max_length``. A question
+    within the context gives the same score either way.
 
     The LLM-embedding text source (``text_source="llm"``, models/embed_text.py) has no text tower: it
-    honours ``source`` and refuses any other field set away from its default.
+    honours ``source`` and refuses any other field set away from its default, except the two it
+    always honours: it scores the projected feature-layer tokens (``patch_states="feature"``) and
+    reads the whole question (``segments``).
     """
 
     source: Literal["question", "prompt_first_line"] = "question"
@@ -179,6 +188,8 @@ class TextSpec:
     max_length: int | None = None
     post_layernorm: bool = True
     scaled: bool = False
+    patch_states: Literal["final", "feature"] = "final"
+    segments: bool = False
 
 
 def all_finite(value: torch.Tensor) -> bool:

@@ -25,9 +25,9 @@ _VISUAL_KEYS = {
 
 
 class ClipTextScorer(torch.nn.Module):
-    """cosine(text embedding of a query, projected final patch states) for every patch."""
+    """cosine(text embedding of a query, projected patch states) for every patch (final layer, or the feature layer)."""
 
-    reads = "final"  # the adapter passes the tower's final patch states (CLS dropped)
+    reads = "final"  # the adapter passes the tower's patch states (CLS dropped): final ones unless TextSpec.patch_states says "feature"
 
     def __init__(self, text_model, tokenizer, projection: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float):
         super().__init__()
@@ -73,11 +73,20 @@ class ClipTextScorer(torch.nn.Module):
 
     @torch.no_grad()
     def embed_text(self, queries: list[str], spec: TextSpec = TextSpec()) -> torch.Tensor:
-        """(B, P) unit text embeddings; queries longer than ``spec.max_length`` (or CLIP's context) are truncated.
+        """(B, P) text embeddings, unit length; queries longer than ``spec.max_length`` (or CLIP's context) are truncated.
 
         ``spec.pooling == "last"`` is the published Recoverable Compression reading: every query padded to
         ``max_length``, the tower run WITHOUT an attention mask, the hidden state at the last position projected.
+        ``spec.segments`` reads every query whole (CDPruner's reading, ``segment_embeddings``): the result is
+        the mean of its unit segment embeddings, so its dot with a unit patch is the mean of the cosines.
         """
+        if spec.segments:
+            if spec.pooling != "eos" or spec.max_length is not None:
+                raise VTCError("text segments read the whole question at CLIP's context: they take neither "
+                               f"pooling={spec.pooling!r} nor max_length={spec.max_length!r}")
+            embeds, owner = self.segment_embeddings(queries)
+            total = embeds.new_zeros(len(queries), embeds.shape[1]).index_add_(0, owner, embeds)
+            return total / torch.bincount(owner, minlength=len(queries)).unsqueeze(1).to(total)
         context = self.text_model.config.max_position_embeddings
         max_len = min(spec.max_length or context, context)
         device = self.projection.device
@@ -92,14 +101,35 @@ class ClipTextScorer(torch.nn.Module):
         return torch.nn.functional.normalize(embeds, dim=-1)
 
     @torch.no_grad()
-    def similarity(self, final_patch_states: torch.Tensor, queries: list[str], spec: TextSpec = TextSpec()) -> torch.Tensor:
-        """(B, N) cosine similarity of each query with each patch of its image (scaled as ``spec`` says)."""
-        if final_patch_states.shape[-1] != self.post_layernorm.weight.shape[0]:
+    def segment_embeddings(self, queries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every query tokenised whole and cut into context-long segments, the last one padded with id 0 under
+        a zero attention mask, each segment pooled as CLIP pools: (S, P) unit embeddings of all segments and
+        (S,) the query each belongs to. CDPruner's reading (its CLIPVisionTower.forward); one tower call."""
+        context = self.text_model.config.max_position_embeddings
+        ids, masks, owner = [], [], []
+        for index, query in enumerate(queries):
+            row = torch.tensor(self.tokenizer(query, verbose=False)["input_ids"], dtype=torch.long)
+            count = (len(row) - 1) // context + 1  # (L - 1) // C + 1 segments, as the official code counts them
+            padded = torch.zeros(count * context, dtype=torch.long)
+            padded[: len(row)] = row
+            ids.append(padded.view(count, context))
+            masks.append((torch.arange(count * context) < len(row)).long().view(count, context))
+            owner += [index] * count
+        device = self.projection.device
+        embeds = self.text_model(input_ids=torch.cat(ids).to(device), attention_mask=torch.cat(masks).to(device)).text_embeds
+        return torch.nn.functional.normalize(embeds, dim=-1), torch.tensor(owner, device=device)
+
+    @torch.no_grad()
+    def similarity(self, patch_states: torch.Tensor, queries: list[str], spec: TextSpec = TextSpec()) -> torch.Tensor:
+        """(B, N) cosine similarity of each query with each patch of its image (scaled as ``spec`` says); with
+        ``spec.segments`` the mean of the cosines with the query's segments. ``patch_states``: the tower's
+        patch states at the layer ``spec.patch_states`` names (the adapter picks them)."""
+        if patch_states.shape[-1] != self.post_layernorm.weight.shape[0]:
             raise VTCError(
                 f"CLIP checkpoint's vision width {self.post_layernorm.weight.shape[0]} does not match the LLaVA "
-                f"vision tower's {final_patch_states.shape[-1]}: use the CLIP the tower came from"
+                f"vision tower's {patch_states.shape[-1]}: use the CLIP the tower came from"
             )
-        states = final_patch_states.to(self.projection.dtype)
+        states = patch_states.to(self.projection.dtype)
         if spec.post_layernorm:
             states = self.post_layernorm(states)
         patches = states @ self.projection.T

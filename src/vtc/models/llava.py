@@ -189,7 +189,8 @@ class LlavaAdapter(Family):
         text_reads = getattr(self.text_scorer, "reads", "final") if needs_text else None
         if text_reads not in (None, "final", "projected"):
             raise VTCError(f"text scorer reads {text_reads!r}; the LLaVA adapter gives 'final' or 'projected' patch tokens")
-        depth = max(self.feature_index, attn_layer + 1, self.num_layers if text_reads == "final" else 0)
+        reads_final = text_reads == "final" and text.patch_states == "final"  # else CLIP scores the feature layer
+        depth = max(self.feature_index, attn_layer + 1, self.num_layers if reads_final else 0)
 
         capture = _Capture(all_queries=Signal.RECEIVED_ATTN in needs)
         dtype = self.tower.embeddings.patch_embedding.weight.dtype
@@ -217,8 +218,9 @@ class LlavaAdapter(Family):
                 keys = keys.reshape(*keys.shape[:2], self.num_heads, -1).mean(2)
             out.keys = keys
         projected = self.projector(out.features) if Signal.PROJECTED in needs or text_reads == "projected" else None
-        if needs_text:  # a CLIP scorer reads the final patch states, an LLM-embedding one the projected tokens
-            out.text_sim = self.text_scorer.similarity(hidden[:, self.prefix :] if text_reads == "final" else projected, text_queries, text)
+        if needs_text:  # a CLIP scorer reads tower patch states (final or feature layer), an LLM-embedding one the projected tokens
+            states = {"final": hidden[:, self.prefix :] if reads_final else out.features, "projected": projected}[text_reads]
+            out.text_sim = self.text_scorer.similarity(states, text_queries, text)
         if Signal.PROJECTED in needs:
             out.projected = projected
         out.validate()
