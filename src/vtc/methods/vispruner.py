@@ -62,7 +62,6 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
-from .primitives import gather_rows
 
 DEFAULT_IMPORTANT_RATIO = 0.5  # the official evaluation scripts' default --important_ratio
 ROUND_LIMIT = 8  # the official loop removes at most 8 duplicates per round
@@ -83,14 +82,19 @@ def remove_duplicates(similarity: torch.Tensor, residual: torch.Tensor, keep: in
     """Step 3 for a batch: ``similarity`` (B, N, N) cosines, ``residual`` (B, R) patch indices in list
     order; returns the (B, keep) survivors in the final list order. One loop step per round, every
     image of the batch at once (all lists have the same length in every round)."""
+    batch, n = similarity.shape[:2]
+    flat = similarity.reshape(-1)
+    image_start = torch.arange(batch, device=residual.device)[:, None] * (n * n)
     while True:
         count = residual.shape[1]
         drop = min(ROUND_LIMIT, count - keep, (count + 1) // 2)
         if drop <= 0:
             return residual
         a, b = residual[:, ::2], residual[:, 1::2]
-        a_rows = gather_rows(similarity, a)  # (B, |A|, N)
-        score = a_rows.gather(2, b[:, None, :].expand(-1, a.shape[1], -1)).amax(dim=-1)  # (B, |A|)
+        # the (B, |A|, |B|) block of cosines, one index_select over the flat matrices (on the CPU a
+        # gather along the last dim with an expanded index is slower, most of all for a batch)
+        index = (image_start + a * n)[:, :, None] + b[:, None, :]
+        score = flat.index_select(0, index.reshape(-1)).view(index.shape).amax(dim=-1)  # (B, |A|)
         survivors = descending(score)[:, drop:]
         residual = torch.cat([a.gather(1, survivors), b], dim=1)
 
