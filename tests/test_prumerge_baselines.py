@@ -361,3 +361,11 @@ def test_first_in_order_takes_the_first_count_entries_of_the_mask_along_the_orde
     for b in range(6):
         picked = [int(j) for j in order[b] if mask[b, j]][: int(count[b])]
         assert got[b].nonzero().squeeze(1).tolist() == sorted(picked)
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge+"])
+def test_the_neighbour_count_option_sets_how_many_patches_each_kept_token_absorbs(name):
+    s = signals(seed=2, batch=2)
+    for sel in get(name, neighbours=4).select(s, 10):
+        k = sel.info["kept_before_merge"]
+        assert [len(src) for src in sel.sources[:k]] == [1 + 4] * k

@@ -321,3 +321,21 @@ def test_top_mask_picks_among_the_allowed_entries_ties_to_the_lower_index():
     assert picked.tolist() == [[False, False, True, True], [True, True, False, False]]
     everything = top_mask(scores, allowed, torch.tensor([9, 0]))  # more than allowed: all allowed; 0: none
     assert everything.tolist() == [[True, False, True, True], [False] * 4]
+
+
+def test_zero_attention_merges_take_plain_means_image_by_image_in_a_batch():
+    """With no attention mass anywhere, every merge falls back to the plain mean of its members; in a batch
+    each image's fallback counts its own members (a batch of 3 equals the three images alone)."""
+    g = torch.Generator().manual_seed(21)
+    b, n = 3, 48
+    s = Signals(torch.randn(b, n, 6, generator=g), (6, 8), torch.zeros(b, n), torch.randn(b, n, 4, generator=g),
+                torch.rand(b, n, generator=g))
+    method = get("recoverable")
+    together = method.select(s, 12)
+    for i, sel in enumerate(together):
+        [alone] = method.select(s.image(i), 12)
+        torch.testing.assert_close(sel.tokens, alone.tokens, rtol=0, atol=1e-6)
+        merged = (sel.origin == Origin.MERGED).nonzero().squeeze(1)
+        for j in merged.tolist():
+            src = sel.sources[j]
+            torch.testing.assert_close(sel.tokens[j], s.features[i, src].mean(0), rtol=1e-5, atol=1e-6)
