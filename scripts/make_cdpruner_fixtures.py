@@ -24,9 +24,9 @@ tests/test_cdpruner.py compares vtc's ``cdpruner`` with the cases.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import subprocess
+import sys
 import tempfile
 import types
 from abc import ABC, abstractmethod
@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_recoverable_fixtures import load_definitions, read_snapshot  # noqa: E402  (one snapshot reader for every script)
 
 ROOT = Path(__file__).resolve().parents[1]
 # (N patches, C vision width, P CLIP projection width, D projected width, seeds)
@@ -48,26 +51,9 @@ QUESTIONS = [
 ]
 
 
-def read_snapshot(snapshot: Path, path: str) -> str:
-    if (snapshot / path).is_file():
-        return (snapshot / path).read_text()
-    return subprocess.run(
-        ["git", "--git-dir", str(snapshot), "show", f"HEAD:{path}"], check=True, capture_output=True, text=True
-    ).stdout
-
-
 def snapshot_commit(snapshot: Path) -> str:
     git_dir = snapshot / ".git" if (snapshot / ".git").exists() else snapshot
     return subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-
-
-def load_definitions(source: str, names: set[str], namespace: dict) -> dict:
-    """Exec only the top-level classes and functions called ``names`` from ``source``."""
-    keep = [n for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
-    if {n.name for n in keep} != names:
-        raise SystemExit(f"snapshot lacks {sorted(names - {n.name for n in keep})}: is it the official repository?")
-    exec(compile(ast.Module(body=keep, type_ignores=[]), "<official>", "exec"), namespace)
-    return namespace
 
 
 class OfficialTorch(types.ModuleType):
