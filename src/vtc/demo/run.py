@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ..methods.cdpruner import CDPruner
 from .evaluate import CHECKPOINT, checkpoint_families, run_method, saved_families, test_samples
 
 # (label, method, budget): Recoverable Compression at its own dynamic budget and at the peers' fixed one.
@@ -23,6 +24,9 @@ DEMO_RUNS = [
     ("visionzip@10%", "visionzip", 0.1),
     ("divprune@10%", "divprune", 0.1),
     ("fastervlm+text@10%", "fastervlm+text", 0.1),
+    ("vispruner@10%", "vispruner", 0.1),
+    ("cdpruner@10%", "cdpruner", 0.1),  # as published: the negated CLIP relevance (README, "Methods")
+    ("cdp-direct@10%", CDPruner(relevance="direct"), 0.1),  # cdpruner with the relevance as the demo's CLIP points it
 ]
 
 MAP_COLUMNS = ["recoverable", "recoverable@10%", "prumerge@10%", "fastervlm@10%", "visionzip@10%", "pool@10%"]
