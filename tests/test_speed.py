@@ -383,6 +383,10 @@ def test_random_signals_of_a_tiled_shape_rank_every_candidate_together():
 
 
 def test_shapes_are_refused_by_name_and_depth_is_the_shapes_own():
+    from vtc.speed import full_depth
+
+    # checked first: with a wrong depth the refusals below would build a 7B model instead of refusing
+    assert (full_depth("llava-1.5-7b"), full_depth("llava-next-7b"), full_depth("llava-onevision-7b")) == (32, 32, 28)
     with pytest.raises(VTCError, match="llava-next-7b"):
         SpeedBench(shape="llava-2")
     with pytest.raises(VTCError, match="between 1 and 32"):
