@@ -448,26 +448,50 @@ class Selection:
         merged tokens come after the kept ones; ``merged_sources`` lists each one's patches, as a
         list of index tensors or flat as (indices one token after the other, sizes). ``merged_anchors`` names, per merged
         token, the patch it is built around (its center; -1 for none): an anchor
-        owns itself before other merged tokens claim their remaining sources. ``build_batch`` on a batch of one.
+        owns itself before other merged tokens claim their remaining sources.
+
+        The claim rule is ``build_batch``'s, written for one image on its own: methods whose images keep
+        different counts call this once per image, and this form takes half the time of a batch of one.
         """
+        n = features.shape[0]
         kept = kept.to(torch.long).reshape(-1)
+        k = kept.numel()
+        if isinstance(kept_origin, int):
+            kept_origin = torch.full((k,), int(kept_origin), dtype=torch.long)
         if isinstance(merged_sources, tuple):  # already flat: (all sources one after the other, sizes)
-            flat, sizes = merged_sources
+            merged_flat, merged_sizes = merged_sources[0].to(torch.long), merged_sources[1].to(torch.long)
         else:
             merged_sources = merged_sources or []
-            sizes = torch.tensor([len(s) for s in merged_sources], dtype=torch.long)
-            flat = torch.cat(merged_sources) if merged_sources else kept[:0]
-        if (0 if merged_tokens is None else merged_tokens.shape[0]) != sizes.numel():
+            merged_sizes = torch.tensor([len(s) for s in merged_sources], dtype=torch.long)
+            merged_flat = torch.cat(merged_sources).to(torch.long) if merged_sources else kept[:0]
+        m = merged_sizes.numel()
+        g = 0 if global_tokens is None else global_tokens.shape[0]
+        rows = features.index_select(0, kept)  # faster than features[kept] on the CPU
+        parts = [rows] if g == 0 else [global_tokens.to(features.dtype), rows]
+        if merged_tokens is not None and merged_tokens.shape[0] > 0:
+            parts.append(merged_tokens.to(features.dtype))
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tokens.shape[0] != g + k + m:
             raise AssertionError("every output token needs a source list")
-        one = (lambda x: None if x is None else x[None])
-        anchors = None if merged_anchors is None else torch.as_tensor(merged_anchors, dtype=torch.long)
-        origin = kept_origin if isinstance(kept_origin, int) else kept_origin[None]
-        merged = (flat.reshape(1, -1), sizes.reshape(1, -1)) if sizes.numel() else None
-        [selection] = cls.build_batch(
-            features[None], kept[None], origin, one(merged_tokens) if merged else None, merged,
-            one(anchors) if merged else None, info, one(global_tokens),
+        owner = torch.full((n,), -1, dtype=torch.long)
+        owner[kept] = torch.arange(g, g + k)
+        if g == 0 and m == 0:  # kept patches only: the common case, a few operations
+            return cls(tokens, kept_origin.to(torch.long), owner=owner, info=info, source_index=kept,
+                       source_sizes=torch.ones(k, dtype=torch.long))
+        origin = torch.cat(
+            [torch.full((g,), int(Origin.GLOBAL)), kept_origin.to(torch.long), torch.full((m,), int(Origin.MERGED))]
         )
-        return selection
+        sizes = torch.cat([torch.zeros(g, dtype=torch.long), torch.ones(k, dtype=torch.long), merged_sizes])
+        if m:
+            merged_ids = g + k + torch.arange(m)
+            if merged_anchors is not None:  # anchors claim themselves before any merged token claims its sources
+                anchors = torch.as_tensor(merged_anchors, dtype=torch.long)
+                claimed = anchors >= 0
+                owner = _claim_unowned(owner, anchors[claimed], merged_ids[claimed])
+            owner = _claim_unowned(owner, merged_flat, merged_ids.repeat_interleave(merged_sizes))
+        return cls(
+            tokens, origin, owner=owner, info=info, source_index=torch.cat([kept, merged_flat]), source_sizes=sizes
+        )
 
 
 _UNCLAIMED = torch.iinfo(torch.long).max  # a token id larger than every real one: claims nothing
