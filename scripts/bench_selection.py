@@ -16,6 +16,10 @@ allocator keeps it: with glibc's defaults every large temporary is fresh, page-f
 and that costs more than most methods' arithmetic (``--fresh-pages`` shows it). Signal extraction is not included (see scripts/bench_overhead.py); ``none``,
 ``downsample`` (a smaller tower forward, not a selection) and in-LLM methods are left out.
 
+``--floors`` also times, for the methods built on one large matrix product, that product alone (a batched
+matmul of the same shape, same batch, same run): the part of the method's time that no rewrite of the
+selection logic removes on this machine; the rest is what is left to optimise.
+
 ``--compare-naive`` also times the frozen per-image implementations in tests/naive/ (the
 code before issue 21's batching) in the same run, for the methods that have one there
 (found by class name), and checks that old and new give the same tokens on one batch.
@@ -27,7 +31,9 @@ import argparse
 import importlib
 import inspect
 import pkgutil
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +91,35 @@ def same_output(new: Method, old: Method, shape: Shape, budget: Budget) -> bool:
     )
 
 
+def floor_product(name: str, method: Method, shape: Shape, tokens: float) -> tuple[int, int, int] | None:
+    """(m, n, d) of the one matrix product ``name``'s selection cannot do without, or None."""
+    n = shape.num_candidates
+    space = getattr(method, "space", "features")
+    width = shape.llm_width if space == "projected" else shape.vision_width
+    if name in ("divprune", "cdpruner"):  # every token's similarity to every other (nearest others; the DPP kernel)
+        return n, n, width
+    if name == "todre":  # the N x N cosine matrix its greedy picks read
+        return n, n, shape.vision_width
+    if name in ("prumerge", "prumerge+"):  # each kept token against every patch's key
+        return max(1, round(tokens)), n, shape.vision_width
+    return None
+
+
+def product_ms_per_image(m: int, n: int, d: int, batches: list[int], reps: int) -> dict[int, float]:
+    """Median time per image of a (b, m, d) @ (b, d, n) batched matmul at each batch size."""
+    out = {}
+    for b in batches:
+        x, y = torch.randn(b, m, d), torch.randn(b, d, n)
+        x @ y  # warm-up
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        out[b] = 1000 * statistics.median(times) / b
+    return out
+
+
 def ms_cells(ms: dict[int, float]) -> str:
     return "".join(f"{v:>8.3f}" for v in ms.values())
 
@@ -95,6 +130,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="64,128,192,auto")
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--methods", default="", help="comma-separated (default: every vision-side method)")
+    parser.add_argument("--floors", action="store_true", help="also time each matrix-product-bound method's product alone")
     parser.add_argument("--compare-naive", action="store_true", help="also time the frozen per-image code in tests/naive/")
     parser.add_argument(
         "--fresh-pages", action="store_true",
@@ -137,6 +173,12 @@ def main() -> None:
             gpu = gpu_request_ms(request_cost(shape, round(new.tokens), TEXT_TOKENS))["prefill_ms"]
             shares = "".join(f"{100 * v / gpu:>7.1f}%" for v in new.ms_per_image.values())
             print(f"{name:<16}{str(budget):>7}{new.tokens:>7.1f}  {ms_cells(new.ms_per_image)}  {gpu:>6.1f}  {shares}", flush=True)
+            product = floor_product(name, method, shape, new.tokens) if args.floors else None
+            if product is not None:
+                floor = product_ms_per_image(*product, batches, args.reps)
+                share = "".join(f"{100 * floor[b] / new.ms_per_image[b]:>7.0f}%" for b in batches)
+                label = "x".join(str(v) for v in product)
+                print(f"{'  its matmul':<16}{label:>14}  {ms_cells(floor)}  {'':>6}  {share}  of the method's time", flush=True)
             if twin is not None:
                 old = selection_ms_per_image(twin, budget, shape, batches, args.reps)
                 faster = "".join(f"{old.ms_per_image[b] / new.ms_per_image[b]:>7.1f}x" for b in batches)
