@@ -243,6 +243,7 @@ def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu"
         Signal.PROJECTED: lambda: torch.randn(batch, n, shape.llm_width, generator=g),
         Signal.RECEIVED_ATTN: lambda: torch.rand(batch, n, generator=g) / n,
         Signal.CLS_FEATURE: lambda: torch.randn(batch, d, generator=g),
+        Signal.CLS_ATTN_SHALLOW: lambda: torch.randn(batch, n, generator=g).mul(2).softmax(-1),
     }
     present = {name: make[name]().to(device) for name in make if name in method.needs}
     return Signals(features=torch.randn(batch, n, d, generator=g).to(device), grid=shape.candidate_grid, **present)
