@@ -144,7 +144,7 @@ def test_edges_budget_one_all_patches_and_equal_scores():
 # ----------------------------------------------------------------------------- the budget split
 
 
-@pytest.mark.parametrize("average, vision, llm", [(64, 96, 32), (128, 192, 64), (192, 288, 96), (10, 15, 5), (1, 2, 1)])
+@pytest.mark.parametrize("average, vision, llm", [(64, 96, 32), (128, 192, 64), (192, 288, 96), (10, 15, 5), (3, 5, 2), (1, 2, 1)])
 def test_a_layer_average_splits_as_the_official_scripts(average, vision, llm):
     """K = 64 is the scripts' 96 before the LLM and 32 from layer 16 of 32: an average of 64 over the layers."""
     method = get("vscan")
@@ -163,6 +163,10 @@ def test_ratio_budget_and_refusals_name_the_problem():
     assert method.select(sig, 24)[0].num_tokens == 36 and method.select(sig, 0.5)[0].num_tokens == 27
     with pytest.raises(VTCError, match="vscan: a layer average of 25 tokens needs 38 .* the most it can average is 24"):
         method.select(sig, 25)
+    row = Signals(features=torch.randn(1, 37, 4), grid=(1, 37), projected=torch.randn(1, 37, 4),
+                  cls_attn=torch.rand(1, 37), cls_attn_shallow=torch.rand(1, 37))
+    with pytest.raises(VTCError, match="needs 38 tokens .* more than the image's 37 patches"):  # one over: refused
+        method.select(row, 25)
     with pytest.raises(VTCError, match="auto"):
         method.select(sig, "auto")
     with pytest.raises(VTCError, match="cls_attn_shallow"):
