@@ -264,3 +264,28 @@ def test_shallow_cls_attention_is_the_eager_cls_row_of_its_layer(tiny_pipe, tiny
     assert math.ceil(0.25 * 24) - 1 == 5  # the official attentions[5] on CLIP-L
     plain = tiny_pipe.adapter.signals(pixels, frozenset({Signal.FEATURES, Signal.CLS_ATTN}), AttentionSpec())
     assert plain.cls_attn_shallow is None  # computed only when declared
+
+
+def test_speed_times_both_stages_and_charges_each_layer_its_tokens(tiny_dirs, tmp_path):
+    """16 patches, budget 4 (a 32-layer average): 6 tokens enter the LLM, 2 stay from layer 16 of 32."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vtc.cost import Shape, request_cost, staged_cost
+    from vtc.speed import SpeedBench, cost_rows, run_speed
+    from vtc.testing import save_tiny_llava
+
+    model = LlavaForConditionalGeneration.from_pretrained(save_tiny_llava(tmp_path / "llava4", text_layers=4)).eval()
+    bench = SpeedBench(text_tokens=6, decode_tokens=1, model=model)
+    _, results = run_speed(["vscan"], ["4"], 4, 1, 6, 1, bench=bench, select_batches=(1,))
+    row = {r["method"]: r for r in results}["vscan"]
+    assert [tuple(s) for s in row["stages"]] == [(16, 2)]
+    assert row["tokens"] == (16 * 6 + 16 * 2) / 32  # the layer average: 4
+    full = request_cost(bench.shape, 16, 6)["total_prefill_flops"]
+    ours = staged_cost(bench.shape, 6, [(16, 2)], 6, projected_tokens=6)["total_prefill_flops"]
+    assert row["flops_ratio"] == round(full / ours, 3)
+    # without a model (vtc speed --cost-only): LLaVA-1.5-7B's shape, the scripts' 96 -> 32 at layer 16
+    from vtc.shapes import llava15_config
+
+    rows, _ = cost_rows(["vscan"], ["64"], Shape.from_config(llava15_config()), 40, select_batches=(1,), reps=1)
+    [vscan] = [r for r in rows if r["method"] == "vscan"]
+    assert [tuple(s) for s in vscan["stages"]] == [(16, 32)] and vscan["tokens"] == 64
