@@ -25,7 +25,10 @@ layer average. vtc does the same: a count K (or a ratio r, K = round(r * N)) is 
 count, split as the scripts split 64: T = round(1.5 K) tokens leave the vision stage (what
 ``tokens_after`` reports) and Y = round(T / 3) stay from layer L = depth / 2 on, so (T + Y) / 2 = K
 (within rounding). 64 -> 96 / 32, 128 -> 192 / 64, 192 -> 288 / 96 (the scripts give only 64; 128
-and 192 follow the same split). K above 2N / 3 needs T > N and is refused.
+and 192 follow the same split). K above 2N / 3 needs T > N and is refused. The average is K when L is
+exactly half the depth (32 layers: 16); on an odd depth L = depth // 2 (3 layers: L = 1, K = 20 ->
+30 / 10, an average of 16.7); ``info`` reports ``llm_average_tokens``. ``vtc speed`` times and costs
+both stages (T tokens up to layer L, Y after).
 Composition: a ``VScan`` object is a vision-side ``Method`` (steps 1-4) that carries its in-LLM stage
 (step 5) as ``llm_stage``, an ``LLMMethod``; ``Pipeline`` runs the stage inside the LLM whenever a
 method carries one (budget 'auto': the stage's own rule, Y = round(T / 3) of the T it receives). On
@@ -54,7 +57,9 @@ Deliberate differences from the official code:
     in-LLM method; the tower is CLIP's only: towers without a CLS token (SigLIP, Qwen-VL) are refused
     (the official Qwen2.5-VL variant reads received attention at other layers: not built here).
   * LLaVA-NeXT: the scans are spatial, so they run per tile (base crop and each tile's unpadded
-    rectangle, a count split in proportion); the official code keeps T per crop before unpadding.
+    rectangle, a count split in proportion); the official code keeps T per crop before unpadding and
+    keeps every newline. Merged tokens go after the kept ones there (the adapter's order for merged
+    tokens), and the LLM stage keeps a third of the image tokens it receives, newlines included.
 """
 
 from __future__ import annotations
