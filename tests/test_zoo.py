@@ -25,6 +25,7 @@ def fake_signals(batch=2, n=36, d=8, seed=0, grid=(6, 6)):
         projected=torch.randn(batch, n, 12, generator=g),
         received_attn=torch.rand(batch, n, generator=g),
         cls_feature=torch.randn(batch, d, generator=g),
+        cls_attn_shallow=torch.rand(batch, n, generator=g).softmax(-1),
     )
 
 
@@ -532,9 +533,9 @@ def test_output_tokens_keep_the_features_dtype_in_half_precision(name):
     merged or global, must come back in the features' dtype (merges may sum in float32 inside)."""
     sig = fake_signals(batch=2)
     g = torch.Generator().manual_seed(3)
-    half = Signals(**{**{f: getattr(sig, f) for f in ("features", "grid", "cls_attn", "keys", "projected", "received_attn", "cls_feature")},
-                      "text_sim": torch.rand(2, 36, generator=g)})
-    for field in ("features", "cls_attn", "keys", "projected", "received_attn", "cls_feature", "text_sim"):
+    fields = ("features", "cls_attn", "keys", "projected", "received_attn", "cls_feature", "cls_attn_shallow")
+    half = Signals(**{**{f: getattr(sig, f) for f in ("grid",) + fields}, "text_sim": torch.rand(2, 36, generator=g)})
+    for field in fields + ("text_sim",):
         setattr(half, field, getattr(half, field).to(torch.bfloat16))
     method = get(name)
     for budget in [9] + (["auto"] if method.supports_auto else []):

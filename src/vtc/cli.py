@@ -54,6 +54,12 @@ def _support_mark(how: str) -> str:
     return "✗" if how.startswith("no ") else ("✓tile" if how == "per tile" else "✓")
 
 
+def _acts(method) -> str:
+    if getattr(method, "in_llm", False):
+        return "inside the LLM"
+    return "before and inside the LLM" if getattr(method, "llm_stage", None) is not None else "before the LLM"
+
+
 @app.command("methods")
 def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the compression methods, the signals each reads, the model families that serve them, and their papers."""
@@ -67,6 +73,10 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         where = f"layer {att.layer}, heads={att.heads}" if {"cls_attn", "keys", "received_attn"} & set(needs) else ""
         if getattr(method, "in_llm", False):
             where = "decoder layers: " + getattr(method, "budget_meaning", "")
+        if "cls_attn_shallow" in needs:
+            where += f", shallow share {att.shallow}"
+        if getattr(method, "llm_stage", None) is not None:
+            where += "; decoder layers: " + getattr(method, "budget_meaning", "")
         if "keys" in needs:
             where += f", keys={att.keys}"
         rows.append(
@@ -74,7 +84,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
                 "name": name,
                 "needs": needs,
                 "attention": where,
-                "acts": "inside the LLM" if getattr(method, "in_llm", False) else "before the LLM",
+                "acts": _acts(method),
                 "auto": method.supports_auto,
                 "paper": method.paper,
                 "code": method.code,

@@ -239,7 +239,8 @@ class Pipeline:
         """Compress and generate from ready processor inputs (pixel_values, input_ids, attention_mask).
 
         ``method`` may chain a vision-side method and an in-LLM one: ``"recoverable>fastv"`` with
-        ``budget="auto>64"``; an in-LLM method alone (``"fastv"``) sees all image tokens.
+        ``budget="auto>64"``; an in-LLM method alone (``"fastv"``) sees all image tokens. A vision-side
+        method that carries its own in-LLM stage (``llm_stage``: VScan) runs both from its one budget.
         """
         method, budget, llm_method, llm_budget = resolve(method, budget, method_options)
         if max_new_tokens < 1:
@@ -280,8 +281,9 @@ class Pipeline:
                           "llm_average_tokens": round(pruner.average_tokens[b], 2), **pruner.infos[b]}
         new_tokens = out[:, input_ids.shape[1] :]
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        name = method.name if llm_method is None else f"{method.name}>{llm_method.name}"
-        label = str(budget) if llm_method is None else f"{budget}>{llm_budget}"
+        own_stage = llm_method is None or llm_method is getattr(method, "llm_stage", None)
+        name = method.name if own_stage else f"{method.name}>{llm_method.name}"
+        label = str(budget) if own_stage else f"{budget}>{llm_budget}"
         return [
             Result(t.strip(), name, label, n, k, s, dict(timings))
             for t, s, n, k in zip(texts, selections, before, counts)
@@ -316,10 +318,15 @@ def resolve(method, budget, options: dict):
         vision = get(vision_name, **options)
         if isinstance(vision, LLMMethod):
             raise VTCError(f"'{vision_name}' is an in-LLM method; before '>' give a vision-side method")
+        if getattr(vision, "llm_stage", None) is not None:
+            raise VTCError(f"'{vision_name}' already prunes inside the LLM (its own stage); it cannot chain with '{llm_name}'")
         return vision, Budget.parse(parts[0].strip()), llm, Budget.parse(parts[1].strip())
     chosen = get(method, **options)
     if isinstance(chosen, LLMMethod):
         return get("none"), Budget.parse("auto"), chosen, Budget.parse(budget)
+    stage = getattr(chosen, "llm_stage", None)  # a vision-side method with its own in-LLM stage (VScan)
+    if stage is not None:
+        return chosen, Budget.parse(budget), stage, Budget.parse("auto")
     return chosen, Budget.parse(budget), None, None
 
 

@@ -81,6 +81,7 @@ class Row:
     samples: list[Sample] = field(default_factory=list)
     stages: list[tuple[int, int]] = field(default_factory=list)
     select_ms_per_image: dict[int, float] = field(default_factory=dict)  # batch size -> median ms per image
+    llm_input: int | None = None  # image tokens entering the LLM before its stages (None: all; VScan: its vision stage's)
 
     def stage_depths(self, depth: int = FULL_DEPTH) -> list[int] | None:
         """How many of the ``depth`` layers each stage spans (None: one stage, no pruning inside the LLM)."""
@@ -243,6 +244,7 @@ def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu"
         Signal.PROJECTED: lambda: torch.randn(batch, n, shape.llm_width, generator=g),
         Signal.RECEIVED_ATTN: lambda: torch.rand(batch, n, generator=g) / n,
         Signal.CLS_FEATURE: lambda: torch.randn(batch, d, generator=g),
+        Signal.CLS_ATTN_SHALLOW: lambda: torch.randn(batch, n, generator=g).mul(2).softmax(-1),
     }
     present = {name: make[name]().to(device) for name in make if name in method.needs}
     return Signals(features=torch.randn(batch, n, d, generator=g).to(device), grid=shape.candidate_grid, **present)
@@ -333,6 +335,7 @@ class SpeedBench:
         self.inputs["attention_mask"] = torch.ones_like(self.inputs["input_ids"])
         self.skipped: list[str] = []
         self.stage_plans: dict[tuple[str, str], list[tuple[int, int]]] = {}  # in-LLM (method, budget) -> full-depth stages
+        self.stage_inputs: dict[tuple[str, str], int] = {}  # (method, budget) -> image tokens entering the LLM
 
     def _default_text_scorer(self):
         """CLIP-L's text tower where the vision tower is CLIP; the language model's own input embeddings (with
@@ -411,6 +414,8 @@ class SpeedBench:
         pruner, tokens = None, float(counts[0])
         if in_llm:
             pruner, tokens = self._pruner(method, budget, ids, mask)
+        elif getattr(method, "llm_stage", None) is not None:  # a vision-side method with its own in-LLM stage (VScan)
+            pruner, tokens = self._pruner(method.llm_stage, Budget.parse("auto"), ids, mask, n=counts[0], key=(method.name, str(budget)))
         clock = _LayerClock(self.layers)
         try:
             with pruner if pruner is not None else nullcontext():
@@ -439,18 +444,20 @@ class SpeedBench:
         return Sample(tower, timings["signals_ms"], timings["select_ms"], project_ms, prefill_ms, layers_ms, decode, decode_layers,
                       kv_bytes, peak["peak"], tokens, newlines)
 
-    def _pruner(self, method, budget: Budget, ids, mask):
-        """The in-LLM method's full-depth plan, replayed on the built layers 1..S (one built layer per stage)."""
+    def _pruner(self, method, budget: Budget, ids, mask, n: int | None = None, key: tuple[str, str] | None = None):
+        """The in-LLM method's full-depth plan, replayed on the built layers 1..S (one built layer per stage).
+        ``n``: the image tokens entering the LLM (default all); ``key``: the row its stages are recorded under."""
         from .methods.llm_base import PlanOverride, average_tokens
         from .models.llm_prune import InLLMPruner
 
-        n = self.image_tokens
+        n = self.image_tokens if n is None else n
         plan = method.plan(n, self.depth, budget)
         if len(plan) + 1 > self.llm_layers:
             raise VTCError(f"{method.name} prunes in {len(plan)} stages: build at least {len(plan) + 1} decoder layers (--llm-layers)")
         replay = PlanOverride(method, [st.keep for st in plan])
         pruner = InLLMPruner(self.adapter.language_model, replay, Budget.parse(1.0), ids, mask, self.adapter.image_token_id)
-        self.stage_plans[(method.name, str(budget))] = [(st.layer, st.keep) for st in plan]
+        self.stage_plans[key or (method.name, str(budget))] = [(st.layer, st.keep) for st in plan]
+        self.stage_inputs[key or (method.name, str(budget))] = n
         return pruner, average_tokens(plan, n, self.depth)
 
 
@@ -534,8 +541,10 @@ def summarise_rows(
         own = [x.signals_ms - stock_tower + x.select_ms for x in s]  # what the method adds to the stock tower
         newlines = med(x.newlines for x in s)
         cost = request_cost(shape, round(tokens), text_tokens, projected_tokens=round(tokens - newlines))
-        if row.stages:  # in-LLM: the LLM prefill sees N image tokens until the first stage, fewer after
-            cost = staged_cost(shape, full_tokens, row.stages, text_tokens, projected_tokens=full_projected)
+        if row.stages:  # in-LLM: the LLM prefill sees N image tokens (VScan: its vision stage's) until the first stage
+            entering = row.llm_input or full_tokens
+            cost = staged_cost(shape, entering, row.stages, text_tokens,
+                               projected_tokens=full_projected if row.llm_input is None else round(entering - newlines))
         speedup = full_e2e / med(e2e_all)
         flops_ratio = full_flops / cost["total_prefill_flops"]
         gpu = gpu_request_ms(cost, tflops, utilisation)
@@ -616,6 +625,8 @@ def run_speed(
                 progress.update(task, advance=1, description=f"speed {name}@{budget}")
     for row in rows:
         row.stages = bench.stage_plans.get((row.method, row.budget), [])
+        if row.stages and bench.stage_inputs.get((row.method, row.budget)) != bench.image_tokens:
+            row.llm_input = bench.stage_inputs[(row.method, row.budget)]
     timed = [(row, budget) for row, (name, budget) in zip(rows, plan) if times_selection(instances[name])]
     if bench.shape.crops > 1:
         for row, _ in [(r, b) for r, b in timed if instances[r.method].spatial]:
@@ -750,5 +761,13 @@ def cost_rows(
                 newlines = newline_rows(selection, shape)
                 tokens = selection.num_tokens + newlines
                 cost = request_cost(shape, tokens, text_tokens, projected_tokens=selection.num_tokens)
-                out.append(row(name, budget, float(tokens), newlines, cost, select=timing.ms_per_image))
+                stage = getattr(method, "llm_stage", None)
+                if stage is None:
+                    out.append(row(name, budget, float(tokens), newlines, cost, select=timing.ms_per_image))
+                    continue
+                plan = stage.plan(tokens, shape.llm_layers, Budget.parse("auto"))  # its own stage inside the LLM
+                stages = [(st.layer, st.keep) for st in plan]
+                cost = staged_cost(shape, tokens, stages, text_tokens, projected_tokens=selection.num_tokens)
+                out.append(row(name, budget, average_tokens(plan, tokens, shape.llm_layers), newlines, cost, stages,
+                               select=timing.ms_per_image))
     return out, skipped

@@ -134,8 +134,11 @@ class Signal:
     PROJECTED = "projected"  # (B, N, Dllm) patch features after the multimodal projector
     RECEIVED_ATTN = "received_attn"  # (B, N) attention each patch receives, averaged over the patch queries
     CLS_FEATURE = "cls_feature"  # (B, D) the CLS token's state at the feature layer (not a patch)
+    # (B, N) the CLS query's attention over the patches at a SHALLOW layer (``attention.shallow``), read in
+    # the same tower forward as CLS_ATTN (VScan's local scan); towers without a CLS token refuse it
+    CLS_ATTN_SHALLOW = "cls_attn_shallow"
 
-    PER_PATCH = (FEATURES, CLS_ATTN, KEYS, TEXT_SIM, PROJECTED, RECEIVED_ATTN)
+    PER_PATCH = (FEATURES, CLS_ATTN, KEYS, TEXT_SIM, PROJECTED, RECEIVED_ATTN, CLS_ATTN_SHALLOW)
     ALL = PER_PATCH + (CLS_FEATURE,)
 
 
@@ -147,11 +150,14 @@ class AttentionSpec:
     with scale 1/sqrt(D) (PruMerge's and Recoverable Compression's form);
     ``"mean"``/``"sum"`` use the model's own heads and reduce the per-head rows.
     ``keys``: ``"full"`` is the k_proj output (D wide); ``"head_mean"`` averages heads (head_dim wide).
+    ``shallow``: where CLS_ATTN_SHALLOW is read, as a share of the tower's depth: encoder layer
+    ceil(shallow * depth) - 1 (0.25 of CLIP-L's 24 layers: layer 5, the 6th), heads as ``heads``.
     """
 
     layer: int = -2
     heads: Literal["single", "mean", "sum"] = "mean"
     keys: Literal["full", "head_mean"] = "full"
+    shallow: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,7 @@ class Signals:
     index: int = 0  # position of the first image in the caller's batch (seeds per-image randomness)
     # The full-resolution patch grid when the tower ran on a downsampled image (else None: same as ``grid``).
     source_grid: tuple[int, int] | None = None
+    cls_attn_shallow: torch.Tensor | None = None
     _finite: set[str] = field(default_factory=set, repr=False, compare=False)  # signals checked finite
 
     @property
@@ -277,6 +284,7 @@ class Signals:
             projected=pick(self.projected),
             received_attn=pick(self.received_attn),
             cls_feature=pick(self.cls_feature),
+            cls_attn_shallow=pick(self.cls_attn_shallow),
             index=self.index + b,
             source_grid=self.source_grid,
             _finite=set(self._finite),
@@ -613,6 +621,9 @@ def get(name: str | Method, **options: Any) -> Method:
         base = get(name[: -len("+text")], **options)
         if getattr(base, "in_llm", False):
             raise VTCError(f"'{name}': text recovery composes with vision-side methods, not with in-LLM '{base.name}'")
+        if getattr(base, "llm_stage", None) is not None:
+            raise VTCError(f"'{name}': '{base.name}' merges every patch into its tokens and prunes again inside the LLM; "
+                           "text recovery has no dropped patch to recover")
         return WithTextRecovery(base)
     if name not in _REGISTRY:
         raise VTCError(f"unknown method '{name}'; available: {', '.join(available())}")

@@ -9,7 +9,8 @@ no N x N attention matrix is ever built and eager attention is never needed.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+import math
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -124,6 +125,12 @@ class LlavaAdapter(Family):
 
     # ------------------------------------------------------------------ signals
 
+    def shallow_index(self, spec: AttentionSpec) -> int:
+        """The encoder layer of CLS_ATTN_SHALLOW: ceil(spec.shallow * depth) - 1 (see AttentionSpec)."""
+        if not 0 < spec.shallow <= 1:
+            raise VTCError(f"attention.shallow={spec.shallow}: a share of the tower's depth, in (0, 1]")
+        return math.ceil(spec.shallow * self.num_layers) - 1
+
     def layer_index(self, spec: AttentionSpec) -> int:
         index = spec.layer % self.num_layers if spec.layer < 0 else spec.layer
         if not 0 <= index < self.num_layers:
@@ -186,17 +193,22 @@ class LlavaAdapter(Family):
         if needs_text and (text_queries is None or len(text_queries) != pixel_values.shape[0]):
             raise VTCError("text-guided methods need one question per image")
         attn_layer = self.layer_index(attention) if needs_attn else -1
+        shallow_layer = self.shallow_index(attention) if Signal.CLS_ATTN_SHALLOW in needs else -1
         text_reads = getattr(self.text_scorer, "reads", "final") if needs_text else None
         if text_reads not in (None, "final", "projected"):
             raise VTCError(f"text scorer reads {text_reads!r}; the LLaVA adapter gives 'final' or 'projected' patch tokens")
         reads_final = text_reads == "final" and text.patch_states == "final"  # else CLIP scores the feature layer
-        depth = max(self.feature_index, attn_layer + 1, self.num_layers if reads_final else 0)
+        depth = max(self.feature_index, attn_layer + 1, shallow_layer + 1, self.num_layers if reads_final else 0)
 
-        capture = _Capture(all_queries=Signal.RECEIVED_ATTN in needs)
+        capture, shallow = _Capture(all_queries=Signal.RECEIVED_ATTN in needs), _Capture()
         dtype = self.tower.embeddings.patch_embedding.weight.dtype
         hidden = self.embed(pixel_values.to(dtype), resized)
         features = hidden if self.feature_index == 0 else None
-        with self._capture_qk(attn_layer, capture) if needs_attn else nullcontext():
+        with ExitStack() as hooks:
+            if needs_attn:
+                hooks.enter_context(self._capture_qk(attn_layer, capture))
+            if shallow_layer >= 0:
+                hooks.enter_context(self._capture_qk(shallow_layer, shallow))
             for i, layer in enumerate(self.tower.encoder.layers[:depth]):
                 hidden = layer(hidden, None)
                 if i + 1 == self.feature_index:
@@ -210,6 +222,8 @@ class LlavaAdapter(Family):
         if Signal.CLS_ATTN in needs:
             q_cls = capture.q[:, 0] if capture.all_queries else capture.q
             out.cls_attn = cls_attention_row(q_cls, capture.k, self.num_heads, attention.heads)
+        if shallow_layer >= 0:
+            out.cls_attn_shallow = cls_attention_row(shallow.q, shallow.k, self.num_heads, attention.heads)
         if Signal.RECEIVED_ATTN in needs:
             out.received_attn = received_attention(capture.q, capture.k, self.num_heads, attention.heads, prefix=self.prefix)
         if Signal.KEYS in needs:

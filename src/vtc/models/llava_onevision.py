@@ -240,6 +240,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return served, how
         if Signal.CLS_FEATURE in method.needs:
             return False, "it keeps the CLS token and SigLIP has none (VisionZip: keep_cls=False)"
+        if Signal.CLS_ATTN_SHALLOW in method.needs:
+            return False, "it reads the CLS query's attention at a shallow layer and SigLIP has no CLS token"
         if Signal.CLS_ATTN in method.needs:
             how += ", CLS attention = received attention"
         if Signal.TEXT_SIM in method.needs:
@@ -252,6 +254,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             raise VTCError(
                 f"{who} keeps the vision tower's CLS token, and LLaVA-OneVision's SigLIP tower has none: "
                 "run it without (VisionZip: keep_cls=False)"
+            )
+        if Signal.CLS_ATTN_SHALLOW in needs:
+            raise VTCError(
+                f"{who} reads the CLS query's attention at a shallow tower layer (cls_attn_shallow), and "
+                "LLaVA-OneVision's SigLIP tower has no CLS token (no substitute is defined for that signal)"
             )
         if Signal.TEXT_SIM in needs and self.text_scorer is None:
             raise VTCError(

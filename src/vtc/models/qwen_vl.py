@@ -139,6 +139,8 @@ class Qwen2VLAdapter(Family):
             return False, "it runs the vision tower on a smaller single grid; native-resolution grids are not supported (use 'pool')"
         if Signal.CLS_FEATURE in method.needs:
             return False, "it keeps the CLS token and Qwen-VL's tower has none (VisionZip: keep_cls=False)"
+        if Signal.CLS_ATTN_SHALLOW in method.needs:
+            return False, "it reads the CLS query's attention at a shallow layer and Qwen-VL's tower has no CLS token"
         how = "one grid of merged tokens"
         if Signal.CLS_ATTN in method.needs:
             how += ", CLS attention = received attention at a full-attention layer"
@@ -147,6 +149,9 @@ class Qwen2VLAdapter(Family):
         return True, how
 
     def refuse_missing(self, needs: frozenset[str], who: str = "this method") -> None:
+        if Signal.CLS_ATTN_SHALLOW in needs:
+            raise VTCError(f"{who} reads the CLS query's attention at a shallow tower layer (cls_attn_shallow), and "
+                           f"{self.label}'s tower has no CLS token (no substitute is defined for that signal)")
         if Signal.CLS_FEATURE in needs:
             raise VTCError(f"{who} keeps the vision tower's CLS token, and {self.label}'s tower has none: "
                            "run it without (VisionZip: keep_cls=False)")
