@@ -27,6 +27,7 @@ DEMO_RUNS = [
     ("vispruner@10%", "vispruner", 0.1),
     ("cdpruner@10%", "cdpruner", 0.1),  # as published: the negated CLIP relevance (README, "Methods")
     ("cdp-direct@10%", CDPruner(relevance="direct"), 0.1),  # cdpruner with the relevance as the demo's CLIP points it
+    ("holov@10%", "holov", 0.1),
 ]
 
 MAP_COLUMNS = ["recoverable", "recoverable@10%", "prumerge@10%", "fastervlm@10%", "visionzip@10%", "pool@10%"]

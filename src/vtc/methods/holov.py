@@ -69,7 +69,7 @@ from typing import Literal
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
-from .primitives import mask_indices
+from .primitives import gather_rows, mask_indices
 
 CROP_RULE = 1024 / 576  # the Qwen file's C = int(1024 / 576 * N / K): 16 crops at 64 of LLaVA-1.5's 576 tokens
 ATTENTION_SCALE = 1e3  # the official scale of the attention before it is mixed with the variance
@@ -103,12 +103,13 @@ def holistic_scores(
     beta: float = BETA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, m) token scores H and (B, C) crop scores (steps 3-4) for (B, N) attention and (B, N, D) vectors."""
+    batch, (crops, m) = attention.shape[0], index.shape
     attn = _at_least_fp32(attention)[:, index]  # (B, C, m)
-    x = _at_least_fp32(vectors)[:, index]  # (B, C, m, D)
-    unit = x / (x.norm(dim=-1, keepdim=True) + EPSILON)
-    m = index.shape[1]
+    x = _at_least_fp32(gather_rows(vectors, index.reshape(1, -1).expand(batch, -1))).view(batch, crops, m, -1)
+    gram = x @ x.transpose(-1, -2)  # (B, C, m, m): within-crop dot products only, never (N, N)
+    norm = gram.diagonal(dim1=-2, dim2=-1).sqrt() + EPSILON  # u_i . u_j = x_i . x_j / ((|x_i| + eps)(|x_j| + eps))
     pairs = valid[:, :, None] & valid[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=index.device)
-    sim = (unit @ unit.transpose(-1, -2)) * pairs  # diagonal and padding zeroed
+    sim = gram / (norm[..., :, None] * norm[..., None, :]) * pairs  # diagonal and padding zeroed
     others = (sizes - 1).clamp(min=1)[:, None].to(sim.dtype)  # M - 1 (one-token crops are scored apart)
     mean = sim.sum(-1) / others
     spread = ((sim - mean[..., None]).square() * valid[:, None, :]).sum(-1) / others  # the zero diagonal counts
