@@ -152,9 +152,9 @@ def naive_holov(attention, vectors, k, crops="auto", beta=0.09, tau=1.0, rank="a
     return kept
 
 
-def tiny_inputs(seed, batch=2, n=13, d=3):
+def tiny_inputs(seed, batch=2, n=13, d=3, sharpness=3.0):
     g = torch.Generator().manual_seed(seed)
-    attention = (3.0 * torch.randn(batch, n, generator=g, dtype=torch.float64)).softmax(-1)
+    attention = (sharpness * torch.randn(batch, n, generator=g, dtype=torch.float64)).softmax(-1)
     return torch.randn(batch, n, d, generator=g, dtype=torch.float64), attention
 
 
@@ -170,10 +170,10 @@ def test_every_budget_and_crop_count_matches_a_naive_loop(n):
 
 
 def test_options_match_the_naive_loop():
-    vectors, attention = tiny_inputs(5, n=15)
+    vectors, attention = tiny_inputs(5, n=24, sharpness=0.5)  # flat: few crops reach their cap, tau shows
     sig = signals_of(vectors, attention)
-    for options in [{"rank": "holistic"}, {"beta": 3.0}, {"tau": 2.0}, {"beta": 0.0, "crops": 4}]:
-        for k in (2, 5, 9):
+    for options in [{"rank": "holistic"}, {"rank": "holistic", "beta": 2.0, "crops": 2}, {"beta": 3.0}, {"tau": 4.0}, {"beta": 0.0, "crops": 4}]:
+        for k in (2, 5, 9, 12):
             for b, sel in enumerate(get("holov", **options).select(sig, k)):
                 expected = naive_holov(attention[b].tolist(), vectors[b].tolist(), k, **options)
                 assert sel.kept_indices().tolist() == expected, (options, k, b)
@@ -251,10 +251,12 @@ def test_reads_the_projected_tokens_unless_told_features():
     features = torch.randn(1, 16, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     sig = signals_of(vectors, attention, features=features)
     assert Signal.PROJECTED in get("holov").needs and Signal.PROJECTED not in get("holov", space="features").needs
-    [projected] = get("holov", crops=2, beta=5.0).select(sig, 5)
-    [on_features] = get("holov", crops=2, beta=5.0, space="features").select(sig, 5)
-    assert projected.kept_indices().tolist() == naive_holov(attention[0].tolist(), vectors[0].tolist(), 5, 2, beta=5.0)
-    assert on_features.kept_indices().tolist() == naive_holov(attention[0].tolist(), features[0].tolist(), 5, 2, beta=5.0)
+    options = dict(crops=2, beta=5.0, rank="holistic")  # the vectors only act through the variance, ranked by H
+    [projected] = get("holov", **options).select(sig, 5)
+    [on_features] = get("holov", space="features", **options).select(sig, 5)
+    assert projected.kept_indices().tolist() == naive_holov(attention[0].tolist(), vectors[0].tolist(), 5, **options)
+    assert on_features.kept_indices().tolist() == naive_holov(attention[0].tolist(), features[0].tolist(), 5, **options)
+    assert projected.kept_indices().tolist() != on_features.kept_indices().tolist()
     torch.testing.assert_close(projected.tokens, features[0, projected.kept_indices()])  # output rows: the features
 
 
