@@ -72,20 +72,21 @@ def test_where_the_official_code_pads_vtc_keeps_its_tokens_and_fills_the_budget(
     assert compared >= 100
 
 
-def test_matches_the_official_llava_rows(official):
-    """The rows the official LLaVA function returns (the ones it did not pad) are vtc's tokens, in its order."""
-    cases = [c for c in official["cases"] if any(r is not None for r in c["rows"])]
-    assert cases
-    for case in cases:
-        for (k, crops, is_rule), rows in zip(case["settings"], case["rows"]):
-            _, selections = run_setting(case, k, crops, is_rule)
-            for b, sel in enumerate(selections):
-                real = rows[b].float().abs().sum(-1) > 0
-                if real.all():
-                    torch.testing.assert_close(sel.tokens, rows[b].float(), atol=1e-4, rtol=0)
-                else:
-                    for row in rows[b][real].float():
-                        assert (sel.tokens - row).abs().amax(-1).min() < 1e-4
+def test_matches_the_official_tower_attention_and_rows(official):
+    """vtc's LLaVA adapter (SDPA, the CLS row from layer -2's q/k) on the official run's tiny CLIP: the official
+    selection (its eager-attention CLSVisionTower, encode_images, HoloV with an identity projector), row for row."""
+    from test_vispruner import tiny_llava_with
+    from vtc.models.llava import LlavaAdapter
+
+    tower = official["tower"]
+    adapter = LlavaAdapter(tiny_llava_with(tower["config"], tower["state"]))
+    method = get("holov", space="features")  # the official similarities were taken on the identity projection
+    sig = adapter.signals(tower["pixel_values"].float(), method.needs, method.attention)
+    for (k, crops, _), positions, rows in zip(tower["settings"], tower["positions"], tower["rows"]):
+        for b, sel in enumerate(method.select(sig, k)):
+            assert sel.kept_indices().tolist() == positions[b].tolist(), (k, b)
+            assert sel.info["crops"] == crops
+            torch.testing.assert_close(sel.tokens, rows[b].float(), atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- an independent loop over the rule
