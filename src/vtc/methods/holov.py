@@ -53,9 +53,12 @@ Deliberate differences from the official code:
     tokens on Qwen2.5-VL); vtc's adapter gives the received attention at the full-attention layer of
     ``layer`` (pass ``layer=-1`` for the official last layer), summed over the 4 patches (the scores
     are scale-free: the same selection), in raster order. That file's ratio rounds down (int(N r));
-    vtc's ratio rounds (``Budget``).
-  * LLaVA-NeXT: the official code runs HoloV once over the base crop then the unpadded canvas without
-    newlines, as vtc's global scope does (``per_tile`` runs it on each part).
+    vtc's ratio rounds (``Budget``). Its image span starts at the <|vision_start|> token, one position
+    early (the last image token is never a candidate); vtc chooses among the image tokens. There is no
+    official Qwen2-VL or OneVision code; on SigLIP (OneVision) the adapter gives received attention too.
+  * LLaVA-NeXT: the official code runs HoloV once over the base crop then the unpadded canvas, as vtc's
+    global scope does (``per_tile`` runs it on each part); it drops every image_newline (commented out),
+    where vtc's adapter keeps one after each canvas row that kept a token.
 
 Options: ``crops`` ('auto' = step 2's rule, or a number of crops), ``beta``, ``tau``, ``rank``
 ('attention' = official, 'holistic' = paper Eq. 5), ``order`` ('official' or 'raster'), ``space``
