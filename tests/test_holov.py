@@ -195,8 +195,9 @@ def test_budget_one_keeps_the_top_attention_and_budget_n_keeps_everything_in_ord
 
 
 def test_equal_scores_share_the_budget_evenly_lower_crops_and_indices_first():
-    """12 identical tokens of equal attention in 4 crops of 3: equal weights just under 1/4, so floor(w K) is
-    K // 4 - (1 if 4 divides K) ... by hand: K = 4 -> one per crop; K = 6 -> crops 0 and 1 get the two extra."""
+    """12 identical tokens of equal attention in 4 crops of 3: four equal weights s / (4 s + 1e-6), just under 1/4.
+    K = 4: floor(4 w) = 0 everywhere, the 4 left go one per crop. K = 6: floor(6 w) = 1 each, the 2 left go to
+    crops 0 and 1 (ties: the lower crop). In each crop the lowest indices (ties: lower index first)."""
     sig = signals_of(torch.ones(1, 12, 3), torch.full((1, 12), 1 / 12))
     [four] = get("holov", crops=4).select(sig, 4)
     assert four.kept_indices().tolist() == [0, 3, 6, 9] and four.info["quotas"] == [1, 1, 1, 1]
