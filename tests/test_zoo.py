@@ -11,7 +11,7 @@ from vtc.methods.divprune import divprune_indices
 
 from conftest import random_image
 
-ZOO = ["fastervlm", "visionzip", "divprune", "fopru-rank", "fopru-row", "tome", "evit", "todre", "vispruner"]
+ZOO = ["fastervlm", "visionzip", "divprune", "fopru-rank", "fopru-row", "tome", "evit", "todre", "vispruner", "holov"]
 QUESTIONS = ["what color is the small circle ?", "is there a red square ?", "how many shapes ?"]
 
 

@@ -29,6 +29,7 @@ DEMO_RUNS = [
     ("cdp-direct@10%", CDPruner(relevance="direct"), 0.1),  # cdpruner with the relevance as the demo's CLIP points it
     # a 10% LAYER AVERAGE (the paper's unit): 15% of the tokens enter the LLM ("mean tokens"), 5% from its middle layer
     ("vscan@10%", "vscan", 0.1),
+    ("holov@10%", "holov", 0.1),
 ]
 
 MAP_COLUMNS = ["recoverable", "recoverable@10%", "prumerge@10%", "fastervlm@10%", "visionzip@10%", "pool@10%"]
