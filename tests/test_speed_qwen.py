@@ -156,22 +156,25 @@ def test_tiny_towers_of_both_versions_against_the_flop_counter():
 
 def test_cost_only_for_the_7b_shape_builds_no_weights(tmp_path, monkeypatch):
     """--cost-only: 1369 tokens, the tower's TFLOPs the same in every row and apart from the LLM's, VisionZip's CLS
-    token refused by the Qwen adapter, FastV planned over 28 layers; no model is built."""
+    token refused by the Qwen adapter, FastV planned over 28 layers (a 64-token layer average is out of its reach: its
+    first 2 layers alone average 2 x 1369 / 28 = 98, so it is skipped); no model is built."""
     from vtc.cli import app
 
     def refuse(*args, **kwargs):
         raise AssertionError("--cost-only built a model")
 
     monkeypatch.setitem(speed._BUILDERS, "qwen2.5-vl-7b", refuse)
-    args = ["speed", "--shape", "qwen2.5-vl-7b", "--cost-only", "--methods", "fastervlm,visionzip,fastv", "--budgets", "10%",
+    args = ["speed", "--shape", "qwen2.5-vl-7b", "--cost-only", "--methods", "fastervlm,visionzip,fastv", "--budgets", "64,10%",
             "--select-batches", "1", "--reps", "1", "--text-tokens", "64", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "Qwen2.5-VL-7B shape, a 1024x1024 image: 1369 image tokens" in text and "keep_cls=False" in text
     saved = json.loads((tmp_path / "speed.json").read_text())
-    rows = {r["method"]: r for r in saved["results"]}
+    rows = {r["method"]: r for r in saved["results"] if r["budget"] != "64"}
+    assert [(r["method"], r["budget"]) for r in saved["results"]][:3] == [("none", "auto"), ("fastervlm", "64"), ("fastervlm", "0.1")]
     assert set(rows) == {"none", "fastervlm", "fastv"} and any("visionzip" in note for note in saved["meta"]["skipped"])
+    assert any(note.startswith("fastv@64") and "out of reach" in note for note in saved["meta"]["skipped"])
     kept = Budget.parse("10%").tokens(1369)
     assert rows["none"]["tokens"] == 1369 and rows["fastervlm"]["tokens"] == kept == 137
     shape = model_cost_shape("qwen2.5-vl-7b")

@@ -826,7 +826,11 @@ def cost_rows(
             elif getattr(method, "in_llm", False):
                 n = shape.image_tokens
                 if not budget.is_auto:
-                    budget = budget_for_average(method, budget.tokens(n), n, shape.llm_layers)
+                    try:  # as run_speed: a layer average below what the method's early layers already see is skipped
+                        budget = budget_for_average(method, budget.tokens(n), n, shape.llm_layers)
+                    except VTCError as exc:
+                        skipped.append(f"{label}: {exc}")
+                        continue
                 plan = method.plan(n, shape.llm_layers, budget)
                 stages = [(st.layer, st.keep) for st in plan]
                 cost = staged_cost(shape, n, stages, text_tokens, projected_tokens=shape.num_candidates)
