@@ -195,7 +195,12 @@ def test_cost_only_for_the_7b_shape_builds_no_weights(tmp_path, monkeypatch):
 
 
 def test_depth_is_28_and_bad_llm_layers_are_refused_before_building():
+    from vtc.shapes import build_qwen25vl
+
     assert full_depth("qwen2.5-vl-7b") == 28 and model_cost_shape("qwen2.5-vl-7b").llm_layers == 28
+    with torch.device("meta"):  # what `vtc speed` builds: the whole tower, the built decoder layers only
+        model = build_qwen25vl(2)
+    assert len(model.model.language_model.layers) == 2 and len(model.model.visual.blocks) == 32
     for layers in (29, 0):
         with pytest.raises(VTCError, match="between 1 and 28"):
             SpeedBench(llm_layers=layers, shape="qwen2.5-vl-7b")
@@ -271,3 +276,25 @@ def test_tiny_bench_prefill_and_decode_get_the_stock_m_rope_positions(qwen_bench
     assert torch.equal(prefill[-3:], stock[-3:])
     top = int(stock[-3:].max())
     assert first[-3:].flatten().tolist() == [top + 1] * 3 and second[-3:].flatten().tolist() == [top + 2] * 3
+
+
+def test_vtc_bench_runs_on_qwen25vl_with_each_images_own_tower_cost(qwen_bench, tmp_path):
+    """`vtc bench` on Qwen2.5-VL: no fixed patch count to check budgets against, and each record's FLOPs are
+    charged the tower on that image's own patch grid (as the processor made it), not a fixed crop."""
+    from vtc.bench.runner import BenchRunner, make_plan
+    from vtc.bench.store import read_records
+    from vtc.bench.tasks import load_task
+    from vtc.pipeline import Pipeline
+
+    _, path = qwen_bench
+    pipe = Pipeline.from_pretrained(path)
+    plan = make_plan(pipe, ["synthetic"], ["none", "fastervlm"], ["0.25"], 1)
+    assert BenchRunner(pipe, tmp_path / "out", batch_size=1).run(plan) == 2
+    records = {r["method"]: r for r in read_records(tmp_path / "out")}
+    assert all(r["error"] is None for r in records.values()), records
+    [sample] = load_task("synthetic", 1).samples
+    grid = pipe.prepare([sample.load_image()], [sample.question])["image_grid_thw"][0, 1:].tolist()
+    tower = vision_flops(Shape.from_config(pipe.model.config, patch_grid=tuple(grid)))
+    none, kept = records["none"], records["fastervlm"]
+    assert none["tokens_before"] == grid[0] * grid[1] // 4 and kept["tokens_kept"] < none["tokens_kept"]
+    assert none["flops"] > kept["flops"] > tower  # the whole tower in both, the LLM on fewer tokens

@@ -25,6 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def is_native(config) -> bool:
+    """True for a native-resolution family's config (Qwen2-VL, Qwen2.5-VL: an image is its own patch grid, merged)."""
+    return getattr(config.vision_config, "spatial_merge_size", None) is not None
+
+
 @dataclass(frozen=True)
 class Shape:
     """The dimensions the cost model needs, read from a LLaVA config."""
@@ -63,7 +68,7 @@ class Shape:
             heads=t.num_attention_heads, kv_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
             vocab=t.vocab_size,
         )
-        if getattr(v, "spatial_merge_size", None) is not None:
+        if is_native(config):
             return cls._native(v, llm, patch_grid)
         return cls(
             vision_width=v.hidden_size, vision_mlp=v.intermediate_size, vision_layers=v.num_hidden_layers,

@@ -21,6 +21,13 @@ than the shape's (32 for Llama-7B, 28 for Qwen2-7B); decoder layers are timed on
 layers) + mean layer time x depth. Every extrapolated figure says so (the ``*_32_layers``
 keys keep their names for every shape; the depth is in the meta).
 
+Qwen2.5-VL: the tower (and its stock merger on every token: vtc reads the merger's output as a
+signal) runs in full on every row, the merger runs again on the K tokens sent; the cost model
+charges the merger once, on the K tokens, as LLaVA's projector. The tower's time and FLOPs are
+reported apart from the LLM's (``tower_side_ms``, ``vision_tflops``; the CLI's "Vision tower and
+LLM apart" table): at 10% of Qwen2.5-VL-7B's 1369 tokens the LLM side shrinks 7.4x in FLOPs, the
+whole prefill 2.7x. Methods a family's adapter does not serve are skipped with its reason.
+
 Next to the CPU wall clock, each vision-side method's own selection is timed per image at
 batch 1, 16 and 64 on random signals of the model's real shape (``selection_ms_per_image``),
 and every request's prefill is estimated on a GPU from its FLOPs (``cost.gpu_request_ms``:
@@ -41,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from .cost import A100_BF16_TFLOPS, PREFILL_UTILISATION, Shape, gpu_request_ms, request_cost, staged_cost
+from .cost import A100_BF16_TFLOPS, PREFILL_UTILISATION, Shape, gpu_request_ms, is_native, request_cost, staged_cost
 from .methods import Budget, Method, Signal, Signals, VTCError, get
 from .models.family import family_of_model
 from .shapes import (NEXT_IMAGE, QWEN_IMAGE, build_llava15, build_llava_next, build_onevision, build_qwen25vl, clip_text_scorer_vit_l,
@@ -231,11 +238,6 @@ def model_cost_shape(shape: str, image_size: tuple[int, int] | None = None) -> S
         model = getattr(transformers, family.model_class)(config)
     layout = family(model).layout(tuple(image_size))
     return replace(full, crops=layout.crops, canvas=tuple(layout.canvas.shape))
-
-
-def is_native(config) -> bool:
-    """True for a native-resolution family (Qwen2-VL, Qwen2.5-VL: an image is its own patch grid, merged)."""
-    return getattr(config.vision_config, "spatial_merge_size", None) is not None
 
 
 def shape_family(shape: str):
