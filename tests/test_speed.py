@@ -281,8 +281,11 @@ def test_in_llm_methods_are_timed_by_stage(bench):
 def test_in_llm_method_with_more_stages_than_built_layers_is_refused(tiny_dirs):
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0]).eval()  # 2 decoder layers
     bench = SpeedBench(text_tokens=6, decode_tokens=1, model=model, text_scorer=ClipTextScorer.from_pretrained(tiny_dirs[1]))
+    timed = []
+    bench.run_once = lambda *args, **kwargs: timed.append(args)  # refused while planning, before any timed run
     with pytest.raises(VTCError, match="build at least 4 decoder layers"):
-        run_speed(["pyramiddrop"], ["8"], 2, 1, 6, 1, bench=bench)
+        run_speed(["fastv", "pyramiddrop"], ["8"], 2, 1, 6, 1, bench=bench)
+    assert timed == []
 
 
 def test_speed_command_prints_the_selection_table_and_saves_it(tiny_dirs, tmp_path, monkeypatch):

@@ -496,15 +496,20 @@ class SpeedBench:
         return Sample(tower, timings["signals_ms"], timings["select_ms"], project_ms, prefill_ms, layers_ms, decode, decode_layers,
                       kv_bytes, peak["peak"], tokens, newlines)
 
+    def in_llm_plan(self, method, budget: Budget) -> list:
+        """The in-LLM method's full-depth plan on this image; refused when its stages need more built layers."""
+        plan = method.plan(self.image_tokens, self.depth, budget)
+        if len(plan) + 1 > self.llm_layers:
+            raise VTCError(f"{method.name} prunes in {len(plan)} stages: build at least {len(plan) + 1} decoder layers (--llm-layers)")
+        return plan
+
     def _pruner(self, method, budget: Budget, ids, mask):
         """The in-LLM method's full-depth plan, replayed on the built layers 1..S (one built layer per stage)."""
         from .methods.llm_base import PlanOverride, average_tokens
         from .models.llm_prune import InLLMPruner
 
         n = self.image_tokens
-        plan = method.plan(n, self.depth, budget)
-        if len(plan) + 1 > self.llm_layers:
-            raise VTCError(f"{method.name} prunes in {len(plan)} stages: build at least {len(plan) + 1} decoder layers (--llm-layers)")
+        plan = self.in_llm_plan(method, budget)
         replay = PlanOverride(method, [st.keep for st in plan])
         pruner = InLLMPruner(self.adapter.language_model, replay, Budget.parse(1.0), ids, mask, self.adapter.image_token_id)
         self.stage_plans[(method.name, str(budget))] = [(st.layer, st.keep) for st in plan]
@@ -690,6 +695,8 @@ def run_speed(
                 except VTCError as exc:
                     bench.skipped.append(f"{name}@{b}: {exc}")
                     continue
+            if getattr(method, "in_llm", False):
+                bench.in_llm_plan(method, budget)  # too few built layers: refused before anything is timed
             plan.append((name, budget))
     instances = {name: get(name) for name, _ in plan}
     rows = [Row(name, str(b)) for name, b in plan]
