@@ -298,3 +298,21 @@ def test_vtc_bench_runs_on_qwen25vl_with_each_images_own_tower_cost(qwen_bench, 
     none, kept = records["none"], records["fastervlm"]
     assert none["tokens_before"] == grid[0] * grid[1] // 4 and kept["tokens_kept"] < none["tokens_kept"]
     assert none["flops"] > kept["flops"] > tower  # the whole tower in both, the LLM on fewer tokens
+
+
+def test_speed_command_prints_the_native_picture_and_the_tower_apart(qwen_bench, tmp_path, monkeypatch):
+    from vtc.cli import app
+
+    bench, _ = qwen_bench
+    real = speed.SpeedBench
+    monkeypatch.setattr(speed, "SpeedBench", lambda layers, text, decode, **kw: real(
+        layers, text, decode, model=bench.model, image_size=(72, 72), **kw))
+    args = ["speed", "--shape", "qwen2.5-vl-7b", "--methods", "fastervlm", "--budgets", "10%", "--llm-layers", "3", "--reps", "1",
+            "--text-tokens", "6", "--decode-tokens", "1", "--select-batches", "1", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Qwen2.5-VL-7B shape, a 72x72 image: 9x9 = 81 merged tokens" in text and "extrapolated to 28" in text
+    assert "Vision tower and LLM apart" in text and "tower share" in text
+    meta = json.loads((tmp_path / "speed.json").read_text())["meta"]
+    assert (meta["shape"], meta["image_tokens"], meta["extrapolated_to_layers"]) == ("qwen2.5-vl-7b", 81, 28)
