@@ -4,6 +4,7 @@ LLaVA-1.5-7B: CLIP ViT-L/14-336 (24 layers, d=1024, 16 heads, 336 px, patch 14 -
 patches), a 2-layer GELU MLP projector 1024 -> 4096, and a Llama-2-7B-shaped language
 model (32 layers, d=4096, 32 heads, MLP 11008, vocabulary 32064). ``llm_layers`` builds
 fewer decoder layers so the model fits a CPU machine; per-layer costs scale linearly.
+Also LLaVA-NeXT-7B, LLaVA-OneVision-7B and Qwen2.5-VL-7B (each section says where its values come from).
 """
 
 from __future__ import annotations
