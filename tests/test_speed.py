@@ -137,6 +137,20 @@ def test_summary_gpu_estimate_and_selection_share_by_hand():
     assert by["none"]["gpu_prefill_ms"] == 7498 and by["pyramiddrop"]["gpu_prefill_ms"] == 4234
 
 
+def test_summary_tower_and_llm_apart_by_hand():
+    by = {r["method"]: r for r in summarise_rows(hand_rows(), UNIT, TEXT)}
+    full, pool, fastv = by["none"], by["pool"], by["fastv"]
+    # tower side = our tower run + selection; LLM side = projector + 32-layer prefill (medians over the samples)
+    # full: towers 12, 16, 11 -> 12; LLM 1 + 170 = 171 in each; pool: 13 + 0.5 and 0.5 + 68; fastv: 12 and 1 + 79
+    assert (full["tower_side_ms"], full["llm_side_ms"]) == (12.0, 171.0)
+    assert (pool["tower_side_ms"], pool["llm_side_ms"], fastv["llm_side_ms"]) == (13.5, 68.5, 80.0)
+    assert pool["tower_share"] == round(13.5 / 82, 4) and full["tower_share"] == round(12 / 183, 4)
+    assert pool["llm_speedup"] == round(171 / 68.5, 3) == 2.496 and fastv["llm_speedup"] == round(171 / 80, 3)
+    # LLM FLOPs: projector + prefill (the totals of test_summary_flops_and_kv_by_hand without the 184 of the tower):
+    # full 16 + 7298 = 7314, pool 8 + 3842 = 3850, fastv 16 + 2798 = 2814
+    assert pool["llm_flops_ratio"] == round(7314 / 3850, 3) and fastv["llm_flops_ratio"] == round(7314 / 2814, 3)
+
+
 # ----------------------------------------------------------------------------- the selection alone
 
 SMALL = Shape(vision_width=32, vision_mlp=64, vision_layers=2, patch_size=2, image_size=8, llm_width=48, llm_mlp=96,
@@ -267,8 +281,11 @@ def test_in_llm_methods_are_timed_by_stage(bench):
 def test_in_llm_method_with_more_stages_than_built_layers_is_refused(tiny_dirs):
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0]).eval()  # 2 decoder layers
     bench = SpeedBench(text_tokens=6, decode_tokens=1, model=model, text_scorer=ClipTextScorer.from_pretrained(tiny_dirs[1]))
+    timed = []
+    bench.run_once = lambda *args, **kwargs: timed.append(args)  # refused while planning, before any timed run
     with pytest.raises(VTCError, match="build at least 4 decoder layers"):
-        run_speed(["pyramiddrop"], ["8"], 2, 1, 6, 1, bench=bench)
+        run_speed(["fastv", "pyramiddrop"], ["8"], 2, 1, 6, 1, bench=bench)
+    assert timed == []
 
 
 def test_speed_command_prints_the_selection_table_and_saves_it(tiny_dirs, tmp_path, monkeypatch):

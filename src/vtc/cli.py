@@ -238,7 +238,7 @@ def speed_cmd(
     decode_tokens: int = typer.Option(8, "--decode-tokens", min=1, help="Tokens decoded to time the per-token cost."),
     out: Path = typer.Option(Path("vtc-speed-out"), "--out", help="Where speed.json and speed.png go."),
     select_batches: str = typer.Option("1,16,64", "--select-batches", help="Batch sizes to time each method's selection alone at (ms per image)."),
-    shape: str = typer.Option("llava-1.5-7b", "--shape", help="Model shape: llava-1.5-7b, llava-next-7b (a 672x672 image: base + 4 tiles) or llava-onevision-7b (the same image: base + 4 tiles of 384 px, Qwen2-7B)."),
+    shape: str = typer.Option("llava-1.5-7b", "--shape", help="Model shape: llava-1.5-7b, llava-next-7b (a 672x672 image: base + 4 tiles), llava-onevision-7b (the same image: base + 4 tiles of 384 px, Qwen2-7B) or qwen2.5-vl-7b (a 1024x1024 image at native resolution: 1369 merged tokens, Qwen2-7B)."),
     cost_only: bool = typer.Option(False, "--cost-only", help="No model: FLOPs, KV cache, estimated GPU prefill and each method's selection alone (seconds, not minutes)."),
 ) -> None:
     """Time every method on a real 7B model shape (random weights): prefill speed-up vs the FLOPs ratio,
@@ -269,6 +269,9 @@ def speed_cmd(
     write_outputs(results, meta, out)
     sizes = bench.inputs.get("image_sizes")
     image = "" if sizes is None else f", a {int(sizes[0][1])}x{int(sizes[0][0])} image: {bench.image_tokens} image tokens"
+    if bench.picture is not None:  # native resolution: the picture before the processor's resize, and its grid
+        (h, w), (rows, cols) = bench.picture, bench.shape.grid
+        image = f", a {w}x{h} image: {rows}x{cols} = {bench.image_tokens} merged tokens"
     print_speed(results, f"{SHAPES[shape]} shape{image}, {llm_layers} decoder layers built, timings extrapolated to {bench.depth} "
                          f"({meta['device']}, {meta['dtype']})")
     print_selection(results, batches, f"Selection alone, ms per image ({meta['device']}), vs estimated GPU prefill ({GPU_ASSUMPTION})")
@@ -280,11 +283,11 @@ def _speed_cost_only(names: list[str], budgets: list[str], shape: str, reps: int
     import json
 
     from .cost import GPU_ASSUMPTION
-    from .speed import SHAPES, cost_rows, default_image, model_cost_shape
+    from .speed import SHAPES, cost_rows, default_image, model_cost_shape, shape_family
 
     model_shape, image = model_cost_shape(shape), default_image(shape)
     with console.status("timing each method's selection alone"):
-        results, skipped = cost_rows(names, budgets, model_shape, text_tokens, batches, max(5, reps))
+        results, skipped = cost_rows(names, budgets, model_shape, text_tokens, batches, max(5, reps), family=shape_family(shape))
     for note in skipped:
         console.print(f"[yellow]skipped[/] {escape(note)}")
     meta = {"shape": shape, "cost_only": True, "image": None if image is None else list(image),
@@ -331,14 +334,17 @@ COST_COLUMNS = [
     ("method", lambda r: r["method"]),
     ("budget", lambda r: r["budget"]),
     ("tokens", lambda r: f"{r['tokens']:.0f}"),
-    ("TFLOPs", lambda r: f"{r['total_prefill_tflops']:.2f}"),
+    ("tower\nTFLOPs", lambda r: f"{r['vision_tflops']:.2f}"),
+    ("LLM\nTFLOPs", lambda r: f"{r['llm_tflops']:.2f}"),
     ("FLOPs\nratio", lambda r: f"{r['flops_ratio']:.2f}x"),
+    ("LLM\nratio", lambda r: f"{r['llm_flops_ratio']:.2f}x"),
     ("GPU ms", lambda r: f"{r['gpu_prefill_ms']:.1f}"),
     ("KV\nMB", lambda r: f"{r['kv_bytes_32_layers_fp16'] / 1e6:.0f}"),
 ]
 COST_LEGEND = (
-    "tokens: image tokens the LLM sees, newline rows included; TFLOPs: vision tower (every crop), projector and LLM "
-    "prefill; FLOPs ratio: full tokens' over this row's; GPU ms: that prefill estimated from FLOPs; KV cache in fp16."
+    "tokens: image tokens the LLM sees, newline rows included; tower TFLOPs: the vision tower (every crop; Qwen2.5-VL: "
+    "window and full-attention layers); LLM TFLOPs: projector (Qwen: merger) and LLM prefill; FLOPs ratio: full tokens' "
+    "total over this row's; LLM ratio: the LLM side's alone; GPU ms: the whole prefill estimated from FLOPs; KV cache in fp16."
 )
 
 
@@ -381,8 +387,28 @@ def _print_rows(rows: list[dict], columns, title: str, legend: str = "") -> None
         console.print(legend, style="dim", markup=False)
 
 
+SPLIT_COLUMNS = [
+    ("method", lambda r: r["method"]),
+    ("budget", lambda r: r["budget"]),
+    ("tokens", lambda r: f"{r['tokens']:.0f}"),
+    ("tower\nms", lambda r: f"{r['tower_side_ms']:.0f}"),
+    ("LLM\nms", lambda r: f"{r['llm_side_ms']:.0f}"),
+    ("tower\nshare", lambda r: f"{100 * r['tower_share']:.0f}%"),
+    ("LLM\nup", lambda r: f"{r['llm_speedup']:.2f}x"),
+    ("LLM\nratio", lambda r: f"{r['llm_flops_ratio']:.2f}x"),
+    ("tower\nTFLOPs", lambda r: f"{r['vision_tflops']:.2f}"),
+    ("LLM\nTFLOPs", lambda r: f"{r['llm_tflops']:.2f}"),
+]
+SPLIT_LEGEND = (
+    "tower ms: our vision-tower run (with the method's signals) and its selection; LLM ms: projector (Qwen: merger) "
+    "and the full-depth LLM prefill; tower share: of this row's end-to-end prefill; LLM up: the full-token row's LLM ms "
+    "over this row's; LLM ratio: the same for the LLM side's FLOPs; TFLOPs of each side."
+)
+
+
 def print_speed(results: list[dict], title: str) -> None:
     _print_rows(results, SPEED_COLUMNS, title, SPEED_LEGEND)
+    _print_rows(results, SPLIT_COLUMNS, "Vision tower and LLM apart", SPLIT_LEGEND)
 
 
 def _select_cell(r: dict, batch: int, share: bool = False) -> str:

@@ -9,11 +9,25 @@ The LM head runs on the last position only (``generate`` keeps one logit row).
 Tiled families (LLaVA-NeXT, LLaVA-OneVision): the vision tower runs once per crop (base + tiles);
 the projector runs on the patch tokens; the language model also sees one newline token per row
 of the tile canvas (``Shape.canvas``), which the projector does not make.
+
+Native-resolution towers (Qwen2-VL, Qwen2.5-VL; ``Shape.patch_grid``): the tower runs once on the
+image's own patch grid; ``merge`` x ``merge`` patches make one language-model token (the candidates
+a method ranks). Qwen2.5-VL's window layers attend inside windows of ``window`` x ``window`` patches
+laid from the top-left corner of the merged grid (edge windows are smaller, as
+``get_vision_window_index`` cuts them), its ``full_attention_layers`` over the whole image; its MLP
+is gated (three matrices). The patch embedding is a 2-frame 3-D convolution (an image is repeated
+to ``temporal_patch`` frames). The merger (the projector: norm, Linear 4C -> 4C, GELU, Linear
+4C -> D) is charged on the tokens sent to the LLM, as LLaVA's projector.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+def is_native(config) -> bool:
+    """True for a native-resolution family's config (Qwen2-VL, Qwen2.5-VL: an image is its own patch grid, merged)."""
+    return getattr(config.vision_config, "spatial_merge_size", None) is not None
 
 
 @dataclass(frozen=True)
@@ -35,27 +49,76 @@ class Shape:
     cls_tokens: int = 1  # CLIP's CLS; SigLIP (LLaVA-OneVision) has none
     crops: int = 1  # vision-tower forwards per image: 1, or base + tiles
     canvas: tuple[int, int] = (0, 0)  # (rows, columns) of the unpadded tile canvas, in patches; rows = newline tokens
+    # native-resolution towers (Qwen-VL): the image's own patch grid (rows, columns); (0, 0): square crops of image_size
+    patch_grid: tuple[int, int] = (0, 0)
+    merge: int = 1  # patches merged into one LLM token along each side (Qwen-VL: 2, a 2 x 2 group per token)
+    window: int = 0  # side of the window-attention windows, in patches (Qwen2.5-VL: 112 px / 14 = 8); 0: none
+    full_attention_layers: tuple[int, ...] = ()  # with window > 0: the layers that attend over the whole image
+    vision_mlp_matrices: int = 2  # fc1 + fc2 (CLIP, SigLIP, Qwen2-VL); gate + up + down (Qwen2.5-VL)
+    temporal_patch: int = 1  # frames per patch in the patch embedding (Qwen-VL: an image is 2 equal frames)
+    projector_hidden: int = 0  # hidden width of the two-layer projector; 0: the LLM width (LLaVA); Qwen's merger: 4C
 
     @classmethod
-    def from_config(cls, config, llm_layers: int | None = None) -> "Shape":
+    def from_config(cls, config, llm_layers: int | None = None, patch_grid: tuple[int, int] | None = None) -> "Shape":
+        """The shape of a LLaVA-family config, or of a Qwen2-VL / Qwen2.5-VL config on an image of ``patch_grid``
+        patches (rows, columns; needed there, since a native-resolution tower has no fixed image size)."""
         v, t = config.vision_config, config.text_config
-        return cls(
-            vision_width=v.hidden_size, vision_mlp=v.intermediate_size, vision_layers=v.num_hidden_layers,
-            patch_size=v.patch_size, image_size=v.image_size,
+        llm = dict(
             llm_width=t.hidden_size, llm_mlp=t.intermediate_size, llm_layers=llm_layers or t.num_hidden_layers,
             heads=t.num_attention_heads, kv_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
-            vocab=t.vocab_size, vision_heads=v.num_attention_heads,
+            vocab=t.vocab_size,
+        )
+        if is_native(config):
+            return cls._native(v, llm, patch_grid)
+        return cls(
+            vision_width=v.hidden_size, vision_mlp=v.intermediate_size, vision_layers=v.num_hidden_layers,
+            patch_size=v.patch_size, image_size=v.image_size, vision_heads=v.num_attention_heads,
             cls_tokens=0 if getattr(v, "model_type", "").startswith("siglip") else 1,  # SigLIP has no CLS token
+            **llm,
+        )
+
+    @classmethod
+    def _native(cls, v, llm: dict, patch_grid: tuple[int, int] | None) -> "Shape":
+        """Qwen2.5-VL (window attention, gated MLP, ``hidden_size`` = tower width) or Qwen2-VL (full attention,
+        fc1/fc2 MLP of ``mlp_ratio``, ``embed_dim`` = tower width, ``hidden_size`` = merger output)."""
+        if patch_grid is None or min(patch_grid) < 1 or any(side % v.spatial_merge_size for side in patch_grid):
+            raise ValueError(f"a native-resolution tower's cost needs the image's patch grid, in multiples of the merge "
+                             f"size {v.spatial_merge_size}; got {patch_grid}")
+        windowed = getattr(v, "fullatt_block_indexes", None) is not None
+        width = v.hidden_size if windowed else v.embed_dim
+        return cls(
+            vision_width=width, vision_mlp=v.intermediate_size if windowed else width * v.mlp_ratio,
+            vision_layers=v.depth, patch_size=v.patch_size, image_size=0, vision_heads=v.num_heads, cls_tokens=0,
+            patch_grid=tuple(patch_grid), merge=v.spatial_merge_size,
+            window=v.window_size // v.spatial_merge_size // v.patch_size * v.spatial_merge_size if windowed else 0,  # whole merge groups
+            full_attention_layers=tuple(v.fullatt_block_indexes) if windowed else (),
+            vision_mlp_matrices=3 if windowed else 2, temporal_patch=v.temporal_patch_size,
+            projector_hidden=width * v.spatial_merge_size**2, **llm,
         )
 
     @property
-    def num_patches(self) -> int:
+    def tower_patches(self) -> int:
+        """Patches one tower forward runs on (one crop, or the native-resolution image)."""
+        if self.patch_grid != (0, 0):
+            return self.patch_grid[0] * self.patch_grid[1]
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_patches(self) -> int:
+        """Candidate tokens of one crop (of the image, native resolution: its merged tokens)."""
+        return self.tower_patches // self.merge**2
+
+    @property
     def grid(self) -> tuple[int, int]:
+        if self.patch_grid != (0, 0):
+            return self.patch_grid[0] // self.merge, self.patch_grid[1] // self.merge
         side = self.image_size // self.patch_size
         return side, side
+
+    @property
+    def feature_width(self) -> int:
+        """Width of a candidate's FEATURES: the tower width, or (merged towers) its merge group's patches side by side."""
+        return self.vision_width * self.merge**2
 
     @property
     def num_candidates(self) -> int:
@@ -81,17 +144,41 @@ class Shape:
         return self.llm_width // self.heads * self.kv_heads
 
 
+def window_sizes(length: int, window: int) -> list[int]:
+    """Patches along one side of each window row (or column): windows of ``window`` patches laid from 0, the
+    last one cut at the image's edge (Qwen2.5-VL pads the merged grid to whole windows and drops the padding)."""
+    full, rest = divmod(length, window)
+    return [window] * full + ([rest] if rest else [])
+
+
+def attention_pairs(s: Shape, layer: int) -> int:
+    """Query-key pairs of one tower layer on one crop: n^2 with full attention, the sum of each window's n_w^2
+    in a window layer (windows of a x b patches hold a * b patches: the sum factorises over rows and columns)."""
+    n = s.tower_patches + s.cls_tokens
+    if not s.window or layer in s.full_attention_layers:
+        return n * n
+    rows, cols = (window_sizes(side, s.window) for side in s.patch_grid)
+    return sum(a * a for a in rows) * sum(b * b for b in cols)
+
+
 def vision_flops(s: Shape, layers: int | None = None) -> float:
-    """Patch embedding + ``layers`` (default all) encoder layers on CLS + N tokens, once per crop."""
-    n, d = s.num_patches + s.cls_tokens, s.vision_width
-    embed = s.num_patches * 3 * s.patch_size**2 * d
-    per_layer = 4 * n * d * d + 2 * n * n * d + 2 * n * d * s.vision_mlp
-    return 2.0 * s.crops * (embed + (s.vision_layers if layers is None else layers) * per_layer)
+    """Patch embedding + ``layers`` (default all) encoder layers on CLS + N patches, once per crop.
+
+    Per layer: q, k, v, o projections 4nd^2, scores and weighted sum 2d per query-key pair
+    (``attention_pairs``: windows where the tower uses them), the MLP's two or three matrices."""
+    n, d = s.tower_patches + s.cls_tokens, s.vision_width
+    embed = s.tower_patches * 3 * s.temporal_patch * s.patch_size**2 * d
+    depth = s.vision_layers if layers is None else layers
+    dense = 4 * n * d * d + s.vision_mlp_matrices * n * d * s.vision_mlp
+    attention = sum(2 * attention_pairs(s, layer) * d for layer in range(depth))
+    return 2.0 * s.crops * (embed + depth * dense + attention)
 
 
 def projector_flops(s: Shape, tokens: int) -> float:
-    """LLaVA's two-layer MLP projector on ``tokens`` image tokens."""
-    return 2.0 * tokens * (s.vision_width * s.llm_width + s.llm_width * s.llm_width)
+    """The two-layer MLP projector on ``tokens`` image tokens: LLaVA's C -> D -> D, Qwen-VL's merger 4C -> 4C -> D."""
+    width_in = s.feature_width
+    hidden = s.projector_hidden or s.llm_width
+    return 2.0 * tokens * (width_in * hidden + hidden * s.llm_width)
 
 
 def llm_layer_macs(s: Shape, n: int, context: int | None = None) -> float:

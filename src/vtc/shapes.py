@@ -4,6 +4,7 @@ LLaVA-1.5-7B: CLIP ViT-L/14-336 (24 layers, d=1024, 16 heads, 336 px, patch 14 -
 patches), a 2-layer GELU MLP projector 1024 -> 4096, and a Llama-2-7B-shaped language
 model (32 layers, d=4096, 32 heads, MLP 11008, vocabulary 32064). ``llm_layers`` builds
 fewer decoder layers so the model fits a CPU machine; per-layer costs scale linearly.
+Also LLaVA-NeXT-7B, LLaVA-OneVision-7B and Qwen2.5-VL-7B (each section says where its values come from).
 """
 
 from __future__ import annotations
@@ -145,3 +146,62 @@ def onevision_shape(image_size=NEXT_IMAGE):
 
     tiles, rows, cols = onevision_canvas(image_size)
     return replace(Shape.from_config(onevision_config()), crops=1 + tiles, canvas=(rows, cols))
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL-7B (Qwen2.5-VL-7B-Instruct)
+
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json, vision_config: 32 blocks of width 1280 (16 heads of 80), a gated SiLU MLP
+# of 3420 (gate, up, down), patches of 14 px over 2 frames (an image is repeated to 2), merged 2 x 2 by the PatchMerger
+# (RMSNorm, Linear 5120 -> 5120, GELU, Linear 5120 -> 3584), window attention in windows of 112 px (8 x 8 patches, 4 x 4
+# merged tokens) except blocks 7, 15, 23 and 31. transformers' Qwen2_5_VLVisionConfig defaults agree on every one of
+# these except hidden_size (its default is 3584, the merger's output; the checkpoint says 1280) and tokens_per_second
+# (4 against the checkpoint's 2, video only), so every value is set here.
+QWEN25VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu", in_channels=3,
+                       patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584, tokens_per_second=2)
+# Its language model is Qwen2-7B's shape (QWEN2_7B: 3584 wide, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocabulary
+# 152064), with the checkpoint's M-RoPE sections (16, 24, 24) of the 64 rotary frequencies, rope_theta 1e6, RMSNorm eps
+# 1e-6, 128000 positions and untied embeddings; transformers' Qwen2_5_VLTextConfig defaults are the 72B's (8192 wide,
+# 80 layers), so none of them is relied on.
+QWEN25VL_TEXT = dict(rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+                     max_position_embeddings=128000, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645)
+# special tokens of the checkpoint's tokenizer (also transformers' Qwen2_5_VLConfig defaults)
+QWEN25VL_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+# preprocessor_config.json (Qwen2VLImageProcessor): min_pixels 3136 = 16 patches of 14 px, max_pixels 12845056 = 65536
+# patches; the image is resized to multiples of 28 px (patch x merge) by smart_resize. Counted in patches so that a
+# tiny test model of another patch size keeps the same limits.
+QWEN_MIN_PATCHES, QWEN_MAX_PATCHES = 3136 // 14**2, 12845056 // 14**2
+QWEN_IMAGE = (1024, 1024)  # the picture `vtc speed --shape qwen2.5-vl-7b` times: 1036 x 1036 after smart_resize, 37 x 37 tokens
+
+
+def qwen25vl_config(llm_layers: int = QWEN2_7B["num_hidden_layers"], **llm_overrides):
+    """Qwen2.5-VL-7B: its 32-block window-attention tower and 2 x 2 merger, and the Qwen2-7B-shaped decoder."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = {**QWEN2_7B, **QWEN25VL_TEXT, "num_hidden_layers": llm_layers, **llm_overrides}
+    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(QWEN25VL_VISION), tie_word_embeddings=False, **QWEN25VL_TOKENS)
+
+
+def build_qwen25vl(llm_layers: int = 2, dtype: torch.dtype = torch.float32, **llm_overrides):
+    """A random-weight Qwen2.5-VL-7B-shaped model (``llm_layers`` decoder layers), in eval mode."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(qwen25vl_config(llm_layers, **llm_overrides))
+    return model.to(dtype).eval()
+
+
+def qwen_patch_grid(image_size=QWEN_IMAGE, patch_size: int = 14, merge: int = 2) -> tuple[int, int]:
+    """(rows, columns) of patches the Qwen-VL image processor makes of an image of ``image_size`` (height, width):
+    smart_resize to multiples of patch x merge pixels within the published min/max pixels (in patches)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    height, width = smart_resize(*image_size, factor=patch_size * merge, min_pixels=QWEN_MIN_PATCHES * patch_size**2,
+                                 max_pixels=QWEN_MAX_PATCHES * patch_size**2)
+    return height // patch_size, width // patch_size
+
+
+def qwen25vl_shape(image_size=QWEN_IMAGE):
+    """The cost model's Shape of Qwen2.5-VL-7B on one image of ``image_size`` (its own patch grid, 28 LLM layers)."""
+    from .cost import Shape
+
+    return Shape.from_config(qwen25vl_config(), patch_grid=qwen_patch_grid(image_size))

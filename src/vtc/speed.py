@@ -4,7 +4,9 @@ Shapes (``SHAPES``): LLaVA-1.5-7B (one 336 px image, 576 tokens); LLaVA-NeXT-7B 
 base crop + 2x2 tiles, 576 + 2304 = 2880 candidate tokens and 48 newline rows, 2928 image tokens,
 the count LlavaNextProcessor writes for it); LLaVA-OneVision-7B (SigLIP-so400m + Qwen2-7B, the same
 672x672 picture: base crop + 2x2 tiles of 384 px, 729 + 2916 = 3645 candidates and 54 newline rows,
-3699 image tokens, 28 decoder layers). ``cost_only`` rows (``cost_rows``, CLI ``--cost-only``) need no
+3699 image tokens, 28 decoder layers); Qwen2.5-VL-7B (a 1024x1024 image, resized by the image processor's
+smart_resize to 1036x1036: 74x74 patches through the window-attention tower, merged 2x2 into 37x37 = 1369
+tokens, 28 decoder layers; here the tower is a large share of the prefill). ``cost_only`` rows (``cost_rows``, CLI ``--cost-only``) need no
 model: FLOPs, KV cache, GPU estimate and the selection alone. The bench drives
 the model through its family adapter (``compress``, ``project``, ``splice_ids``, ``tokens_before``,
 ``language_model``), so the same code times every family; budgets count candidate tokens (a 10%
@@ -18,6 +20,13 @@ than the shape's (32 for Llama-7B, 28 for Qwen2-7B); decoder layers are timed on
 (forward hooks), and the full-depth figures are extrapolated as (measured prefill - measured
 layers) + mean layer time x depth. Every extrapolated figure says so (the ``*_32_layers``
 keys keep their names for every shape; the depth is in the meta).
+
+Qwen2.5-VL: the tower (and its stock merger on every token: vtc reads the merger's output as a
+signal) runs in full on every row, the merger runs again on the K tokens sent; the cost model
+charges the merger once, on the K tokens, as LLaVA's projector. The tower's time and FLOPs are
+reported apart from the LLM's (``tower_side_ms``, ``vision_tflops``; the CLI's "Vision tower and
+LLM apart" table): at 10% of Qwen2.5-VL-7B's 1369 tokens the LLM side shrinks 7.4x in FLOPs, the
+whole prefill 2.7x. Methods a family's adapter does not serve are skipped with its reason.
 
 Next to the CPU wall clock, each vision-side method's own selection is timed per image at
 batch 1, 16 and 64 on random signals of the model's real shape (``selection_ms_per_image``),
@@ -39,16 +48,20 @@ from pathlib import Path
 
 import torch
 
-from .cost import A100_BF16_TFLOPS, PREFILL_UTILISATION, Shape, gpu_request_ms, request_cost, staged_cost
+from .cost import A100_BF16_TFLOPS, PREFILL_UTILISATION, Shape, gpu_request_ms, is_native, request_cost, staged_cost
 from .methods import Budget, Method, Signal, Signals, VTCError, get
 from .models.family import family_of_model
-from .shapes import (NEXT_IMAGE, build_llava15, build_llava_next, build_onevision, clip_text_scorer_vit_l, llava15_config,
-                     llava_next_config, onevision_config)
+from .shapes import (NEXT_IMAGE, QWEN_IMAGE, build_llava15, build_llava_next, build_onevision, build_qwen25vl, clip_text_scorer_vit_l,
+                     llava15_config, llava_next_config, onevision_config, qwen25vl_config, qwen_patch_grid)
 
 FULL_DEPTH = 32  # LLaVA-1.5's and LLaVA-NeXT's Llama-7B; a bench uses its shape's depth
-SHAPES = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "llava-onevision-7b": "LLaVA-OneVision-7B"}
-_CONFIGS = {"llava-1.5-7b": llava15_config, "llava-next-7b": llava_next_config, "llava-onevision-7b": onevision_config}
-_BUILDERS = {"llava-1.5-7b": build_llava15, "llava-next-7b": build_llava_next, "llava-onevision-7b": build_onevision}
+SHAPES = {"llava-1.5-7b": "LLaVA-1.5-7B", "llava-next-7b": "LLaVA-NeXT-7B", "llava-onevision-7b": "LLaVA-OneVision-7B",
+          "qwen2.5-vl-7b": "Qwen2.5-VL-7B"}
+_CONFIGS = {"llava-1.5-7b": llava15_config, "llava-next-7b": llava_next_config, "llava-onevision-7b": onevision_config,
+            "qwen2.5-vl-7b": qwen25vl_config}
+_BUILDERS = {"llava-1.5-7b": build_llava15, "llava-next-7b": build_llava_next, "llava-onevision-7b": build_onevision,
+             "qwen2.5-vl-7b": build_qwen25vl}
+_IMAGES = {"llava-1.5-7b": None, "llava-next-7b": NEXT_IMAGE, "llava-onevision-7b": NEXT_IMAGE, "qwen2.5-vl-7b": QWEN_IMAGE}
 QUESTION = "what is the color of the small triangle left of the red car ?"
 SELECT_BATCHES = (1, 16, 64)  # batch sizes the selection is timed at
 NOT_A_SELECTION = ("none", "downsample")  # no selection to time: all tokens; a smaller tower forward
@@ -198,17 +211,23 @@ def full_depth(shape: str) -> int:
 
 
 def default_image(shape: str) -> tuple[int, int] | None:
-    """The picture a tiled shape times (672x672: LLaVA-NeXT's base + 2x2 tiles); None for one-grid LLaVA-1.5."""
-    return None if shape == "llava-1.5-7b" else NEXT_IMAGE
+    """The picture a shape times (672x672: LLaVA-NeXT's base + 2x2 tiles; 1024x1024 for Qwen2.5-VL's native
+    resolution); None for one-grid LLaVA-1.5."""
+    check_shape(shape)
+    return _IMAGES[shape]
 
 
 def model_cost_shape(shape: str, image_size: tuple[int, int] | None = None) -> Shape:
     """The full-depth cost Shape of a named model on one image: crops and canvas from its family adapter's
-    own layout, on a weightless (meta-device) model, so no 7B model is built."""
+    own layout, on a weightless (meta-device) model, so no 7B model is built; a native-resolution model's
+    patch grid from its image processor's resize rule (``shapes.qwen_patch_grid``)."""
     check_shape(shape)
     config = _CONFIGS[shape]()
-    full = Shape.from_config(config)
     image_size = image_size or default_image(shape)
+    if is_native(config):
+        v = config.vision_config
+        return Shape.from_config(config, patch_grid=qwen_patch_grid(tuple(image_size), v.patch_size, v.spatial_merge_size))
+    full = Shape.from_config(config)
     if image_size is None:
         return full
     import transformers
@@ -222,6 +241,14 @@ def model_cost_shape(shape: str, image_size: tuple[int, int] | None = None) -> S
     return replace(full, crops=layout.crops, canvas=tuple(layout.canvas.shape))
 
 
+def shape_family(shape: str):
+    """The family adapter class that serves the named shape's model (its methods' support and refusals)."""
+    from .models.family import family_for
+
+    check_shape(shape)
+    return family_for(_CONFIGS[shape]().model_type)
+
+
 def times_selection(method) -> bool:
     """True for methods whose selection is timed alone: vision-side, and not 'none' or 'downsample'."""
     return not getattr(method, "in_llm", False) and method.name not in NOT_A_SELECTION
@@ -230,9 +257,9 @@ def times_selection(method) -> bool:
 def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu") -> Signals:
     """Random signals of the model's real shape for ``batch`` images, only those ``method.needs``.
 
-    Selection cost depends on shapes, not values: features and keys are vision-width (keys
-    head-averaged: vision_width // vision_heads), projected tokens LLM-width, attention rows
-    softmax-like and positive.
+    Selection cost depends on shapes, not values: features are the candidates' (vision width, or a merged
+    tower's merge group of patches side by side: ``Shape.feature_width``), keys vision-width (head-averaged:
+    vision_width // vision_heads), projected tokens LLM-width, attention rows softmax-like and positive.
     """
     g = torch.Generator().manual_seed(seed)
     n, d = shape.num_candidates, shape.vision_width
@@ -247,7 +274,8 @@ def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu"
         Signal.CLS_ATTN_SHALLOW: lambda: torch.randn(batch, n, generator=g).mul(2).softmax(-1),
     }
     present = {name: make[name]().to(device) for name in make if name in method.needs}
-    return Signals(features=torch.randn(batch, n, d, generator=g).to(device), grid=shape.candidate_grid, **present)
+    features = torch.randn(batch, n, shape.feature_width, generator=g)
+    return Signals(features=features.to(device), grid=shape.candidate_grid, **present)
 
 
 @dataclass
@@ -300,8 +328,10 @@ class SpeedBench:
     ):
         """``model`` / ``text_scorer`` default to ``shape`` built with ``llm_layers`` decoder layers (tests pass tiny ones).
 
-        ``image_size`` (height, width): the picture a tiled family splits into crops; default 672x672 for a
-        built 7B shape (``default_image``), twice the tower's crop each way for a model passed in."""
+        ``image_size`` (height, width): the picture a tiled family splits into crops, or a native-resolution family
+        (Qwen-VL) resizes to its own patch grid; default the shape's picture for a built 7B shape (``default_image``);
+        for a model passed in, twice the tower's crop each way (tiled), or the picture whose patch grid is the 7B
+        shape's (74 x 74 patches of the model's own size: Qwen-VL)."""
         check_shape(shape)
         if text_tokens < 2:
             raise VTCError(f"--text-tokens must be at least 2, got {text_tokens}")
@@ -321,6 +351,7 @@ class SpeedBench:
         self.llm_layers, self.decode_tokens, self.text_tokens = len(self.layers), decode_tokens, text_tokens
         self.shape_name = shape
         g = torch.Generator().manual_seed(0)  # pixels, then the text ids
+        self.picture: tuple[int, int] | None = None
         self.inputs = self._image_inputs(image_size, g)
         self.tokens_before = self.adapter.tokens_before(self.inputs)  # what the stock processor writes for this image
         self.image_tokens = self.tokens_before[0]
@@ -358,7 +389,10 @@ class SpeedBench:
         return self.shape.llm_layers
 
     def _image_inputs(self, image_size, g: torch.Generator) -> dict:
-        """Random pixels of one image as the family's processor shapes them (tiled: every crop, and the image size)."""
+        """Random pixels of one image as the family's processor shapes them (tiled: every crop, and the image size;
+        native resolution: its patches flattened, and their grid)."""
+        if is_native(self.model.config):
+            return self._native_inputs(image_size, g)
         size = self.adapter.tower.config.image_size
         if not self.adapter.tiled:
             pixels = torch.randn(1, 3, size, size, generator=g)
@@ -369,8 +403,22 @@ class SpeedBench:
         return {"pixel_values": pixels.to(self.device, self.dtype), "image_sizes": torch.tensor([image_size], device=self.device),
                 "input_ids": torch.zeros(1, 1, dtype=torch.long)}
 
+    def _native_inputs(self, image_size, g: torch.Generator) -> dict:
+        """Qwen-VL: the processor's (patches, 3 x frames x p x p) rows for an image resized by its smart_resize."""
+        v = self.model.config.vision_config
+        p, merge = v.patch_size, v.spatial_merge_size
+        self.picture = tuple(image_size or (74 * p, 74 * p))  # (height, width) before the processor's resize
+        rows, cols = qwen_patch_grid(self.picture, p, merge)
+        pixels = torch.randn(rows * cols, 3 * v.temporal_patch_size * p * p, generator=g)
+        return {"pixel_values": pixels.to(self.device, self.dtype), "image_grid_thw": torch.tensor([[1, rows, cols]], device=self.device),
+                "input_ids": torch.zeros(1, 1, dtype=torch.long)}
+
     def _cost_shape(self) -> Shape:
-        """The full-depth cost-model shape of this model and image (a tiled family: its crops and canvas)."""
+        """The full-depth cost-model shape of this model and image (a tiled family: its crops and canvas;
+        a native-resolution one: its patch grid)."""
+        if is_native(self.model.config):
+            grid = tuple(int(x) for x in self.inputs["image_grid_thw"][0, 1:])
+            return Shape.from_config(self.model.config, llm_layers=self.full_depth, patch_grid=grid)
         shape = Shape.from_config(self.model.config, llm_layers=self.full_depth)
         if not self.adapter.tiled:
             return shape
@@ -380,6 +428,9 @@ class SpeedBench:
     def stock_tower(self) -> None:
         """The stock model's vision-tower forward on every crop of the image (what it pays with or without compression)."""
         pixels = self.inputs["pixel_values"]
+        if "image_grid_thw" in self.inputs:  # Qwen-VL: the tower and its merger on the image's patches
+            self.adapter.tower(pixels, grid_thw=self.inputs["image_grid_thw"])
+            return
         self.adapter.tower(pixels.flatten(0, 1) if pixels.dim() == 5 else pixels, output_hidden_states=True)
 
     @torch.no_grad()
@@ -407,6 +458,7 @@ class SpeedBench:
         projected = self.adapter.project(selections)
         counts = [p.shape[0] for p in projected]
         ids, mask = self.adapter.splice_ids(self.inputs["input_ids"], self.inputs["attention_mask"], counts, 0, expected=self.tokens_before)
+        positions = self.adapter.generation_inputs(self.inputs, selections, ids, mask)  # Qwen-VL: the kept tokens' M-RoPE rows
         _sync(d)
         project_ms = _ms(t)
         newlines = int((selections[0].info or {}).get("newline_tokens", 0))
@@ -423,7 +475,7 @@ class SpeedBench:
                     t = time.perf_counter()
                     out = self.model(
                         input_ids=ids, attention_mask=mask, mm_encoder_outputs=self.adapter.image_inputs(projected),
-                        use_cache=True, logits_to_keep=1,
+                        use_cache=True, logits_to_keep=1, **positions,
                     )
                     _sync(d)
                     prefill_ms = _ms(t)
@@ -431,10 +483,15 @@ class SpeedBench:
                 cache = out.cache
                 kv_bytes = _cache_bytes(cache)
                 token = out.logits[:, -1:].argmax(-1)
+                step_position = positions.get("position_ids")
                 t = time.perf_counter()
                 for _ in range(self.decode_tokens):
                     mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-                    step = self.model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+                    extra = {}
+                    if step_position is not None:  # Qwen-VL: each new token one past the last (text row and t, h, w)
+                        step_position = step_position[..., -1:] + 1
+                        extra = {"position_ids": step_position}
+                    step = self.model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra)
                     cache, token = step.cache, step.logits[:, -1:].argmax(-1)
                 _sync(d)
                 decode = _ms(t) / self.decode_tokens
@@ -444,6 +501,14 @@ class SpeedBench:
         return Sample(tower, timings["signals_ms"], timings["select_ms"], project_ms, prefill_ms, layers_ms, decode, decode_layers,
                       kv_bytes, peak["peak"], tokens, newlines)
 
+    def in_llm_plan(self, method, budget: Budget, n: int | None = None) -> list:
+        """The in-LLM method's full-depth plan on ``n`` image tokens (default all of this image's); refused when
+        its stages need more built layers."""
+        plan = method.plan(self.image_tokens if n is None else n, self.depth, budget)
+        if len(plan) + 1 > self.llm_layers:
+            raise VTCError(f"{method.name} prunes in {len(plan)} stages: build at least {len(plan) + 1} decoder layers (--llm-layers)")
+        return plan
+
     def _pruner(self, method, budget: Budget, ids, mask, n: int | None = None, key: tuple[str, str] | None = None):
         """The in-LLM method's full-depth plan, replayed on the built layers 1..S (one built layer per stage).
         ``n``: the image tokens entering the LLM (default all); ``key``: the row its stages are recorded under."""
@@ -451,9 +516,7 @@ class SpeedBench:
         from .models.llm_prune import InLLMPruner
 
         n = self.image_tokens if n is None else n
-        plan = method.plan(n, self.depth, budget)
-        if len(plan) + 1 > self.llm_layers:
-            raise VTCError(f"{method.name} prunes in {len(plan)} stages: build at least {len(plan) + 1} decoder layers (--llm-layers)")
+        plan = self.in_llm_plan(method, budget, n)
         replay = PlanOverride(method, [st.keep for st in plan])
         pruner = InLLMPruner(self.adapter.language_model, replay, Budget.parse(1.0), ids, mask, self.adapter.image_token_id)
         self.stage_plans[key or (method.name, str(budget))] = [(st.layer, st.keep) for st in plan]
@@ -509,6 +572,12 @@ def summarise_rows(
     ``select_ms_per_image`` (batch size -> ms, as a string key) is the row's selection timed alone
     (``selection_ms_per_image``; empty for rows without one), and ``select_share_of_gpu_prefill``
     each of those over ``gpu_prefill_ms``.
+
+    Tower and LLM apart (the tower is a large share on Qwen2.5-VL's native-resolution images):
+    ``tower_side_ms`` = our tower run + selection, ``llm_side_ms`` = projector + full-depth LLM prefill,
+    ``tower_share`` = tower side / end-to-end prefill; ``llm_speedup`` = the full-token row's LLM side over
+    this row's, against ``llm_flops_ratio`` (projector + LLM prefill FLOPs, full over this row's);
+    ``vision_tflops`` / ``llm_tflops`` = the two sides' FLOPs.
     """
     med = statistics.median
     full = rows[0]
@@ -523,15 +592,23 @@ def summarise_rows(
     def decode_32(s: Sample, row: Row) -> float:
         return to_full_depth(s.decode_ms_per_token, s.decode_layers_ms, row.stage_depths(depth), depth)
 
+    def tower_side(s: Sample) -> float:
+        return s.signals_ms + s.select_ms
+
+    def llm_side(s: Sample, row: Row) -> float:
+        return s.project_ms + prefill_32(s, row)
+
     def e2e(s: Sample, row: Row) -> float:
-        return s.signals_ms + s.select_ms + s.project_ms + prefill_32(s, row)
+        return tower_side(s) + llm_side(s, row)
 
     full_e2e = med(e2e(s, full) for s in full.samples)
+    full_llm = med(llm_side(s, full) for s in full.samples)
     stock_tower = med(s.tower_ms for s in full.samples)
     full_tokens = int(full.samples[0].tokens)
     full_projected = full_tokens - full.samples[0].newlines
     full_cost = request_cost(shape, full_tokens, text_tokens, projected_tokens=full_projected)
     full_flops = full_cost["total_prefill_flops"]
+    full_llm_flops = _llm_flops(full_cost)
     gpu_full = gpu_request_ms(full_cost, tflops, utilisation)["prefill_ms"]
     out = []
     for row in rows:
@@ -547,6 +624,7 @@ def summarise_rows(
                                projected_tokens=full_projected if row.llm_input is None else round(entering - newlines))
         speedup = full_e2e / med(e2e_all)
         flops_ratio = full_flops / cost["total_prefill_flops"]
+        llm_ms = med(llm_side(x, row) for x in s)
         gpu = gpu_request_ms(cost, tflops, utilisation)
         select_each = sorted(row.select_ms_per_image.items())
         out.append(
@@ -573,6 +651,13 @@ def summarise_rows(
                 "speedup": round(speedup, 3),
                 "flops_ratio": round(flops_ratio, 3),
                 "speedup_vs_flops": round(speedup / flops_ratio, 3),
+                "tower_side_ms": round(med(tower_side(x) for x in s), 1),
+                "llm_side_ms": round(llm_ms, 1),
+                "tower_share": round(med(tower_side(x) for x in s) / med(e2e_all), 4),
+                "llm_speedup": round(full_llm / llm_ms, 3),
+                "llm_flops_ratio": round(full_llm_flops / _llm_flops(cost), 3),
+                "vision_tflops": round(cost["vision_flops"] / 1e12, 3),
+                "llm_tflops": round(_llm_flops(cost) / 1e12, 3),
                 "select_ms_per_image": {str(b): round(ms, 3) for b, ms in select_each},
                 "gpu_vision_ms": round(gpu["vision_ms"], 2),
                 "gpu_llm_prefill_ms": round(gpu["llm_prefill_ms"], 2),
@@ -584,6 +669,11 @@ def summarise_rows(
     return out
 
 
+def _llm_flops(cost: dict) -> float:
+    """The LLM side of a request's prefill FLOPs: projector (Qwen-VL: merger) + LLM prefill."""
+    return cost["projector_flops"] + cost["prefill_flops"]
+
+
 def run_speed(
     methods: list[str], budgets: list[str], llm_layers: int, reps: int, text_tokens: int, decode_tokens: int, progress=None, bench=None,
     select_batches=SELECT_BATCHES, shape: str = "llava-1.5-7b",
@@ -591,9 +681,10 @@ def run_speed(
     """Measure every (method, budget) against full tokens, interleaved, ``reps`` times; then each vision-side
     method's selection alone, per image at each of ``select_batches`` (at least 5 timed calls per size).
 
-    On a tiled family, a method that shrinks the tower's input grid (downsample) is refused by the adapter
-    and listed in ``bench.skipped``; a spatial method (pool) runs per tile there, which the random-signal
-    selection timing does not model, so its selection is not timed alone (also listed)."""
+    A method the family's adapter does not serve (``Family.support``: downsample on tiles or a native grid,
+    VisionZip's CLS token on SigLIP or Qwen-VL) is listed in ``bench.skipped`` with the adapter's reason; on a
+    tiled family a spatial method (pool) runs per tile, which the random-signal selection timing does not
+    model, so its selection is not timed alone (also listed)."""
     bench = bench or SpeedBench(llm_layers, text_tokens, decode_tokens, shape=shape)
     from .methods.llm_base import budget_for_average
 
@@ -604,8 +695,9 @@ def run_speed(
             budget = Budget.parse(b)
             if budget.is_auto and not method.supports_auto:
                 continue
-            if bench.adapter.tiled and not getattr(method, "in_llm", False) and method.input_grid(budget, bench.adapter.grid) is not None:
-                bench.skipped.append(f"{name}@{b}: shrinks the tower's input to one smaller grid; {bench.adapter.name}'s tiles are not supported by it")
+            served, why = bench.adapter.support(method)
+            if not served:
+                bench.skipped.append(f"{name}@{b}: not supported on {bench.adapter.name}: {why}")
                 continue
             if getattr(method, "in_llm", False) and not budget.is_auto:  # papers compare in-LLM methods by layer average
                 try:
@@ -613,6 +705,8 @@ def run_speed(
                 except VTCError as exc:
                     bench.skipped.append(f"{name}@{b}: {exc}")
                     continue
+            if getattr(method, "in_llm", False):
+                bench.in_llm_plan(method, budget)  # too few built layers: refused before anything is timed
             plan.append((name, budget))
     instances = {name: get(name) for name, _ in plan}
     rows = [Row(name, str(b)) for name, b in plan]
@@ -704,15 +798,18 @@ def newline_rows(selection, shape: Shape) -> int:
 
 def cost_rows(
     methods: list[str], budgets: list[str], shape: Shape, text_tokens: int, select_batches=SELECT_BATCHES, reps: int = 5,
-    tflops: float = A100_BF16_TFLOPS, utilisation: float = PREFILL_UTILISATION,
+    tflops: float = A100_BF16_TFLOPS, utilisation: float = PREFILL_UTILISATION, family=None,
 ) -> tuple[list[dict], list[str]]:
     """FLOPs, KV cache, estimated GPU prefill and the selection timed alone for every (method, budget), with no model.
 
     The model is never built (``vtc speed --cost-only``). Tokens kept come from the method's own
     selection on random signals of the shape (all candidates ranked together on a tiled shape), plus the
     newline rows they leave (``newline_rows``); in-LLM methods from their plan on all image tokens. Methods
-    with no selection to time other than 'none', and spatial methods on a tiled shape, are listed as skipped.
-    Returns (rows, skipped); row keys as ``summarise_rows``'s cost and selection keys, 'none' first.
+    with no selection to time other than 'none', spatial methods on a tiled shape, and methods ``family`` (the
+    model's adapter class, ``shape_family``) does not serve, are listed as skipped.
+    Returns (rows, skipped); row keys as ``summarise_rows``'s cost and selection keys, 'none' first:
+    ``vision_tflops`` (the tower, at full size in every row) apart from ``llm_tflops`` (projector
+    + LLM prefill), and ``llm_flops_ratio`` (the LLM side's ratio alone) next to ``flops_ratio``.
     """
     from .methods.llm_base import average_tokens, budget_for_average
 
@@ -726,7 +823,9 @@ def cost_rows(
         return {
             "method": name, "budget": str(budget), "tokens": tokens, "newline_tokens": newlines, "stages": list(stages),
             "flops_ratio": round(full_cost["total_prefill_flops"] / cost["total_prefill_flops"], 3),
+            "llm_flops_ratio": round(_llm_flops(full_cost) / _llm_flops(cost), 3),
             "total_prefill_tflops": round(cost["total_prefill_flops"] / 1e12, 3),
+            "vision_tflops": round(cost["vision_flops"] / 1e12, 3), "llm_tflops": round(_llm_flops(cost) / 1e12, 3),
             "kv_bytes_32_layers_fp16": int(cost["kv_cache_bytes"]),
             "select_ms_per_image": {str(b): round(ms, 3) for b, ms in each},
             "gpu_vision_ms": round(gpu["vision_ms"], 2), "gpu_llm_prefill_ms": round(gpu["llm_prefill_ms"], 2),
@@ -742,10 +841,17 @@ def cost_rows(
             label = f"{name}@{b}"
             if budget.is_auto and not method.supports_auto:
                 continue
-            if getattr(method, "in_llm", False):
+            served, why = family.support(method) if family is not None else (True, "")
+            if not served:
+                skipped.append(f"{label}: not supported on {family.name}: {why}")
+            elif getattr(method, "in_llm", False):
                 n = shape.image_tokens
                 if not budget.is_auto:
-                    budget = budget_for_average(method, budget.tokens(n), n, shape.llm_layers)
+                    try:  # as run_speed: a layer average below what the method's early layers already see is skipped
+                        budget = budget_for_average(method, budget.tokens(n), n, shape.llm_layers)
+                    except VTCError as exc:
+                        skipped.append(f"{label}: {exc}")
+                        continue
                 plan = method.plan(n, shape.llm_layers, budget)
                 stages = [(st.layer, st.keep) for st in plan]
                 cost = staged_cost(shape, n, stages, text_tokens, projected_tokens=shape.num_candidates)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..cost import Shape, request_cost
+from ..cost import Shape, is_native, request_cost
 from ..methods import Budget, VTCError, get
 from ..speed import peak_memory
 from .store import ResultStore, done_keys, record_key
@@ -48,12 +48,12 @@ def make_plan(pipe, task_specs: list[str], methods: list[str], budgets: list[str
     """
     from ..pipeline import resolve
 
-    n = pipe.adapter.num_patches
+    n = getattr(pipe.adapter, "num_patches", None)  # None: native resolution (Qwen-VL), N is the image's own
     plain = [Budget.parse(b) for b in budgets if ">" not in b]
     chained = [b for b in budgets if ">" in b]
     for b in plain:
-        # a tiled family's token count differs per image (at least the base crop's): checked per image as it runs
-        if not b.is_auto and not pipe.adapter.tiled:
+        # a tiled or native-resolution family's token count differs per image: checked per image as it runs
+        if not b.is_auto and not pipe.adapter.tiled and n is not None:
             try:
                 b.tokens(n)
             except VTCError as exc:
@@ -96,7 +96,8 @@ class BenchRunner:
     def __init__(self, pipe, out: Path, batch_size: int = 8, process_index: int = 0, num_processes: int = 1):
         self.pipe, self.out, self.batch_size = pipe, Path(out), batch_size
         self.rank, self.world = process_index, num_processes
-        self.shape = Shape.from_config(pipe.model.config)
+        # a native-resolution model's (Qwen-VL) tower cost depends on each image's grid: built per image in _generate
+        self.shape = None if is_native(pipe.model.config) else Shape.from_config(pipe.model.config)
         self.store = self._open_store()
         self.maps = self.out / "maps"
 
@@ -196,8 +197,9 @@ class BenchRunner:
         image_tokens = self.pipe.adapter.tokens_before(inputs)
         text_tokens = int(inputs["attention_mask"].sum(1).float().mean()) - round(sum(image_tokens) / len(image_tokens))
         self._save_map(task, method, budget, images[0], results[0])
-        for (sample, record), result in zip(pairs, results):
-            cost = request_cost(self.shape, result.tokens_after, text_tokens, bytes_per_value=2)
+        for i, ((sample, record), result) in enumerate(zip(pairs, results)):
+            shape = self.shape or Shape.from_config(self.pipe.model.config, patch_grid=tuple(inputs["image_grid_thw"][i, 1:].tolist()))
+            cost = request_cost(shape, result.tokens_after, text_tokens, bytes_per_value=2)
             record.update(
                 prediction=result.text,
                 score=task.score(result.text, sample),
