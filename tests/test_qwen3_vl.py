@@ -128,13 +128,25 @@ def masked_full_run(pipe, inputs, rows):
     return logits, rec.calls
 
 
-@pytest.mark.parametrize("b,method", [(0, "fastervlm"), (1, "prumerge")])
+def merging_prompt(pipe, inputs):
+    """VisionZip without CLS at 30%: kept tokens and merged contextual ones."""
+    [sel], _ = pipe.compress(inputs, QUESTIONS[:1], get("visionzip", keep_cls=False), Budget.parse(0.3))
+    projected = pipe.adapter.project([sel])
+    ids, mask = pipe.adapter.splice_ids(inputs["input_ids"], inputs["attention_mask"], [projected[0].shape[0]],
+                                        pipe.pad_token_id, expected=pipe.adapter.tokens_before(inputs))
+    return sel, projected, ids, mask
+
+
+@pytest.mark.parametrize("b,method", [(0, "fastervlm"), (1, "visionzip")])
 def test_pruning_equals_masking_and_injects_the_kept_deepstack_rows(pipe, images, b, method):
     """Logits of the pruned prompt's rows equal the full model's (stock pixel path) with the dropped image tokens
     masked and every position stock; the DeepStack rows the decoder adds at each layer are the masked full run's
     rows at the kept positions (a merging method: its single-source tokens checked, its merged rows sent too)."""
     inputs = pipe.prepare(images[b : b + 1], QUESTIONS[b : b + 1])
-    sel, projected, ids, mask = pruned_prompt(pipe, inputs, QUESTIONS[b], method=method)
+    if method == "visionzip":
+        sel, projected, ids, mask = merging_prompt(pipe, inputs)
+    else:
+        sel, projected, ids, mask = pruned_prompt(pipe, inputs, QUESTIONS[b], method=method)
     positions = pipe.adapter.generation_inputs(inputs, [sel], ids, mask)["position_ids"]
     with torch.no_grad(), InjectionRecorder(pipe.model.model.language_model) as rec:
         pruned = pipe.model(input_ids=ids, attention_mask=mask, position_ids=positions[1:],
@@ -148,7 +160,7 @@ def test_pruning_equals_masking_and_injects_the_kept_deepstack_rows(pipe, images
         full, full_calls = masked_full_run(pipe, inputs, rows)
         torch.testing.assert_close(pruned[0], full[0, rows], atol=1e-5, rtol=1e-5)
     else:
-        assert sel.num_tokens > single, "prumerge should merge"
+        assert sel.num_tokens > single > 0, "visionzip should keep some tokens and merge others"
         _, full_calls = masked_full_run(pipe, inputs, list(range(inputs["input_ids"].shape[1])))
     for (_, ours), (_, stock) in zip(rec.calls, full_calls, strict=True):
         assert ours.shape[0] == sel.num_tokens and stock.shape[0] == sel.num_patches
