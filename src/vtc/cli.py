@@ -115,7 +115,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
 
 @app.command("run")
 def run_cmd(
-    model: Path = typer.Option(..., "--model", help="Directory of a saved checkpoint with its processor (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)."),
+    model: Path = typer.Option(..., "--model", help="Directory of a saved checkpoint with its processor (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."),
     image: Path = typer.Option(..., "--image", help="Image file."),
     question: str = typer.Option(..., "--question", help="The question about the image."),
     method: str = typer.Option("recoverable", "--method", help="Compression method (see `vtc methods`)."),

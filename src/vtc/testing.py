@@ -251,3 +251,45 @@ def save_tiny_qwen_vl(out: str | Path, version: str = "2.5", seed: int = 0, patc
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def save_tiny_qwen3_vl(out: str | Path, seed: int = 0, patch_size=4, vision_layers=4, text_layers=4,
+                       deepstack_layers=(0, 1, 2)) -> Path:
+    """A random Qwen3-VL model (DeepStack) + image-only processor + chat template.
+
+    Patches of ``patch_size`` pixels merged 2x2 (an H x W image gives (H / 2p) x (W / 2p) tokens), a learned
+    8 x 8 position table interpolated to each grid, full attention in every tower block; the tower layers
+    ``deepstack_layers`` feed the decoder's first len(deepstack_layers) layers (DeepStack)."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from .models.qwen3_vl import ImageOnlyQwen3VLProcessor
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
+    )
+    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end", "image_pad", "video_pad")}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2], "mrope_interleaved": True},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(depth=vision_layers, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=48, num_position_embeddings=64,
+                  deepstack_visual_indexes=list(deepstack_layers))
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+    )
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, min_pixels=(4 * patch_size) ** 2, max_pixels=(40 * patch_size) ** 2,
+    )
+    processor = ImageOnlyQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

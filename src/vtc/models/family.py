@@ -76,7 +76,7 @@ def families() -> list[type["Family"]]:
 
 
 def _load_builtin_families() -> None:
-    from . import llava, llava_next, llava_onevision, qwen_vl  # noqa: F401  (each registers itself)
+    from . import llava, llava_next, llava_onevision, qwen3_vl, qwen_vl  # noqa: F401  (each registers itself)
 
 
 class Family(ABC):

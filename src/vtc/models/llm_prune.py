@@ -22,8 +22,14 @@ decoder layers, so stock ``generate()`` drives prefill and decoding):
   (assisted decoding, ``use_cache=False``), multi-token decoding steps, caches other than
   the dynamic one (a static cache keeps one slot per original position), right padding.
 * Scores. ``PruneContext.attention`` recomputes only the requested query rows from a
-  layer's input (its input_layernorm, q_proj, k_proj, RoPE as the model applies it, GQA
-  heads repeated), softmax in fp32, mean over heads. The N x N map is never built.
+  layer's input (its input_layernorm, q_proj, k_proj, the per-head q/k norms of decoders
+  that have them (Qwen3), RoPE as the model applies it, GQA heads repeated), softmax in
+  fp32, mean over heads. The N x N map is never built.
+* DeepStack (Qwen3-VL): the decoder adds visual features to the image rows after each of
+  its first layers. Once rows are pruned, each remaining image row gets the feature of its
+  original position (the stock addition, restricted to the kept rows); a row merged from
+  several (SparseVLM's recycling) has no feature of its own, so merging before the last
+  addition is refused.
 """
 
 from __future__ import annotations
@@ -87,8 +93,11 @@ class PruneContext:
         attn = self.pruner.layers[layer].self_attn
         h = self.pruner.layers[layer].input_layernorm(states)
         b, length, _ = h.shape
-        q = attn.q_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(h).view(b, length, -1, attn.head_dim)
+        k = attn.k_proj(h).view(b, length, -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMS norm of each head's query and key, before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope:
             cos, sin = self._rope
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -156,6 +165,7 @@ class InLLMPruner:
         self.layer_rows: dict[int, Rows] = {}
         self.prefilled, self.decode_step, self.embeds = False, 0, None
         self.previous = None
+        self.merged_at: int | None = None  # first layer whose stage added merged rows
         self.infos: list[dict] = [{} for _ in range(b)]
         self._handles = []
 
@@ -266,6 +276,8 @@ class InLLMPruner:
                 ctx = PruneContext(self, hidden, previous, current["position_embeddings"])
                 choices = self.method.choose(stage_no, [p[stage_no] for p in self.plans], ctx)
                 hidden = self._apply(choices, hidden)
+                if self.merged_at is None and any(c.merged is not None and c.merged.shape[0] for c in choices):
+                    self.merged_at = layer_idx
                 for b, n in enumerate(self.kept_counts()):
                     self.kept_at[b][layer_idx] = n
                 current = self._row_kwargs(kwargs)
@@ -306,16 +318,40 @@ class InLLMPruner:
     def _done_prefill(self, module, args, output):
         self.prefilled = True
 
+    def _deepstack_process(self, stock):
+        """The decoder's DeepStack addition on the current rows: each image row gets its original position's feature."""
+
+        def process(hidden, visual_pos_masks, visual_embeds):
+            if self.rows is None:
+                return stock(hidden, visual_pos_masks, visual_embeds)
+            if self.merged_at is not None:
+                raise VTCError(
+                    f"'{self.method.name}' merged image rows into new ones at decoder layer {self.merged_at}, before this "
+                    "model's last DeepStack addition, and a merged row has no DeepStack feature: prune at a later layer "
+                    "or without merging (SparseVLM: recycling=False)")
+            rows = self.rows
+            full = visual_embeds.new_zeros(*visual_pos_masks.shape, visual_embeds.shape[-1])
+            full[visual_pos_masks.to(full.device)] = visual_embeds
+            added = full.gather(1, rows.index.to(full.device)[..., None].expand(-1, -1, full.shape[-1]))
+            real = (rows.valid & rows.image).to(full.device)[..., None]  # dummy rows stay zero
+            return hidden + (added * real).to(hidden.dtype)
+
+        return process
+
     def __enter__(self):
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
         self._handles.append(self.layers[-1].register_forward_hook(self._done_prefill))
+        if hasattr(self.lm, "_deepstack_process"):
+            self.lm._deepstack_process = self._deepstack_process(self.lm._deepstack_process)
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if "_deepstack_process" in vars(self.lm):
+            del self.lm._deepstack_process
         return False
 
     # ------------------------------------------------------------------ reporting

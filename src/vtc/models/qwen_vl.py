@@ -63,9 +63,8 @@ from .family import Family, register_family, timed
 from .llava import grid_boxes, received_attention
 
 
-class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
-    """The Qwen2-VL processor without its video processor (which needs torchvision). Qwen2.5-VL's processor
-    differs only for videos, so it serves both; ``processor_class`` says which one it saves as."""
+class WithoutVideoProcessor:
+    """Mixin: a Qwen-VL processor built without its video processor (which needs torchvision)."""
 
     processor_class = "Qwen2VLProcessor"
 
@@ -75,6 +74,11 @@ class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
 
     def to_dict(self):
         return {**super().to_dict(), "processor_class": self.processor_class}
+
+
+class ImageOnlyQwenVLProcessor(WithoutVideoProcessor, Qwen2VLProcessor):
+    """The Qwen2-VL processor without its video processor. Qwen2.5-VL's processor differs only for videos, so it
+    serves both; ``processor_class`` says which one it saves as."""
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Qwen2VLAdapter(Family):
     model_class = "Qwen2VLForConditionalGeneration"
     label = "Qwen2-VL"
     modeling: ClassVar[str] = "transformers.models.qwen2_vl.modeling_qwen2_vl"
+    processor_type: ClassVar[type] = ImageOnlyQwenVLProcessor
 
     def __init__(self, model, text_scorer=None):
         self.check_supported(model)
@@ -109,6 +114,7 @@ class Qwen2VLAdapter(Family):
         self.merge = self.tower.spatial_merge_size
         self.num_layers = len(self.tower.blocks)
         self.num_heads = self.tower.config.num_heads
+        self.patch_width = self.tower.blocks[0].norm1.weight.shape[0]  # C: one patch state
 
     @classmethod
     def load(cls, path: Path, dtype: torch.dtype, device: torch.device):
@@ -116,9 +122,9 @@ class Qwen2VLAdapter(Family):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype).to(device)
-        processor_dict, _ = ImageOnlyQwenVLProcessor.get_processor_dict(path)
+        processor_dict, _ = cls.processor_type.get_processor_dict(path)
         parts = [AutoImageProcessor.from_pretrained(path, backend="pil"), AutoTokenizer.from_pretrained(path)]
-        processor = ImageOnlyQwenVLProcessor.from_args_and_dict(parts, processor_dict)
+        processor = cls.processor_type.from_args_and_dict(parts, processor_dict)
         processor.processor_class = cls.model_class.replace("ForConditionalGeneration", "Processor")
         return model, processor
 
@@ -230,13 +236,12 @@ class Qwen2VLAdapter(Family):
         needs_attn = bool(needs & {Signal.CLS_ATTN, Signal.KEYS, Signal.RECEIVED_ATTN})
         layer = self.attention_layer(attention) if needs_attn else None
         store: dict = {}
-        with self._capture(layer, store) if needs_attn else _nothing():
-            out = self.tower(pixels.to(self.merger.mlp[0].weight.dtype), grid_thw=thw)
+        with self._capture(layer, store) if needs_attn else _nothing(), self._capture_features(store):
+            out = self.tower(pixels.to(self.tower.dtype), grid_thw=thw)
         unit = self.merge**2
         order = self.window_order(thw)
         raster = torch.argsort(order)  # tower order -> raster order of merge groups
-        width = out.last_hidden_state.shape[-1]
-        groups = out.last_hidden_state.reshape(-1, unit * width)[raster]  # the merger's input groups, raster order
+        groups = self.merger_groups(out, store)[raster]
         projected = out.pooler_output
         sizes = [g.num_candidates for g in grids]
         per_image: list[dict[str, torch.Tensor]] = [{} for _ in grids]
@@ -252,6 +257,15 @@ class Qwen2VLAdapter(Family):
             for b, signals in enumerate(per_image):
                 signals[Signal.TEXT_SIM] = self.text_scorer.similarity(signals[Signal.PROJECTED][None], [text_queries[b]], text)[0]
         return per_image
+
+    @contextmanager
+    def _capture_features(self, store: dict):
+        """Tower states FEATURES need besides the last block's (Qwen2-VL: none)."""
+        yield
+
+    def merger_groups(self, out, store: dict) -> torch.Tensor:
+        """(tokens, 4C) FEATURES in tower order: each merged token's 2 x 2 group of last-block states, flattened."""
+        return out.last_hidden_state.reshape(-1, self.merge**2 * self.patch_width)
 
     def _attention_signals(self, store, order, raster, sizes, needs, attention, per_image) -> None:
         """Received attention (the CLS substitute) and keys per merged token, from the captured block."""
@@ -325,12 +339,11 @@ class Qwen2VLAdapter(Family):
     @torch.no_grad()
     def project(self, selections: list[Selection]) -> list[torch.Tensor]:
         """The stock merger on each sent token's 2 x 2 group (per-patch norm, then MLP: row-wise, so exact when kept)."""
-        width = self.merger.ln_q.weight.shape[0]
-        out = []
-        for s in selections:
-            tokens = s.tokens[self.prompt_order(s)]
-            out.append(self.merger(tokens.reshape(-1, width)))
-        return out
+        return [self.send(s.tokens[self.prompt_order(s)]) for s in selections]
+
+    def send(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(K, 4C) FEATURES rows -> (K, D) language-model tokens: the stock merger."""
+        return self.merger(tokens.reshape(-1, self.patch_width))
 
     def token_positions(self, selection: Selection, image_positions: torch.Tensor) -> torch.Tensor:
         """(3, K) M-RoPE position of each sent token: a source's own, or the rounded mean of several sources'."""
