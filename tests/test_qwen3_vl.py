@@ -211,7 +211,8 @@ def test_every_method_runs_or_refuses_clearly(pipe, images, name):
     refused = {"downsample": "native-resolution grids are not supported", "visionzip": "keep_cls=False",
                "recoverable": "text-to-patch score.*--text-source llm", "cdpruner": "text-to-patch score.*--text-source llm",
                "sparsevlm": "merged image rows .* layer 1, before this model.s last DeepStack addition.*prune at a later layer or "
-                             "without merging \\(SparseVLM: recycling=False\\)"}
+                             "without merging \\(SparseVLM: recycling=False\\)",
+               "vscan": "shallow .*layer .*no CLS token"}
     check_runs_or_refuses(pipe, images, QUESTIONS, name, refused, llm_budget=0.5)
 
 
