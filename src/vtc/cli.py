@@ -67,6 +67,8 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         where = f"layer {att.layer}, heads={att.heads}" if {"cls_attn", "keys", "received_attn"} & set(needs) else ""
         if getattr(method, "in_llm", False):
             where = "decoder layers: " + getattr(method, "budget_meaning", "")
+        if getattr(method, "in_tower", False):
+            where = "vision layers: " + getattr(method, "tower_note", "")
         if "keys" in needs:
             where += f", keys={att.keys}"
         rows.append(
@@ -74,7 +76,8 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
                 "name": name,
                 "needs": needs,
                 "attention": where,
-                "acts": "inside the LLM" if getattr(method, "in_llm", False) else "before the LLM",
+                "acts": "inside the LLM" if getattr(method, "in_llm", False) else
+                        ("inside the vision tower" if getattr(method, "in_tower", False) else "before the LLM"),
                 "auto": method.supports_auto,
                 "paper": method.paper,
                 "code": method.code,

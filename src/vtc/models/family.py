@@ -87,8 +87,9 @@ class Family(ABC):
     model_class: ClassVar[str] = ""
     # True when one image is several patch grids (tiles), so a budget may be split per tile.
     tiled: ClassVar[bool] = False
-    # True when the adapter runs in-tower methods (models/tower_loop.py); else they are refused.
+    # True when the adapter runs in-tower methods (models/tower_loop.py); else they are refused, saying why.
     tower_hook: ClassVar[bool] = False
+    tower_gap: ClassVar[str] = ""
 
     model: torch.nn.Module
     image_token_id: int
@@ -117,7 +118,9 @@ class Family(ABC):
         """How an in-tower method (one that reduces tokens between the vision tower's layers) is served."""
         if cls.tower_hook:
             return True, "inside the vision tower"
-        return False, f"it reduces tokens inside the vision tower, and vtc's in-tower hook is not wired for {cls.name}"
+        why = f" ({cls.tower_gap})" if cls.tower_gap else ""
+        return False, (f"it reduces tokens inside the vision tower, and vtc's in-tower hook is not wired for "
+                       f"{cls.name}{why}; it runs on llava-1.5")
 
     def refuse_unsupported(self, method: Method) -> None:
         served, why = self.support(method)

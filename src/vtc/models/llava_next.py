@@ -95,7 +95,8 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     tiled = True
-    tower_hook = False  # not wired: each crop's padded cells would have to be followed through the tower's merges
+    tower_hook = False
+    tower_gap = "each crop runs alone and the canvas's padded cells, cut after the tower, would have to be followed through the merges"
     # The transformers module whose own tiling functions (grid shape, crop count, unpad_image) lay images out.
     modeling = "transformers.models.llava_next.modeling_llava_next"
     label = "LLaVA-NeXT"  # the family as messages name it

@@ -94,6 +94,7 @@ class Qwen2VLAdapter(Family):
     """Signals from, and token splicing into, a stock HF Qwen2-VL model (see the module docstring)."""
 
     name = "qwen2-vl"
+    tower_gap = "a native-resolution tower with 2-D rotary positions (windowed attention in 2.5), a 2x2 merger, no CLS token"
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
     label = "Qwen2-VL"
