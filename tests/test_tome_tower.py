@@ -170,8 +170,25 @@ def test_runs_through_the_llava_pipeline_and_equals_the_hook(tiny_pipe, images):
         hidden = adapter.embed(inputs["pixel_values"], False)
         state = run_tower(adapter.tower.encoder.layers[:2], hidden, reducer, 1, adapter.num_heads)
     for r, sel in zip(results, state.selections()):
-        assert r.tokens_after == 5 and r.tokens_before == 16
+        assert r.tokens_after == 5 and r.tokens_before == 16 and r.selection.info["r"] == [6, 5]
         torch.testing.assert_close(r.selection.tokens, sel.tokens)
         assert [s.tolist() for s in r.selection.sources] == [s.tolist() for s in sel.sources]
     with pytest.raises(VTCError, match="budget 3 cannot be reached.*4 at the fewest"):
         tiny_pipe(images[:1], questions[:1], method="tome_tower", budget=3, max_new_tokens=1)
+
+
+def test_half_precision_tower_gives_tokens_in_its_dtype(tower, pixels):
+    """On a GPU the tower runs in bf16: the size bias goes to SDPA in that dtype, merges sum in float32,
+    and the output tokens keep the tower's dtype (the projector's input)."""
+    import copy
+
+    half = copy.deepcopy(tower).to(torch.bfloat16)
+    selections, _ = run_method(half, pixels.to(torch.bfloat16), 9)
+    reference, _ = run_method(tower, pixels, 9)
+    same = []
+    for sel, ref in zip(selections, reference):
+        assert sel.tokens.dtype == torch.bfloat16 and sel.num_tokens == 9
+        same.append([s.tolist() for s in sel.sources] == [s.tolist() for s in ref.sources])
+        if same[-1]:  # the same merges (bf16 may flip a near tie): values within bf16's rounding
+            torch.testing.assert_close(sel.tokens.float(), ref.tokens, rtol=0.05, atol=0.1)
+    assert any(same)

@@ -76,6 +76,7 @@ class ToMeReducer:
 
     def __init__(self, schedule: list[int], prefix: int, proportional: bool):
         self.schedule, self.prefix, self.size_bias = schedule, prefix, proportional
+        self.info = {"r": list(schedule), "proportional": proportional}  # copied into every Selection's info
 
     def __call__(self, view):
         from ..models.tower_loop import Reduction

@@ -22,6 +22,8 @@ A reducer (``method.reducer(budget, num_patches, depth, prefix)`` of a method wi
     ``size_bias``  True: proportional attention, log(size) of each key added to the attention logits as an
                    additive float mask (B, 1, 1, T), so SDPA is kept; no mask while every size is 1.
     ``__call__(view: LayerView) -> Reduction | None``   None keeps every token.
+    ``info``       (optional) a dict the adapter copies into every output Selection's ``info``.
+A reducer is made per batch and may keep state across layers (FlowCut's cumulative score).
 
 ``LayerView`` (what the reducer sees; T = prefix + current patch tokens, H heads of width hd):
     ``index``    0-based encoder layer just run; ``depth``: how many layers run (the last is depth - 1)
