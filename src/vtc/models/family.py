@@ -14,6 +14,8 @@ A family adapter owns everything model-specific; methods stay model-agnostic (th
 - ``generation_inputs``: any other argument the spliced prompt needs (Qwen-VL: its 3-D positions).
 - ``language_model``: the decoder whose layers the in-LLM methods hook.
 - ``map_panels``: where each candidate token of an image lies in the picture (token maps).
+- ``tower_hook``: True when ``compress`` runs in-tower methods (``in_tower``: ToMe inside the tower) through
+  models/tower_loop.py; a family without it refuses them, ``tower_gap`` saying why.
 
 Adding a family is one file under ``models/`` plus its tests:
 

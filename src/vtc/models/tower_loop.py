@@ -46,6 +46,17 @@ A reducer is made per batch and may keep state across layers (FlowCut's cumulati
 ``TowerState``: ``hidden`` (B, prefix+K, D) at the feature layer, ``size`` (B, prefix+K), ``place`` (B, N);
 ``selections()``: output tokens, each a KEPT patch (size 1, its one patch) or a MERGED token (its patches),
 kept ones first in raster order, merged ones ordered by their first patch (the after-tower ToMe's order).
+
+Plugging a method in: set ``in_tower = True`` and ``needs = frozenset()`` on the Method, give it
+``reducer(budget, num_patches, depth, prefix)`` (budget already parsed; refuse an unreachable budget
+there with a VTCError), and make ``select_batch`` refuse (there are no finished features to select from).
+A family serves in-tower methods when its adapter sets ``tower_hook = True`` and routes them to the loop
+(``LlavaAdapter.compress_in_tower``: embeddings + pre-layernorm, the layers up to the feature layer, the
+output count checked against the budget); other families refuse them (``Family.tower_support``).
+A pruning method such as FlowCut: ``stage = "layer"``, ``size_bias = False``, per layer
+``view.cls_attention()[..., prefix:]`` (mean over heads as it likes), ``view.values`` for value norms,
+``view.depth - view.index - 1`` layers left, its cumulative score kept on the reducer and gathered with
+its own ``keep``, and ``Reduction(keep=cat([0], 1 + kept positions in order))``.
 """
 
 from __future__ import annotations
