@@ -173,6 +173,10 @@ def test_runs_through_the_llava_pipeline_and_equals_the_hook(tiny_pipe, images):
         assert r.tokens_after == 5 and r.tokens_before == 16 and r.selection.info["r"] == [6, 5]
         torch.testing.assert_close(r.selection.tokens, sel.tokens)
         assert [s.tolist() for s in r.selection.sources] == [s.tolist() for s in sel.sources]
+    every = tiny_pipe(images[:2], questions, method="tome_tower", budget=1.0, max_new_tokens=3)
+    stock = tiny_pipe(images[:2], questions, method="none", budget="auto", max_new_tokens=3)
+    for a, b in zip(every, stock):  # nothing merged: the stock feature layer, the stock answer
+        assert torch.equal(a.selection.tokens, b.selection.tokens) and a.text == b.text
     with pytest.raises(VTCError, match="budget 3 cannot be reached.*4 at the fewest"):
         tiny_pipe(images[:1], questions[:1], method="tome_tower", budget=3, max_new_tokens=1)
 
