@@ -121,8 +121,11 @@ def test_schedule_is_constant_r_with_the_remainder_first_and_capped_at_the_end()
     assert merge_schedule(36, 5, 3) == [16, 10, 5]  # constant 11, 10, 10 breaks the half limit at the end
     assert merge_schedule(16, 16, 2) == [0, 0]
     for n, k, depth in [(16, 3, 2), (576, 1, 9)]:
-        with pytest.raises(VTCError, match=f"budget {k} cannot be reached.*{math.ceil(n / 2**depth)} at the fewest"):
+        with pytest.raises(VTCError, match=f"budget {k} cannot be reached.* down to {math.ceil(n / 2**depth)} at the fewest"):
             merge_schedule(n, k, depth)
+    with pytest.raises(VTCError, match="no vision layer runs before the feature layer"):
+        merge_schedule(16, 5, 0)
+    assert merge_schedule(16, 16, 0) == []
 
 
 @pytest.mark.parametrize("n, depth", [(7, 1), (16, 2), (36, 3), (50, 4)])

@@ -166,6 +166,9 @@ def test_merges_are_size_weighted_and_the_size_bias_enters_attention(tower, pixe
     finally:
         tower.config._attn_implementation = "sdpa"
     torch.testing.assert_close(reducer.views[2].cls_attention(), weights[:, :, 0], rtol=0, atol=1e-6)
+    second = reducer.views[1]  # after the first merge: position 5 holds patches 4, 6, 8 (size 3)
+    assert second.prefix == 1 and second.size[:, 5].tolist() == [3.0, 3.0] and second.size.sum(1).tolist() == [37.0] * 2  # CLS: 1
+    assert second.place[:, [4, 6, 8]].tolist() == [[5, 5, 5]] * 2 and second.place[:, 9].tolist() == [8, 8]
     sel = state.selections()[0]  # patches: 4 (pos 5), 6 (pos 7), 8 (pos 9), 1 (pos 2) -> one merged token
     assert sel.counts() == {"kept": 32, "recovered": 0, "merged": 1, "global": 0}
     assert sel.sources[-1].tolist() == [1, 4, 6, 8] and sel.origin[-1] == Origin.MERGED
