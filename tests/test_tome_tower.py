@@ -90,7 +90,7 @@ def run_method(tower, pixels, budget, depth=3, **options):
     return state.selections(), reducer.schedule
 
 
-@pytest.mark.parametrize("budget, proportional", [(9, True), (5, True), (0.5, True), (9, False)])
+@pytest.mark.parametrize("budget, proportional", [(9, True), (5, True), (0.5, True), (34, True), (9, False)])
 def test_matches_a_naive_loop_of_the_papers_steps(tower, pixels, budget, proportional):
     selections, schedule = run_method(tower, pixels, budget, proportional=proportional)
     for b, sel in enumerate(selections):
@@ -152,6 +152,9 @@ def test_refusals_are_clear(tower, pixels):
         method.reducer(Budget.parse(37), 36, 3, 1)
     with pytest.raises(VTCError, match="proportional"):
         get("tome_tower", proportional="yes")
+    with pytest.raises(VTCError, match="protects one CLS token, the tower has 2"):
+        method.reducer(Budget.parse(9), 36, 3, 2)
+    assert method.reducer(Budget.parse(9), 36, 3, 1).info == {"r": [9, 9, 9], "proportional": True}
     with pytest.raises(VTCError, match="inside the vision tower"):
         from test_zoo import fake_signals
 
