@@ -57,6 +57,8 @@ def _support_mark(how: str) -> str:
 def _acts(method) -> str:
     if getattr(method, "in_llm", False):
         return "inside the LLM"
+    if getattr(method, "in_tower", False):
+        return "inside the vision tower"
     return "before and inside the LLM" if getattr(method, "llm_stage", None) is not None else "before the LLM"
 
 
@@ -77,6 +79,8 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON i
             where += f", shallow share {att.shallow}"
         if getattr(method, "llm_stage", None) is not None:
             where += "; decoder layers: " + getattr(method, "budget_meaning", "")
+        if getattr(method, "in_tower", False):
+            where = "vision layers: " + getattr(method, "tower_note", "")
         if "keys" in needs:
             where += f", keys={att.keys}"
         rows.append(

@@ -624,6 +624,8 @@ def get(name: str | Method, **options: Any) -> Method:
         if getattr(base, "llm_stage", None) is not None:
             raise VTCError(f"'{name}': '{base.name}' merges every patch into its tokens and prunes again inside the LLM; "
                            "text recovery has no dropped patch to recover")
+        if getattr(base, "in_tower", False):
+            raise VTCError(f"'{name}': text recovery picks stock feature-layer patches, which in-tower '{base.name}' never computes")
         return WithTextRecovery(base)
     if name not in _REGISTRY:
         raise VTCError(f"unknown method '{name}'; available: {', '.join(available())}")

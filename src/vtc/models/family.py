@@ -14,6 +14,8 @@ A family adapter owns everything model-specific; methods stay model-agnostic (th
 - ``generation_inputs``: any other argument the spliced prompt needs (Qwen-VL: its 3-D positions).
 - ``language_model``: the decoder whose layers the in-LLM methods hook.
 - ``map_panels``: where each candidate token of an image lies in the picture (token maps).
+- ``tower_hook``: True when ``compress`` runs in-tower methods (``in_tower``: ToMe inside the tower) through
+  models/tower_loop.py; a family without it refuses them, ``tower_gap`` saying why.
 
 Adding a family is one file under ``models/`` plus its tests:
 
@@ -87,6 +89,9 @@ class Family(ABC):
     model_class: ClassVar[str] = ""
     # True when one image is several patch grids (tiles), so a budget may be split per tile.
     tiled: ClassVar[bool] = False
+    # True when the adapter runs in-tower methods (models/tower_loop.py); else they are refused, saying why.
+    tower_hook: ClassVar[bool] = False
+    tower_gap: ClassVar[str] = ""
 
     model: torch.nn.Module
     image_token_id: int
@@ -106,7 +111,18 @@ class Family(ABC):
         """(served, how): how the family runs ``method`` ("one grid", "global or per tile", ...), or why it refuses."""
         if getattr(method, "in_llm", False):
             return True, "in the LLM"
+        if getattr(method, "in_tower", False):
+            return cls.tower_support()
         return True, "one grid"
+
+    @classmethod
+    def tower_support(cls) -> tuple[bool, str]:
+        """How an in-tower method (one that reduces tokens between the vision tower's layers) is served."""
+        if cls.tower_hook:
+            return True, "inside the vision tower"
+        why = f" ({cls.tower_gap})" if cls.tower_gap else ""
+        return False, (f"it reduces tokens inside the vision tower, and vtc's in-tower hook is not wired for "
+                       f"{cls.name}{why}; it runs on llava-1.5")
 
     def refuse_unsupported(self, method: Method) -> None:
         served, why = self.support(method)

@@ -121,6 +121,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """Signals from, and token splicing into, a stock HF LLaVA-OneVision model (see the module docstring)."""
 
     name = "llava-onevision"
+    tower_gap = "a SigLIP tower without a CLS token, and crops whose padded cells are cut after the tower"
     model_types = ("llava_onevision",)
     model_class = "LlavaOnevisionForConditionalGeneration"
     modeling = "transformers.models.llava_onevision.modeling_llava_onevision"

@@ -98,6 +98,7 @@ class Qwen2VLAdapter(Family):
     """Signals from, and token splicing into, a stock HF Qwen2-VL model (see the module docstring)."""
 
     name = "qwen2-vl"
+    tower_gap = "a native-resolution tower with 2-D rotary positions (windowed attention in 2.5), a 2x2 merger, no CLS token"
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
     label = "Qwen2-VL"
@@ -141,6 +142,8 @@ class Qwen2VLAdapter(Family):
     def support(cls, method: Method) -> tuple[bool, str]:
         if getattr(method, "in_llm", False):
             return True, "in the LLM (3-D rotary rows gathered)"
+        if getattr(method, "in_tower", False):  # windowed attention and the 2x2 merger are not wired
+            return cls.tower_support()
         if type(method).input_grid is not Method.input_grid:
             return False, "it runs the vision tower on a smaller single grid; native-resolution grids are not supported (use 'pool')"
         if Signal.CLS_FEATURE in method.needs:
