@@ -1,0 +1,121 @@
+"""FlowCut: prune the visual tokens progressively inside the vision tower, by their information flow.
+
+Paper: Tong et al. "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language
+Models", NeurIPS 2025, arXiv 2505.19536.
+Official code: https://github.com/TungChintao/FlowCut (Apache-2.0, LICENSE read in the snapshot at
+commit a2ecd24): ``compute_score`` and ``adaptive_prune_ratio`` in flowcut/utils_flowcut.py,
+``CLIPAttention_forward`` / ``CLIPEncoderLayer_forward`` / ``CLIPEncoder_forward`` in
+flowcut/modeling_clip_flowcut.py, the budget rule in flowcut/main.py. Read to understand; no code
+was taken from it.
+
+Algorithm, as the official LLaVA-1.5 code runs it, for one image of N patches and a budget of K.
+The tower's layers l = 0, 1, ... run on the CLS token plus the patches still kept (M of them); F is the
+number of layers LLaVA's feature layer reads (its hidden_states index: 23 of CLIP-L's 24 layers for
+``vision_feature_layer=-2``), and r_l = F - 2 - l is how many layers are left before the last pruning
+layer (official ``rpl = select_layer - idx - 1``, ``select_layer = num_layers - 2``). After layer l,
+while M > K:
+  1. From layer l's own attention, per head h (scale 1/sqrt(head_dim)):
+       a_j   = softmax_t(q_cls . k_t / sqrt(d))_j, averaged over heads: the CLS row over CLS + patches;
+       s_j   = softmax_t(v_cls . v_t)_j (no scale), averaged over heads: the "semantic" row;
+       |v_j| = L1 norm of patch j's value vector averaged over heads (head_dim wide);
+     each restricted to the M patches (the CLS column dropped, no renormalisation yet).
+  2. score_j = (a_j / sum a + s_j / sum s) * |v_j|                       (``compute_score``)
+  3. cumulative = score at the first scored layer, else 0.5 * cumulative + 0.5 * score
+     (the kept tokens' cumulative scores carry over; the pruned ones are forgotten).
+  4. Only where r_l is even (and >= 0): how many to prune,
+       p = round((M - K) / sqrt(r_l) * (1 - (H(a) / log M)^2)),  H(a) the entropy of a / sum a
+     (``adaptive_prune_ratio``; a flat CLS row prunes little, a peaked one prunes much), and
+       p = M where r_l = 0 (so the target is reached after layer F - 2).
+     Keep the top max(M - p, K) patches by cumulative score (CLS always kept), back in raster
+     order; the rest are DROPPED (nothing is merged).
+  5. Layer F - 1 runs on CLS + K patches; its output (CLS dropped) is LLaVA's feature layer.
+So the K output tokens are kept patches, in raster order, each the feature-layer state of one patch.
+
+The budget: ``flowcut(model, target_num=K)`` sets the tower's target to K + 1 (CLS + K patches) for
+LLaVA's 'patch' features; vtc's budget K is that K.
+
+What the official code also does in the language model (flowcut/modeling_llama_flowcut.py,
+llava_llama_flowcut.py; installed by main.py only when ``image_aspect_ratio == 'anyres'``, i.e.
+LLaVA-NeXT): every crop (base + tiles) is pruned in the tower to K/2 patches, the tiles' kept tokens are
+put back in their spatial places (without image_newline tokens), and after decoder layer 1 the image's
+tokens are cut to K by a text-conditioned score (the last instruction token's query against the image
+keys, and its value against the image values, both softmaxed and head-averaged, times the image values'
+L1 norm; top K, raster order). LLaVA-1.5 (``'pad'``) runs the tower part only.
+
+Deliberate differences from the official code (see ``prune_count`` and ``keep_positions``):
+  * The prune count is per image. The official code, given a batch, takes the largest count of the
+    batch for every image (``r.max(0)``); its LLaVA-1.5 evaluation runs one image at a time, so the
+    two agree there; vtc's result for an image does not depend on the other images of the batch.
+  * 0 * log 0 is taken as 0 in the entropy (the official code gets NaN from a CLS attention that
+    underflows to exactly 0, and then fails on ``int(nan)``).
+  * Equal cumulative scores: the lower index is kept (``torch.topk`` leaves tie order unspecified).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .primitives import mask_indices, top_k_mask
+
+# ----------------------------------------------------------------------------- one layer's signals
+
+
+def layer_flow_signals(
+    q_cls: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 1 from one layer's per-head projections, CLS first: ``q_cls`` (B, H, d) the CLS query,
+    ``keys`` / ``values`` (B, H, 1+M, d). Returns, over the M patches, the (B, M) CLS attention row, the
+    (B, M) semantic row and the (B, M, d) head-averaged values. Only the CLS rows are computed (1 x (1+M)
+    per head, never M x M)."""
+    scale = q_cls.shape[-1] ** -0.5
+    cls_attn = torch.einsum("bhd,bhtd->bht", q_cls * scale, keys).softmax(-1).mean(1)
+    semantic = torch.einsum("bhd,bhtd->bht", values[:, :, 0], values).softmax(-1).mean(1)
+    return cls_attn[:, 1:], semantic[:, 1:], values[:, :, 1:].mean(1)
+
+
+def flow_score(cls_attn: torch.Tensor, semantic: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Step 2: (B, M) = (a / sum a + s / sum s) * |v|_1."""
+    relation = cls_attn / cls_attn.sum(-1, keepdim=True)
+    meaning = semantic / semantic.sum(-1, keepdim=True)
+    return (relation + meaning) * values.abs().sum(-1)
+
+
+def accumulate(cumulative: torch.Tensor | None, score: torch.Tensor) -> torch.Tensor:
+    """Step 3: the running score, an even mix of the layers so far and this one."""
+    return score if cumulative is None else 0.5 * cumulative + 0.5 * score
+
+
+def prune_count(cls_attn: torch.Tensor, remaining: int, target: int) -> torch.Tensor:
+    """Step 4's adaptive count, per image: (B,) round((M - K) / sqrt(r) * (1 - (H / log M)^2)) for the
+    (B, M) CLS row ``cls_attn``, ``remaining`` = r > 0 layers left and ``target`` = K patches."""
+    m = cls_attn.shape[-1]
+    prob = cls_attn / cls_attn.sum(-1, keepdim=True)
+    entropy = -torch.special.xlogy(prob, prob).sum(-1)
+    ratio = entropy / torch.log(torch.tensor(float(m), dtype=entropy.dtype))
+    return ((m - target) / remaining**0.5 * (1 - ratio**2)).round().long()
+
+
+def layers_left(feature_layers: int, layer: int) -> int:
+    """r_l: layers left after ``layer`` before the last pruning layer (F - 2, F = ``feature_layers``)."""
+    return feature_layers - 2 - layer
+
+
+def flowcut_step(
+    cumulative: torch.Tensor | None,
+    cls_attn: torch.Tensor,
+    semantic: torch.Tensor,
+    values: torch.Tensor,
+    remaining: int,
+    target: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 2-4 after one layer whose M patches (M > ``target``) gave the step-1 signals, for a batch.
+    Returns (the cumulative score over the patches kept, (B, M') positions kept in raster order or None
+    where this layer prunes nothing). The count is the batch's largest (one image: its own)."""
+    cumulative = accumulate(cumulative, flow_score(cls_attn, semantic, values))
+    if remaining < 0 or remaining % 2:
+        return cumulative, None
+    m = cls_attn.shape[-1]
+    pruned = int(prune_count(cls_attn, remaining, target).max()) if remaining else m
+    keep = max(m - pruned, target)
+    kept = mask_indices(top_k_mask(cumulative, keep), keep)  # top ``keep``, ties to the lower position
+    return cumulative.gather(1, kept), kept

@@ -1,0 +1,166 @@
+"""FlowCut against its official code (fixtures from scripts/make_flowcut_fixtures.py), against a naive loop over
+the formula, and on its edges (budget 1 and N, equal scores, a flat or peaked CLS row)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vtc.methods.flowcut import flow_score, flowcut_step, layer_flow_signals, layers_left, prune_count
+
+FIXTURES = torch.load(Path(__file__).parent / "fixtures" / "flowcut" / "cases.pt", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- parity: the official functions
+
+
+@pytest.mark.parametrize("case", FIXTURES["scores"], ids=lambda c: f"N={c['values'].shape[1]}")
+def test_score_equals_official_compute_score(case):
+    score = flow_score(case["cls_attn"], case["semantic"], case["values"])
+    torch.testing.assert_close(score, case["score"], rtol=1e-5, atol=1e-6)
+
+
+def test_prune_count_equals_official_adaptive_prune_ratio():
+    """Every seeded row, schedule and target; a batch of three gives the official batch maximum."""
+    for case in FIXTURES["counts"]:
+        counts = prune_count(case["cls_attn"], case["remaining"], case["target"])
+        assert int(counts.max()) == case["count"], (case["remaining"], case["target"])
+    assert len({int(c) for c in prune_count(FIXTURES["counts"][-1]["cls_attn"], 4, 8)}) == 3  # the batch differs
+
+
+def replay(case: dict, check_layers: bool = True) -> torch.Tensor:
+    """vtc's steps over the official run's recorded per-layer signals: the original patch index of every
+    patch kept after the last layer; each layer's cumulative score and kept set checked on the way."""
+    n, k, depth = case["layers"][0]["tokens"] - 1, case["k"], case["feature_layers"]
+    original = torch.arange(n).unsqueeze(0)
+    cumulative = None
+    for index, layer in enumerate(case["layers"][:depth]):
+        if original.shape[1] <= k:
+            break
+        assert layer["tokens"] - 1 == original.shape[1]
+        values = layer["value"]
+        cumulative, kept = flowcut_step(cumulative, layer["cls_attn"], layer["semantic"], values,
+                                        layers_left(depth, index), k)
+        if kept is not None:
+            original = original.gather(1, kept)
+        if check_layers:
+            torch.testing.assert_close(cumulative, layer["cumulative"], rtol=1e-5, atol=1e-7)
+            if layer["kept"].shape[1] == n + 1:  # nothing pruned yet: the official list still counts the CLS
+                assert original.shape[1] == n
+            else:
+                assert torch.equal(original, layer["kept"])
+    return original
+
+
+@pytest.mark.parametrize("case", FIXTURES["steps"], ids=lambda c: f"N={c['hidden'].shape[1] - 1},K={c['k']},F={c['feature_layers']}")
+def test_steps_equal_the_official_layer_loop(case):
+    """The official encoder loop over layers whose attention gives seeded signals: per layer the cumulative
+    score and the kept patches (count, order, identity), at the end exactly K patches and their rows."""
+    kept = replay(case)
+    n, k = case["hidden"].shape[1] - 1, case["k"]
+    assert kept.shape == (1, k)
+    if k < n:
+        assert torch.equal(kept, case["kept"])
+    rows = case["hidden"][:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, case["hidden"].shape[-1]))
+    torch.testing.assert_close(rows, case["features"], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the formula by hand
+
+
+def naive_flowcut(layers: list[dict], n: int, k: int, depth: int) -> list[int]:
+    """FlowCut's schedule as plain Python over per-layer (q_cls, keys, values) lists indexed by original
+    patch (index 0: CLS). Returns the kept original patch indices in raster order."""
+    alive = list(range(n))
+    cumulative: dict[int, float] = {}
+    for index, layer in enumerate(layers[:depth]):
+        if len(alive) <= k:
+            break
+        heads = len(layer["q_cls"])
+        tokens = [0] + [p + 1 for p in alive]  # CLS then the live patches, in raster order
+        cls_row, semantic = [0.0] * len(alive), [0.0] * len(alive)
+        for h in range(heads):
+            d = len(layer["q_cls"][h])
+            logits = [sum(layer["q_cls"][h][i] * layer["keys"][h][t][i] for i in range(d)) / math.sqrt(d) for t in tokens]
+            sims = [sum(layer["values"][h][0][i] * layer["values"][h][t][i] for i in range(d)) for t in tokens]
+            for row, raw in ((cls_row, logits), (semantic, sims)):
+                top = max(raw)
+                weights = [math.exp(x - top) for x in raw]
+                for j in range(len(alive)):
+                    row[j] += weights[j + 1] / sum(weights) / heads
+        scores = {}
+        for j, p in enumerate(alive):
+            mean_value = [sum(layer["values"][h][p + 1][i] for h in range(heads)) / heads for i in range(len(layer["q_cls"][0]))]
+            scores[p] = (cls_row[j] / sum(cls_row) + semantic[j] / sum(semantic)) * sum(abs(x) for x in mean_value)
+            cumulative[p] = scores[p] if index == 0 or p not in cumulative else 0.5 * cumulative[p] + 0.5 * scores[p]
+        remaining = depth - 2 - index
+        if remaining < 0 or remaining % 2:
+            continue
+        if remaining == 0:
+            pruned = len(alive)
+        else:
+            prob = [a / sum(cls_row) for a in cls_row]
+            entropy = -sum(x * math.log(x) for x in prob if x > 0)
+            pruned = round((len(alive) - k) / math.sqrt(remaining) * (1 - (entropy / math.log(len(alive))) ** 2))
+        keep = max(len(alive) - pruned, k)
+        best = sorted(alive, key=lambda p: (-cumulative[p], p))[:keep]
+        alive = sorted(best)
+    return alive
+
+
+def random_layers(g: torch.Generator, n: int, depth: int, heads=2, d=3, sharp=2.5) -> list[dict]:
+    """Per layer: the CLS query, and keys/values of CLS + every original patch, per head (as plain lists)."""
+    return [{"q_cls": (torch.randn(heads, d, generator=g) * sharp).tolist(),
+             "keys": (torch.randn(heads, n + 1, d, generator=g) * sharp).tolist(),
+             "values": torch.randn(heads, n + 1, d, generator=g).tolist()} for _ in range(depth)]
+
+
+def vtc_flowcut(layers: list[dict], n: int, k: int, depth: int) -> list[int]:
+    """vtc's functions over the same layers: the live tokens' projections gathered from the full lists."""
+    original = torch.arange(n).unsqueeze(0)
+    cumulative = None
+    for index, layer in enumerate(layers[:depth]):
+        if original.shape[1] <= k:
+            break
+        live = torch.cat([torch.zeros(1, 1, dtype=torch.long), original + 1], dim=1)[0]
+        q, keys, values = (torch.tensor(layer[name], dtype=torch.float64) for name in ("q_cls", "keys", "values"))
+        signals = layer_flow_signals(q[None], keys[None][:, :, live], values[None][:, :, live])
+        cumulative, kept = flowcut_step(cumulative, *signals, layers_left(depth, index), k)
+        if kept is not None:
+            original = original.gather(1, kept)
+    return original[0].tolist()
+
+
+@pytest.mark.parametrize("n, k, depth, seed", [(12, 3, 7, 0), (12, 1, 5, 1), (9, 4, 9, 2), (16, 15, 6, 3), (10, 10, 4, 4), (8, 2, 2, 5)])
+def test_a_naive_loop_over_the_formula(n, k, depth, seed):
+    layers = random_layers(torch.Generator().manual_seed(seed), n, depth)
+    expected = naive_flowcut(layers, n, k, depth)
+    assert len(expected) == k
+    assert vtc_flowcut(layers, n, k, depth) == expected
+
+
+def test_a_flat_cls_row_prunes_nothing_early_and_a_peaked_one_prunes_much():
+    flat = torch.full((1, 64), 1 / 65)
+    assert int(prune_count(flat, 4, 8)) == 0
+    peaked = torch.zeros(1, 64)
+    peaked[0, 5] = 0.9  # one patch takes all: entropy 0, so (M - K) / sqrt(r) are pruned; 0 log 0 counts as 0
+    assert int(prune_count(peaked, 4, 8)) == 28
+    assert int(prune_count(peaked, 1, 8)) == 56
+
+
+def test_equal_cumulative_scores_keep_the_lower_positions():
+    m = 10
+    cls_attn, semantic = torch.full((1, m), 0.1), torch.full((1, m), 0.1)
+    values = torch.ones(1, m, 2)
+    _, kept = flowcut_step(None, cls_attn, semantic, values, 0, 4)
+    assert kept.tolist() == [[0, 1, 2, 3]]
+
+
+def test_odd_layers_score_without_pruning_and_the_last_step_reaches_the_target():
+    g = torch.Generator().manual_seed(0)
+    cls_attn, semantic, values = torch.rand(2, 20, generator=g), torch.rand(2, 20, generator=g), torch.randn(2, 20, 4, generator=g)
+    cumulative, kept = flowcut_step(None, cls_attn, semantic, values, 3, 5)
+    assert kept is None and cumulative.shape == (2, 20)
+    _, kept = flowcut_step(cumulative, cls_attn, semantic, values, 0, 5)
+    assert kept.shape == (2, 5) and bool((kept.diff(dim=1) > 0).all())
