@@ -69,6 +69,23 @@ def test_steps_equal_the_official_layer_loop(case):
 # ----------------------------------------------------------------------------- the formula by hand
 
 
+def naive_rows(layer: dict, tokens: list[int]) -> tuple[list[float], list[float]]:
+    """The CLS attention row and the semantic row over ``tokens`` (the first is CLS), heads averaged, CLS
+    column dropped: softmax of q_cls . k_t / sqrt(d), and of v_cls . v_t (no scale)."""
+    heads, patches = len(layer["q_cls"]), len(tokens) - 1
+    cls_row, semantic = [0.0] * patches, [0.0] * patches
+    for h in range(heads):
+        d = len(layer["q_cls"][h])
+        logits = [sum(layer["q_cls"][h][i] * layer["keys"][h][t][i] for i in range(d)) / math.sqrt(d) for t in tokens]
+        sims = [sum(layer["values"][h][0][i] * layer["values"][h][t][i] for i in range(d)) for t in tokens]
+        for row, raw in ((cls_row, logits), (semantic, sims)):
+            top = max(raw)
+            weights = [math.exp(x - top) for x in raw]
+            for j in range(patches):
+                row[j] += weights[j + 1] / sum(weights) / heads
+    return cls_row, semantic
+
+
 def naive_flowcut(layers: list[dict], n: int, k: int, depth: int) -> list[int]:
     """FlowCut's schedule as plain Python over per-layer (q_cls, keys, values) lists indexed by original
     patch (index 0: CLS). Returns the kept original patch indices in raster order."""
@@ -78,17 +95,7 @@ def naive_flowcut(layers: list[dict], n: int, k: int, depth: int) -> list[int]:
         if len(alive) <= k:
             break
         heads = len(layer["q_cls"])
-        tokens = [0] + [p + 1 for p in alive]  # CLS then the live patches, in raster order
-        cls_row, semantic = [0.0] * len(alive), [0.0] * len(alive)
-        for h in range(heads):
-            d = len(layer["q_cls"][h])
-            logits = [sum(layer["q_cls"][h][i] * layer["keys"][h][t][i] for i in range(d)) / math.sqrt(d) for t in tokens]
-            sims = [sum(layer["values"][h][0][i] * layer["values"][h][t][i] for i in range(d)) for t in tokens]
-            for row, raw in ((cls_row, logits), (semantic, sims)):
-                top = max(raw)
-                weights = [math.exp(x - top) for x in raw]
-                for j in range(len(alive)):
-                    row[j] += weights[j + 1] / sum(weights) / heads
+        cls_row, semantic = naive_rows(layer, [0] + [p + 1 for p in alive])  # CLS then the live patches
         scores = {}
         for j, p in enumerate(alive):
             mean_value = [sum(layer["values"][h][p + 1][i] for h in range(heads)) / heads for i in range(len(layer["q_cls"][0]))]
@@ -138,6 +145,17 @@ def test_a_naive_loop_over_the_formula(n, k, depth, seed):
     expected = naive_flowcut(layers, n, k, depth)
     assert len(expected) == k
     assert vtc_flowcut(layers, n, k, depth) == expected
+
+
+def test_layer_signals_equal_the_rows_by_hand():
+    layer = random_layers(torch.Generator().manual_seed(7), 9, 1, heads=3, d=4)[0]
+    live = [0, 2, 3, 7, 9]  # CLS and four patches
+    cls_row, semantic = naive_rows(layer, live)
+    q, keys, values = (torch.tensor(layer[name], dtype=torch.float64) for name in ("q_cls", "keys", "values"))
+    got = layer_flow_signals(q[None], keys[None][:, :, live], values[None][:, :, live])
+    torch.testing.assert_close(got[0][0], torch.tensor(cls_row, dtype=torch.float64))
+    torch.testing.assert_close(got[1][0], torch.tensor(semantic, dtype=torch.float64))
+    torch.testing.assert_close(got[2][0], values[:, live[1:]].mean(0))
 
 
 def test_a_flat_cls_row_prunes_nothing_early_and_a_peaked_one_prunes_much():
