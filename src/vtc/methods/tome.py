@@ -45,16 +45,8 @@ from typing import Literal
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
+from .merging import bipartite_match, merge_rows
 from .primitives import gather_rows
-
-
-def _merge_rows(
-    v: torch.Tensor, size_b: torch.Tensor, flat_dst: torch.Tensor, weighted_a: torch.Tensor, new_size: torch.Tensor
-) -> torch.Tensor:
-    """x_b <- (s_b x_b + sum s_a x_a) / (s_b + sum s_a) for every B-token of every image (float32 sums)."""
-    bsz, nb, d = v.shape
-    total = (v.float() * size_b[..., None]).reshape(bsz * nb, d).index_add_(0, flat_dst, weighted_a.reshape(-1, d))
-    return (total.reshape(bsz, nb, d) / new_size[..., None]).to(v.dtype)
 
 
 def bipartite_round(metric: torch.Tensor, size: torch.Tensor, place: torch.Tensor, r: int):
@@ -63,12 +55,7 @@ def bipartite_round(metric: torch.Tensor, size: torch.Tensor, place: torch.Tenso
     ``metric`` (B, t, Dm) and ``size`` (B, t) of the current tokens; ``place`` (B, N) the current
     token of every patch. Returns the new (metric, size, place)."""
     bsz, t = size.shape
-    unit = torch.nn.functional.normalize(metric.float(), dim=-1)
-    scores = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)  # (B, |A|, |B|)
-    best, best_b = scores.max(dim=-1)
-    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
-    src, unm = order[:, :r], order[:, r:]
-    dst = best_b.gather(1, src)
+    src, dst, unm = bipartite_match(metric, r)
     size_a, size_b = size[:, 0::2], size[:, 1::2]
     nb, nu = size_b.shape[1], unm.shape[1]
     flat_dst = (dst + torch.arange(bsz, device=dst.device)[:, None] * nb).reshape(-1)  # rows of the flat B-tokens
@@ -76,12 +63,13 @@ def bipartite_round(metric: torch.Tensor, size: torch.Tensor, place: torch.Tenso
     new_size = size_b.reshape(-1).clone().index_add_(0, flat_dst, size_src.reshape(-1)).reshape(bsz, nb)
     metric_a = metric[:, 0::2]
     weighted_a = gather_rows(metric_a, src).float() * size_src[..., None]
-    merged = _merge_rows(metric[:, 1::2], size_b, flat_dst, weighted_a, new_size)
+    merged = merge_rows(metric[:, 1::2], size_b, flat_dst, weighted_a, new_size)
     # new order [unmerged A, B]: where every current token goes
-    a_goes = torch.empty_like(order).scatter_(1, unm, torch.arange(nu, device=order.device).expand(bsz, nu))
+    a_goes = torch.empty(size_a.shape, dtype=torch.long, device=unm.device)
+    a_goes.scatter_(1, unm, torch.arange(nu, device=unm.device).expand(bsz, nu))
     a_goes.scatter_(1, src, nu + dst)
     goes = torch.empty_like(place[:, :t])
-    goes[:, 0::2], goes[:, 1::2] = a_goes, nu + torch.arange(nb, device=order.device)
+    goes[:, 0::2], goes[:, 1::2] = a_goes, nu + torch.arange(nb, device=unm.device)
     return (
         torch.cat([gather_rows(metric_a, unm), merged], dim=1),
         torch.cat([size_a.gather(1, unm), new_size], dim=1),

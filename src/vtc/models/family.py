@@ -87,6 +87,8 @@ class Family(ABC):
     model_class: ClassVar[str] = ""
     # True when one image is several patch grids (tiles), so a budget may be split per tile.
     tiled: ClassVar[bool] = False
+    # True when the adapter runs in-tower methods (models/tower_loop.py); else they are refused.
+    tower_hook: ClassVar[bool] = False
 
     model: torch.nn.Module
     image_token_id: int
@@ -106,7 +108,16 @@ class Family(ABC):
         """(served, how): how the family runs ``method`` ("one grid", "global or per tile", ...), or why it refuses."""
         if getattr(method, "in_llm", False):
             return True, "in the LLM"
+        if getattr(method, "in_tower", False):
+            return cls.tower_support()
         return True, "one grid"
+
+    @classmethod
+    def tower_support(cls) -> tuple[bool, str]:
+        """How an in-tower method (one that reduces tokens between the vision tower's layers) is served."""
+        if cls.tower_hook:
+            return True, "inside the vision tower"
+        return False, f"it reduces tokens inside the vision tower, and vtc's in-tower hook is not wired for {cls.name}"
 
     def refuse_unsupported(self, method: Method) -> None:
         served, why = self.support(method)

@@ -19,6 +19,7 @@ from ..methods.base import AttentionSpec, Budget, Method, Selection, Signal, Sig
 from .clip_text import ClipTextScorer
 from .family import Family, register_family, timed
 from .embed_text import EmbeddingTextScorer
+from .tower_loop import run_tower
 
 
 def check_supported(
@@ -105,6 +106,7 @@ class LlavaAdapter(Family):
     model_class = "LlavaForConditionalGeneration"
     # Non-patch tokens the tower puts before the patches (CLIP's CLS); signals read the patches after them.
     prefix: ClassVar[int] = 1
+    tower_hook = True  # in-tower methods run (compress_in_tower)
 
     def __init__(self, model, text_scorer: ClipTextScorer | EmbeddingTextScorer | None = None):
         self.check_supported(model)
@@ -246,13 +248,38 @@ class LlavaAdapter(Family):
     def compress(
         self, inputs, method: Method, budget: Budget, text_queries: list[str] | None, per_tile: bool = False
     ) -> tuple[list[Selection], dict[str, float]]:
-        """One grid per image, so ``per_tile`` changes nothing: the method sees the whole batch at once."""
+        """One grid per image, so ``per_tile`` changes nothing: the method sees the whole batch at once.
+        An in-tower method (``in_tower``) reduces the tokens inside the tower instead (``compress_in_tower``)."""
+        if getattr(method, "in_tower", False):
+            return self.compress_in_tower(inputs["pixel_values"], method, budget)
         grid = method.input_grid(budget, self.grid)
         signals, signals_ms = timed(
             self.signals, inputs["pixel_values"], method.needs, method.attention, text_queries, grid=grid, text=method.text
         )
         selections, select_ms = timed(method.select, signals, budget)
         return selections, {"signals_ms": signals_ms, "select_ms": select_ms}
+
+    @torch.no_grad()
+    def compress_in_tower(
+        self, pixel_values: torch.Tensor, method: Method, budget: Budget
+    ) -> tuple[list[Selection], dict[str, float]]:
+        """The tower's layers up to the feature layer run by ``tower_loop.run_tower`` with the method's reducer
+        in each; the feature layer's tokens are the output (their count checked against the budget)."""
+        if not torch.isfinite(pixel_values).all():
+            raise VTCError("pixel_values contain NaN or inf")
+        budget = Budget.parse(budget)
+        method.check_budget(budget, self.num_patches)
+        reducer = method.reducer(budget, self.num_patches, self.feature_index, self.prefix)
+        dtype = self.tower.embeddings.patch_embedding.weight.dtype
+        layers = self.tower.encoder.layers[: self.feature_index]
+        state, tower_ms = timed(
+            run_tower, layers, self.embed(pixel_values.to(dtype), False), reducer, self.prefix, self.num_heads
+        )
+        selections, select_ms = timed(state.selections)
+        if any(s.num_tokens != budget.tokens(self.num_patches) for s in selections):
+            raise VTCError(f"'{method.name}' ended with {selections[0].num_tokens} tokens, not the budget's "
+                           f"{budget.tokens(self.num_patches)}")
+        return selections, {"signals_ms": tower_ms, "select_ms": select_ms}
 
     def map_panels(self, selection: Selection) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         return [("patches", torch.arange(self.num_patches), grid_boxes(self.grid))]

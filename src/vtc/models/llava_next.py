@@ -95,6 +95,7 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     tiled = True
+    tower_hook = False  # not wired: each crop's padded cells would have to be followed through the tower's merges
     # The transformers module whose own tiling functions (grid shape, crop count, unpad_image) lay images out.
     modeling = "transformers.models.llava_next.modeling_llava_next"
     label = "LLaVA-NeXT"  # the family as messages name it
@@ -112,6 +113,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def support(cls, method: Method) -> tuple[bool, str]:
         if getattr(method, "in_llm", False):
             return True, "in the LLM"
+        if getattr(method, "in_tower", False):  # crops whose tile padding and unpadding would follow the merges
+            return cls.tower_support()
         if type(method).input_grid is not Method.input_grid:
             return False, "it runs the vision tower on a smaller single grid; the tiles are not supported (use 'pool')"
         return True, "per tile" if method.spatial else "global or per tile"

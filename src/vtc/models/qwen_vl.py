@@ -135,6 +135,8 @@ class Qwen2VLAdapter(Family):
     def support(cls, method: Method) -> tuple[bool, str]:
         if getattr(method, "in_llm", False):
             return True, "in the LLM (3-D rotary rows gathered)"
+        if getattr(method, "in_tower", False):  # windowed attention and the 2x2 merger are not wired
+            return cls.tower_support()
         if type(method).input_grid is not Method.input_grid:
             return False, "it runs the vision tower on a smaller single grid; native-resolution grids are not supported (use 'pool')"
         if Signal.CLS_FEATURE in method.needs:
