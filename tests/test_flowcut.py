@@ -182,3 +182,105 @@ def test_odd_layers_score_without_pruning_and_the_last_step_reaches_the_target()
     assert kept is None and cumulative.shape == (2, 20)
     _, kept = flowcut_step(cumulative, cls_attn, semantic, values, 0, 5)
     assert kept.shape == (2, 5) and bool((kept.diff(dim=1) > 0).all())
+
+
+# ----------------------------------------------------------------------------- the whole tower, through the hook
+
+
+def fixture_tower():
+    """The fixture script's seeded tiny CLIP tower (q/k projections sharpened), rebuilt and fingerprinted."""
+    from transformers import CLIPVisionModel
+
+    from vtc.testing import clip_configs
+
+    spec = FIXTURES["tower_config"]
+    _, config = clip_configs(image_size=spec["image_size"], patch_size=spec["patch_size"], hidden=spec["hidden"],
+                             layers=spec["layers"], heads=spec["heads"])
+    torch.manual_seed(spec["seed"])
+    tower = CLIPVisionModel(config).eval()
+    with torch.no_grad():
+        for layer in tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(spec["sharpen"])
+            layer.self_attn.k_proj.weight.mul_(spec["sharpen"])
+    assert float(sum(p.detach().double().sum() for p in tower.parameters())) == pytest.approx(FIXTURES["fingerprint"], abs=1e-6)
+    return tower
+
+
+@pytest.fixture(scope="module")
+def llava_adapter():
+    """A tiny LLaVA-1.5 whose vision tower is the fixture's, behind vtc's adapter (feature layer -2)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from vtc.models.llava import LlavaAdapter
+    from vtc.testing import tiny_parts
+
+    spec = FIXTURES["tower_config"]
+    tokenizer, vision, text = tiny_parts(spec["image_size"], spec["patch_size"], spec["layers"], 1, 256)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.vision_tower.load_state_dict(fixture_tower().state_dict())
+    return LlavaAdapter(model)
+
+
+def tower_pixels(case: dict) -> torch.Tensor:
+    size = FIXTURES["tower_config"]["image_size"]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(case["seed"]))
+    assert float(pixels.sum()) == pytest.approx(case["pixel_sum"])
+    return pixels
+
+
+@pytest.mark.parametrize("case", FIXTURES["tower"], ids=lambda c: f"seed{c['seed']},K={c['k']}")
+def test_the_tower_run_equals_the_official_tower(llava_adapter, case):
+    """The official patched CLIP (eager attention) against vtc's adapter and hook (SDPA): the kept patches
+    (count, order, identity), their feature-layer rows, and provenance (each token one KEPT patch)."""
+    from vtc.methods import Origin, get
+
+    [sel], _ = llava_adapter.compress_in_tower(tower_pixels(case), get("flowcut"), case["k"])
+    n = llava_adapter.num_patches
+    assert sel.num_tokens == case["k"]
+    kept = sel.kept_indices()
+    if case["k"] < n:
+        assert kept.tolist() == case["kept"][0].tolist()
+    else:
+        assert kept.tolist() == list(range(n))
+    torch.testing.assert_close(sel.tokens, case["features"][0], rtol=1e-4, atol=1e-4)
+    assert bool((sel.origin == Origin.KEPT).all()) and [s.tolist() for s in sel.sources] == [[i] for i in kept.tolist()]
+    assert sorted((sel.owner >= 0).nonzero().squeeze(1).tolist()) == sorted(kept.tolist())
+
+
+class Recording:
+    """Wraps FlowCut's reducer: what it computed in each layer (signals, cumulative score, kept patches)."""
+
+    def __init__(self, reducer):
+        self.reducer, self.stage, self.size_bias, self.layers = reducer, reducer.stage, reducer.size_bias, []
+
+    def __call__(self, view):
+        step = self.reducer(view)
+        signals = layer_flow_signals(view.queries[:, :, 0], view.keys, view.values)
+        self.layers.append({"tokens": view.hidden.shape[1], "signals": signals, "cumulative": self.reducer.cumulative,
+                            "kept": step})
+        return step
+
+
+@pytest.mark.parametrize("case", [c for c in FIXTURES["tower"] if "cls_attn" in c["layers"][0]], ids=lambda c: f"K={c['k']}")
+def test_each_tower_layer_equals_the_official_layer(llava_adapter, case):
+    """Layer by layer on the tiny CLIP: the CLS row, semantic row and values vtc reads from the hook's q/k/v,
+    the cumulative score and the token count, against the official attention forward's own outputs."""
+    from vtc.methods import get
+    from vtc.models.tower_loop import run_tower
+
+    adapter = llava_adapter
+    recording = Recording(get("flowcut").reducer(case["k"], adapter.num_patches, adapter.feature_index, 1))
+    hidden = adapter.embed(tower_pixels(case), False)
+    run_tower(adapter.tower.encoder.layers[: adapter.feature_index], hidden, recording, 1, adapter.num_heads)
+    official = case["layers"][: adapter.feature_index]
+    assert [r["tokens"] for r in recording.layers] == [r["tokens"] for r in official]
+    for mine, theirs in zip(recording.layers, official):
+        cls_attn, semantic, values = mine["signals"]
+        torch.testing.assert_close(cls_attn, theirs["cls_attn"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(semantic, theirs["semantic"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(values, theirs["value"], rtol=1e-4, atol=1e-5)
+        if theirs["cumulative"] is not None and mine["tokens"] - 1 > case["k"]:
+            torch.testing.assert_close(mine["cumulative"], theirs["cumulative"], rtol=1e-4, atol=1e-6)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import Budget, Method, Selection, Signals, VTCError, register
 from .primitives import mask_indices, top_k_mask
 
 # ----------------------------------------------------------------------------- one layer's signals
@@ -119,3 +120,66 @@ def flowcut_step(
     keep = max(m - pruned, target)
     kept = mask_indices(top_k_mask(cumulative, keep), keep)  # top ``keep``, ties to the lower position
     return cumulative.gather(1, kept), kept
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class FlowCutReducer:
+    """The in-tower hook's reducer (models/tower_loop.py): steps 1-4 after each whole layer.
+
+    One reducer per tower run: it carries the cumulative score of the patches still kept."""
+
+    stage = "layer"  # after the MLP's residual add: the layer's output is what is pruned
+    size_bias = False  # pruning only: every token stays one patch
+
+    def __init__(self, target: int, depth: int):
+        self.target, self.depth = target, depth
+        self.cumulative: torch.Tensor | None = None
+
+    def __call__(self, view):
+        from ..models.tower_loop import Reduction
+
+        bsz, t = view.hidden.shape[:2]
+        if t - 1 <= self.target:
+            return None
+        q_cls, keys, values = (x.float() for x in (view.queries[:, :, 0], view.keys, view.values))
+        signals = layer_flow_signals(q_cls, keys, values)
+        self.cumulative, kept = flowcut_step(self.cumulative, *signals, layers_left(self.depth, view.index), self.target)
+        if kept is None:
+            return None
+        cls = torch.zeros((bsz, 1), dtype=torch.long, device=kept.device)
+        return Reduction(torch.cat([cls, kept + 1], dim=1))
+
+
+@register("flowcut")
+class FlowCut(Method):
+    """FlowCut: patches pruned progressively inside the vision tower by cumulative information flow (Tong et al. 2025)."""
+
+    in_tower = True  # the adapter runs the tower with ``reducer`` (models/tower_loop.py)
+    needs = frozenset()  # no after-tower signal: everything happens inside the tower
+    paper = "arXiv:2505.19536 (NeurIPS 2025)"
+    code = "https://github.com/TungChintao/FlowCut (Apache-2.0)"
+    tower_note = "every layer to the feature layer, CLS q/k and values (all heads)"
+
+    def reducer(self, budget: Budget, num_patches: int, depth: int, prefix: int) -> FlowCutReducer:
+        """The reducer that takes ``num_patches`` to the budget's count K by the output of layer ``depth`` - 2."""
+        if prefix != 1:
+            raise VTCError(
+                f"flowcut reads the CLS token's attention row and value in every layer; this tower has {prefix} "
+                "tokens before the patches, not one CLS (SigLIP has none)"
+            )
+        if depth < 2:
+            raise VTCError(
+                f"flowcut reaches its target after the layer before the feature layer; the feature layer here is "
+                f"the output of {depth} layer(s), so no layer is left to prune in"
+            )
+        budget = Budget.parse(budget)
+        self.check_budget(budget, num_patches)
+        return FlowCutReducer(budget.tokens(num_patches), depth)
+
+    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        raise VTCError(
+            "flowcut prunes inside the vision tower, so it cannot select from finished features: run it "
+            "through a model (vtc run, Pipeline) on LLaVA-1.5"
+        )
