@@ -222,8 +222,10 @@ def model_cost_shape(shape: str, image_size: tuple[int, int] | None = None) -> S
 
 
 def times_selection(method) -> bool:
-    """True for methods whose selection is timed alone: vision-side, and not 'none' or 'downsample'."""
-    return not getattr(method, "in_llm", False) and method.name not in NOT_A_SELECTION
+    """True for methods whose selection is timed alone: vision-side, not 'none' or 'downsample', not in-tower
+    (whose work is inside the tower's forward)."""
+    in_model = getattr(method, "in_llm", False) or getattr(method, "in_tower", False)
+    return not in_model and method.name not in NOT_A_SELECTION
 
 
 def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu") -> Signals:

@@ -613,6 +613,8 @@ def get(name: str | Method, **options: Any) -> Method:
         base = get(name[: -len("+text")], **options)
         if getattr(base, "in_llm", False):
             raise VTCError(f"'{name}': text recovery composes with vision-side methods, not with in-LLM '{base.name}'")
+        if getattr(base, "in_tower", False):
+            raise VTCError(f"'{name}': text recovery picks stock feature-layer patches, which in-tower '{base.name}' never computes")
         return WithTextRecovery(base)
     if name not in _REGISTRY:
         raise VTCError(f"unknown method '{name}'; available: {', '.join(available())}")
