@@ -284,3 +284,59 @@ def test_each_tower_layer_equals_the_official_layer(llava_adapter, case):
         torch.testing.assert_close(values, theirs["value"], rtol=1e-4, atol=1e-5)
         if theirs["cumulative"] is not None and mine["tokens"] - 1 > case["k"]:
             torch.testing.assert_close(mine["cumulative"], theirs["cumulative"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_prunes_every_image_by_the_batchs_largest_count(llava_adapter):
+    """The hook keeps one count per batch, as the official code does with a batch: each pruning layer's count
+    is the largest over the images (the fewest kept), so a batch keeps at most what each image alone keeps."""
+    from vtc.methods import get
+    from vtc.models.tower_loop import run_tower
+
+    adapter = llava_adapter
+    pixels = torch.cat([tower_pixels(c) for c in FIXTURES["tower"] if c["k"] == 6])
+    alone = {c["seed"]: [r["tokens"] for r in c["layers"]] for c in FIXTURES["tower"] if c["k"] == 6}
+    recording = Recording(get("flowcut").reducer(6, adapter.num_patches, adapter.feature_index, 1))
+    run_tower(adapter.tower.encoder.layers[: adapter.feature_index], adapter.embed(pixels, False), recording, 1, adapter.num_heads)
+    batch = [r["tokens"] for r in recording.layers]
+    first_prune = next(i for i, t in enumerate(batch) if t < batch[0])
+    assert batch[first_prune] == min(counts[first_prune] for counts in alone.values())  # the largest prune count
+    assert batch[-1] == 7  # CLS + K at the last layer, for every image
+    selections, _ = adapter.compress_in_tower(pixels, get("flowcut"), 6)
+    assert [s.num_tokens for s in selections] == [6, 6, 6]
+
+
+@pytest.mark.parametrize("budget, k", [(1, 1), (5, 5), (0.5, 8), (16, 16)])
+def test_runs_end_to_end_with_exact_counts_and_provenance(tiny_pipe, budget, k):
+    """Through the pipeline on the tiny LLaVA (3 layers, feature layer -2: pruned once, after layer 0)."""
+    from conftest import random_image
+
+    from vtc.methods import Origin
+
+    questions = ["what color is the small circle ?", "is there a red square ?"]
+    results = tiny_pipe([random_image(30), random_image(31)], questions, method="flowcut", budget=budget, max_new_tokens=2)
+    for r in results:
+        assert r.tokens_after == k and r.selection.num_patches == 16
+        assert bool((r.selection.origin == Origin.KEPT).all())
+        kept = r.selection.kept_indices()
+        assert kept.tolist() == sorted(kept.tolist()) and len(set(kept.tolist())) == k  # raster order, distinct
+        assert r.selection.owner[kept].tolist() == list(range(k))
+
+
+def test_bad_configurations_and_budgets_are_refused(llava_adapter):
+    from vtc.methods import Signals, VTCError, get
+
+    method = get("flowcut")
+    with pytest.raises(VTCError, match="CLS"):
+        method.reducer(8, 64, 7, 0)  # a SigLIP-like tower: no CLS
+    with pytest.raises(VTCError, match="no layer is left"):
+        method.reducer(8, 64, 1, 1)
+    with pytest.raises(VTCError, match="more than"):
+        method.reducer(65, 64, 7, 1)
+    with pytest.raises(VTCError, match="auto"):
+        method.reducer("auto", 64, 7, 1)
+    with pytest.raises(VTCError, match="flowcut"):
+        get("flowcut+text")
+    with pytest.raises(VTCError, match="inside the vision tower"):
+        method.select(Signals(features=torch.zeros(1, 4, 2), grid=(2, 2)), 2)
+    with pytest.raises(VTCError, match="NaN"):
+        llava_adapter.compress_in_tower(torch.full((1, 3, 64, 64), float("nan")), method, 4)
