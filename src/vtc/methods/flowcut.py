@@ -42,13 +42,36 @@ tokens are cut to K by a text-conditioned score (the last instruction token's qu
 keys, and its value against the image values, both softmaxed and head-averaged, times the image values'
 L1 norm; top K, raster order). LLaVA-1.5 (``'pad'``) runs the tower part only.
 
-Deliberate differences from the official code (see ``prune_count`` and ``keep_positions``):
-  * The prune count is per image. The official code, given a batch, takes the largest count of the
-    batch for every image (``r.max(0)``); its LLaVA-1.5 evaluation runs one image at a time, so the
-    two agree there; vtc's result for an image does not depend on the other images of the batch.
+Where it runs: the adapter's in-tower hook (models/tower_loop.py, stage "layer") runs the tower's layers up
+to the feature layer with SDPA and hands each layer's per-head q/k/v to ``FlowCutReducer``, which computes
+only the CLS rows (1 x (1+M) per head; no M x M map) and returns the kept positions. The K output tokens
+are the feature layer's states of K patches, each KEPT with itself as its one source, in raster order.
+Budgets: a count K or a ratio of the N patches; no 'auto' (the per-layer counts adapt, the target is fixed).
+Families: LLaVA-1.5. LLaVA-NeXT / OneVision / Qwen-VL refuse (the hook is not wired for tiles; OneVision's
+SigLIP and Qwen's ViT have no CLS token, which every step reads). Not composable with text recovery
+(``flowcut+text``): recovery picks stock feature-layer patches, which an in-tower method never computes.
+
+The official Qwen2-VL variant (FlowCut_Qwen/) is a different rule, not built here: no CLS, so the score is
+the head-averaged attention of the mean query times the value L1 norm (no semantic term), the entropy is
+not renormalised (+1e-7), the ViT target is 8x the final count in pre-merger patches (pruned, then the
+2x2 merger groups whatever 4 consecutive tokens remain), and decoder layer 1 cuts the image to the final
+count with the text-conditioned score above (batch size 1, one image).
+
+Deliberate differences from the official code:
+  * A batch: the hook keeps one token count for the whole batch, so each pruning layer prunes the batch's
+    largest adaptive count, which is what the official code does with a batch (``r.max(0)``). Its
+    LLaVA-1.5 evaluation runs one image per batch; vtc's pipeline batches the images it is given, so the
+    intermediate counts (never the final K) can depend on the batch-mates. A batch of one is the official run.
+  * The layer's attention runs through SDPA and FlowCut's rows are recomputed from the captured q/k/v, in
+    fp32 (the official forward is eager, in the model's dtype); the fixtures agree to 1e-4.
   * 0 * log 0 is taken as 0 in the entropy (the official code gets NaN from a CLS attention that
     underflows to exactly 0, and then fails on ``int(nan)``).
-  * Equal cumulative scores: the lower index is kept (``torch.topk`` leaves tie order unspecified).
+  * Equal cumulative scores: the lower position is kept (``torch.topk`` leaves tie order unspecified).
+  * The schedule reads the adapter's feature layer F; the official code fixes ``select_layer = num_layers
+    - 2``, which is the same for LLaVA's -2. A feature layer with fewer than 2 layers before it is refused.
+  * Only the tower stage: the LLaVA-NeXT language-model stage (decoder layer 1, above) is not built.
+  * With K = N nothing is pruned; the official kept-index list then still counts the CLS (0..N), vtc's
+    provenance is the N patches.
 """
 
 from __future__ import annotations
