@@ -277,6 +277,8 @@ def test_each_tower_layer_equals_the_official_layer(llava_adapter, case):
     run_tower(adapter.tower.encoder.layers[: adapter.feature_index], hidden, recording, 1, adapter.num_heads)
     official = case["layers"][: adapter.feature_index]
     assert [r["tokens"] for r in recording.layers] == [r["tokens"] for r in official]
+    after = [r["tokens"] - 1 for r in official[1:]] + [case["k"]]  # each layer's output: the next one's input
+    assert recording.reducer.info["patches_per_layer"] == after
     for mine, theirs in zip(recording.layers, official):
         cls_attn, semantic, values = mine["signals"]
         torch.testing.assert_close(cls_attn, theirs["cls_attn"], rtol=1e-4, atol=1e-6)

@@ -151,7 +151,8 @@ def flowcut_step(
 class FlowCutReducer:
     """The in-tower hook's reducer (models/tower_loop.py): steps 1-4 after each whole layer.
 
-    One reducer per tower run: it carries the cumulative score of the patches still kept."""
+    One reducer per tower run: it carries the cumulative score of the patches still kept, and in ``info``
+    (copied into every Selection by the adapter) the patch count after each layer run."""
 
     stage = "layer"  # after the MLP's residual add: the layer's output is what is pruned
     size_bias = False  # pruning only: every token stays one patch
@@ -159,13 +160,18 @@ class FlowCutReducer:
     def __init__(self, target: int, depth: int):
         self.target, self.depth = target, depth
         self.cumulative: torch.Tensor | None = None
+        self.info: dict[str, list[int]] = {"patches_per_layer": []}
 
     def __call__(self, view):
+        t = view.hidden.shape[1]
+        step = self._step(view) if t - 1 > self.target else None
+        self.info["patches_per_layer"].append(t - 1 if step is None else step.keep.shape[1] - 1)
+        return step
+
+    def _step(self, view):
         from ..models.tower_loop import Reduction
 
-        bsz, t = view.hidden.shape[:2]
-        if t - 1 <= self.target:
-            return None
+        bsz = view.hidden.shape[0]
         q_cls, keys, values = (x.float() for x in (view.queries[:, :, 0], view.keys, view.values))
         signals = layer_flow_signals(q_cls, keys, values)
         self.cumulative, kept = flowcut_step(self.cumulative, *signals, layers_left(self.depth, view.index), self.target)
