@@ -21,6 +21,15 @@ def test_score_equals_official_compute_score(case):
     torch.testing.assert_close(score, case["score"], rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_is_scored_row_by_row():
+    """Each image's score is normalised over its own patches (the fixtures' official calls are batches of one)."""
+    cases = FIXTURES["scores"][:2]  # two inputs of 64 patches
+    batch = [torch.cat([c[name] * (1 + i) for i, c in enumerate(cases)]) for name in ("cls_attn", "semantic", "values")]
+    score = flow_score(*batch)
+    for i, case in enumerate(cases):
+        torch.testing.assert_close(score[i], case["score"][0] * (1 + i), rtol=1e-5, atol=1e-6)
+
+
 def test_prune_count_equals_official_adaptive_prune_ratio():
     """Every seeded row, schedule and target; a batch of three gives the official batch maximum."""
     for case in FIXTURES["counts"]:
@@ -279,6 +288,8 @@ def test_each_tower_layer_equals_the_official_layer(llava_adapter, case):
     assert [r["tokens"] for r in recording.layers] == [r["tokens"] for r in official]
     after = [r["tokens"] - 1 for r in official[1:]] + [case["k"]]  # each layer's output: the next one's input
     assert recording.reducer.info["patches_per_layer"] == after
+    # once the target is reached nothing more is scored: the last cumulative score is the official one's
+    torch.testing.assert_close(recording.reducer.cumulative, official[-1]["cumulative"], rtol=1e-4, atol=1e-6)
     for mine, theirs in zip(recording.layers, official):
         cls_attn, semantic, values = mine["signals"]
         torch.testing.assert_close(cls_attn, theirs["cls_attn"], rtol=1e-4, atol=1e-6)
