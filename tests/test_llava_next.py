@@ -194,7 +194,8 @@ def test_unpadded_layout_matches_the_stock_feature_count(next_pipe):
 
 @pytest.mark.parametrize("name", available())
 def test_every_method_runs_or_refuses_clearly(next_pipe, next_images, name):
-    refused = {"downsample": "tiles are not supported", "tome_tower": "in-tower hook is not wired for llava-next"}
+    refused = {"downsample": "tiles are not supported", "tome_tower": "in-tower hook is not wired for llava-next",
+               "flowcut": "in-tower hook is not wired for llava-next"}
     check_runs_or_refuses(next_pipe, next_images, QUESTIONS, name, refused)
 
 

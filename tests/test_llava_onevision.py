@@ -205,7 +205,8 @@ def test_in_llm_pruning_that_keeps_everything_is_stock_generate_on_qwen2(ov_pipe
 
 REFUSED = {"downsample": "tiles are not supported", "visionzip": "keep_cls=False", "recoverable": "text-to-patch score",
            "cdpruner": "text-to-patch score", "vscan": "shallow .*layer .*no CLS token",
-           "tome_tower": "in-tower hook is not wired for llava-onevision"}
+           "tome_tower": "in-tower hook is not wired for llava-onevision",
+           "flowcut": "in-tower hook is not wired for llava-onevision"}
 
 
 @pytest.mark.parametrize("name", available())

@@ -212,7 +212,8 @@ def test_every_method_runs_or_refuses_clearly(pipe, images, name):
                "recoverable": "text-to-patch score.*--text-source llm", "cdpruner": "text-to-patch score.*--text-source llm",
                "sparsevlm": "merged image rows .* layer 1, before this model.s last DeepStack addition.*prune at a later layer or "
                              "without merging \\(SparseVLM: recycling=False\\)",
-               "vscan": "shallow .*layer .*no CLS token", "tome_tower": "in-tower hook is not wired for qwen"}
+               "vscan": "shallow .*layer .*no CLS token", "tome_tower": "in-tower hook is not wired for qwen",
+               "flowcut": "in-tower hook is not wired for qwen"}
     check_runs_or_refuses(pipe, images, QUESTIONS, name, refused, llm_budget=0.5)
 
 

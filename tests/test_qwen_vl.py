@@ -254,7 +254,8 @@ def test_every_method_runs_or_refuses_clearly(qwen_pipe, qwen_images, name):
     refused = {"downsample": "native-resolution grids are not supported", "visionzip": "keep_cls=False",
                "recoverable": "text-to-patch score.*--text-source llm", "cdpruner": "text-to-patch score.*--text-source llm",
                "vscan": "shallow .*layer .*no CLS token",
-               "tome_tower": "in-tower hook is not wired for qwen"}
+               "tome_tower": "in-tower hook is not wired for qwen",
+               "flowcut": "in-tower hook is not wired for qwen"}
     check_runs_or_refuses(qwen_pipe, qwen_images, QUESTIONS, name, refused, llm_budget=0.5)
 
 
