@@ -22,6 +22,7 @@ from .base import (
     register_factory,
 )
 from . import baselines, cdpruner, divprune, downsample, evit, fastervlm, fopru, prumerge, recoverable, todre, tome, vispruner, visionzip  # noqa: F401,E501  (registers the methods)
+from . import visiontrim  # noqa: F401  (registers the method)
 from . import dart, fastv, feather, pyramiddrop, sparsevlm  # noqa: F401  (in-LLM methods)
 from .recoverable import WithTextRecovery
 
