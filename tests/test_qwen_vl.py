@@ -252,7 +252,8 @@ def test_merged_token_is_the_merger_on_the_mean_of_its_groups(qwen_pipe, qwen_im
 @pytest.mark.parametrize("name", available())
 def test_every_method_runs_or_refuses_clearly(qwen_pipe, qwen_images, name):
     refused = {"downsample": "native-resolution grids are not supported", "visionzip": "keep_cls=False",
-               "recoverable": "text-to-patch score.*--text-source llm", "cdpruner": "text-to-patch score.*--text-source llm"}
+               "recoverable": "text-to-patch score.*--text-source llm", "cdpruner": "text-to-patch score.*--text-source llm",
+               "visiontrim": "text-to-patch score.*--text-source llm"}
     check_runs_or_refuses(qwen_pipe, qwen_images, QUESTIONS, name, refused, llm_budget=0.5)
 
 
@@ -279,7 +280,7 @@ def test_refusals_name_what_is_missing(qwen_pipe, qwen_images, tiny_dirs):
         type(pipe.adapter)(Pipeline.from_pretrained(tiny_dirs[0]).model)
 
 
-@pytest.mark.parametrize("method", ["recoverable", "fastervlm+text", "cdpruner"])
+@pytest.mark.parametrize("method", ["recoverable", "fastervlm+text", "cdpruner", "visiontrim"])
 def test_text_guided_methods_run_with_the_llm_embedding_source(qwen_path, qwen_images, method):
     from vtc.pipeline import Pipeline
 

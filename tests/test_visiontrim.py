@@ -191,3 +191,78 @@ def test_declares_the_official_reading():
     method = get("visiontrim")
     assert method.attention == AttentionSpec(layer=-2, heads="mean", received="others")
     assert method.text == TextSpec(per_token=True, patch_states="feature", post_layernorm=False)
+
+
+# ----------------------------------------------------------------------------- the signals it reads
+
+
+QUESTIONS = ["what color is the small circle ?", "is there a red square ?"]
+
+
+def test_received_attention_without_the_diagonal_matches_eager(tiny_pipe, tiny_dirs):
+    from transformers import LlavaForConditionalGeneration
+
+    from conftest import random_image
+
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_dirs[0], attn_implementation="eager").eval()
+    pixels = tiny_pipe.prepare([random_image(i) for i in range(2)], QUESTIONS)["pixel_values"]
+    sig = tiny_pipe.adapter.signals(pixels, frozenset({Signal.FEATURES, Signal.RECEIVED_ATTN}), get("visiontrim").attention)
+    with torch.no_grad():
+        attention = eager.model.vision_tower(pixels, output_attentions=True).attentions[-2].mean(1)  # B, 1+N, 1+N
+    patches = attention[:, 1:, 1:]
+    n = patches.shape[-1]
+    expected = torch.stack([torch.stack([sum(patches[b, i, j] for i in range(n) if i != j) / (n - 1) for j in range(n)])
+                            for b in range(2)])
+    torch.testing.assert_close(sig.received_attn, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_per_token_text_score_is_the_official_reading(tiny_pipe, tiny_dirs):
+    """[..., 0, :] = visual_projection of the feature-layer states (no post_layernorm); [..., 1, :M] = their dots
+    with every question token's final state through text_projection, unit length; zero beyond."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from conftest import random_image
+
+    clip = CLIPModel.from_pretrained(tiny_dirs[1]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[1])
+    pixels = tiny_pipe.prepare([random_image(i) for i in range(2)], QUESTIONS)["pixel_values"]
+    method = get("visiontrim")
+    sig = tiny_pipe.adapter.signals(pixels, method.needs, method.attention, QUESTIONS, text=method.text)
+    for b, question in enumerate(QUESTIONS):
+        with torch.no_grad():
+            states = clip.text_model(**tokenizer([question], return_tensors="pt")).last_hidden_state[0]
+            tokens = torch.nn.functional.normalize(clip.text_projection(states), dim=-1)  # M, P
+            vectors = clip.visual_projection(sig.features[b])  # N, P
+        m, p = tokens.shape[0], vectors.shape[1]
+        torch.testing.assert_close(sig.text_sim[b, :, 0, :p], vectors, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sig.text_sim[b, :, 1, :m], vectors @ tokens.T, atol=1e-5, rtol=1e-5)
+        assert not sig.text_sim[b, :, 0, p:].any() and not sig.text_sim[b, :, 1, m:].any()
+
+
+def test_llm_per_token_text_score_reads_the_projected_tokens(tiny_dirs):
+    from vtc.models.embed_text import EmbeddingTextScorer
+    from vtc.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_dirs[0], text_source="llm")
+    scorer = EmbeddingTextScorer.from_model(pipe.model, pipe.processor.tokenizer)
+    projected = torch.randn(2, 9, scorer.width, generator=torch.Generator().manual_seed(0))
+    got = scorer.similarity(projected, ["red square ?", "what is the color"], get("visiontrim").text)
+    table = pipe.model.get_input_embeddings().weight.detach()
+    for b, words in enumerate([["red", "square"], ["what", "is", "the", "color"]]):  # max_centred counts no "?"
+        ids = pipe.processor.tokenizer.convert_tokens_to_ids(words)
+        unit = torch.nn.functional.normalize(table[ids], dim=-1)
+        torch.testing.assert_close(got[b, :, 0, : scorer.width], projected[b])
+        torch.testing.assert_close(got[b, :, 1, : len(ids)], projected[b] @ unit.T, atol=1e-5, rtol=1e-5)
+        assert not got[b, :, 1, len(ids):].any()
+
+
+def test_runs_end_to_end_and_composes_only_without_tgvc(tiny_pipe):
+    from conftest import random_image
+
+    images = [random_image(i) for i in range(2)]
+    for r in tiny_pipe(images, QUESTIONS, method="visiontrim", budget=8, max_new_tokens=2):
+        assert r.tokens_after == 8 and r.selection.counts()["kept"] == 6 and r.selection.counts()["merged"] == 2
+    for r in tiny_pipe(images, QUESTIONS, method="visiontrim+text", budget=8, max_new_tokens=2, complement_ratio=0):
+        assert r.tokens_after == 8 and r.selection.counts()["merged"] == 0
+    with pytest.raises(VTCError, match="text-guided itself"):
+        get("visiontrim+text")

@@ -532,11 +532,12 @@ def test_output_tokens_keep_the_features_dtype_in_half_precision(name):
     merged or global, must come back in the features' dtype (merges may sum in float32 inside)."""
     sig = fake_signals(batch=2)
     g = torch.Generator().manual_seed(3)
+    method = get(name)
+    per_token = (2, 12) if method.text.per_token else ()  # TextSpec.per_token: (B, N, 2, W)
     half = Signals(**{**{f: getattr(sig, f) for f in ("features", "grid", "cls_attn", "keys", "projected", "received_attn", "cls_feature")},
-                      "text_sim": torch.rand(2, 36, generator=g)})
+                      "text_sim": torch.rand(2, 36, *per_token, generator=g)})
     for field in ("features", "cls_attn", "keys", "projected", "received_attn", "cls_feature", "text_sim"):
         setattr(half, field, getattr(half, field).to(torch.bfloat16))
-    method = get(name)
     for budget in [9] + (["auto"] if method.supports_auto else []):
         for sel in method.select(half, budget):
             assert sel.tokens.dtype == torch.bfloat16, (name, budget, sel.counts())

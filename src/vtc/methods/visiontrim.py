@@ -47,7 +47,9 @@ an updated target's v is the mean-updated projected vector, not the projector of
 Defaults: T_t = int(T * complement_ratio), rounded down, complement_ratio = 0.25 (the official
 defaults are ``DVTS_token_num=48, TGVC_token_num=16`` for 64 tokens; the evaluation scripts take both
 counts as arguments); T_d = T - T_t; rounds = 3; alpha = 0.5. complement_ratio = 0 is DVTS alone (no
-text needed). Budgets: a count or a ratio of N (no dynamic rule, so no 'auto'). Exact T tokens.
+text needed; it composes with Recoverable Compression's text recovery: ``visiontrim+text``). With TGVC on,
+``visiontrim+text`` is refused: the method is text-guided itself and merges every patch it does not keep.
+Budgets: a count or a ratio of N (no dynamic rule, so no 'auto'). Exact T tokens.
 Provenance: dominant tokens are ``KEPT``; each complement token is ``MERGED``, built around its target
 patch (its anchor, which it owns) with every patch assigned to it in any round as further sources (a
 target that received nothing is a merged token of one source, itself: its value is that patch's).
@@ -164,6 +166,7 @@ class VisionTrim(Method):
         self.complement_ratio, self.rounds, self.alpha = check_options(complement_ratio, rounds, alpha)
         needs = {Signal.FEATURES, Signal.CLS_ATTN, Signal.RECEIVED_ATTN}
         self.needs = frozenset(needs | ({Signal.TEXT_SIM} if self.complement_ratio > 0 else set()))
+        self.text = TEXT if self.complement_ratio > 0 else TextSpec()  # DVTS alone composes with '+text'
 
     def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
         features = signals.features
