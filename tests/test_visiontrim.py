@@ -244,10 +244,11 @@ def test_llm_per_token_text_score_reads_the_projected_tokens(tiny_dirs):
     from vtc.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(tiny_dirs[0], text_source="llm")
-    scorer = EmbeddingTextScorer.from_model(pipe.model, pipe.processor.tokenizer)
+    table = pipe.model.get_input_embeddings().weight.detach().clone()
+    table[0] = 1.0  # the id padding a shorter question: a nonzero row here, so the padding must be masked
+    scorer = EmbeddingTextScorer(torch.nn.Embedding.from_pretrained(table), pipe.processor.tokenizer)
     projected = torch.randn(2, 9, scorer.width, generator=torch.Generator().manual_seed(0))
     got = scorer.similarity(projected, ["red square ?", "what is the color"], get("visiontrim").text)
-    table = pipe.model.get_input_embeddings().weight.detach()
     for b, words in enumerate([["red", "square"], ["what", "is", "the", "color"]]):  # max_centred counts no "?"
         ids = pipe.processor.tokenizer.convert_tokens_to_ids(words)
         unit = torch.nn.functional.normalize(table[ids], dim=-1)
@@ -266,3 +267,16 @@ def test_runs_end_to_end_and_composes_only_without_tgvc(tiny_pipe):
         assert r.tokens_after == 8 and r.selection.counts()["merged"] == 0
     with pytest.raises(VTCError, match="text-guided itself"):
         get("visiontrim+text")
+
+
+def test_speed_gives_it_the_per_token_text_form():
+    from vtc.cost import Shape
+    from vtc.speed import random_signals
+
+    shape = Shape(vision_width=32, vision_mlp=64, vision_layers=2, patch_size=14, image_size=112, llm_width=48,
+                  llm_mlp=96, llm_layers=2, heads=4, kv_heads=4, vocab=100)
+    sig = random_signals(get("visiontrim"), shape, batch=2)
+    assert sig.text_sim.shape == (2, 64, 2, 768)
+    assert [s.num_tokens for s in get("visiontrim").select(sig, 16)] == [16, 16]
+    no_cls = random_signals(get("visiontrim"), Shape(**{**shape.__dict__, "cls_tokens": 0}), batch=1)
+    assert no_cls.text_sim.shape == (1, 64, 2, 48)  # no CLS: only the LLM-embedding source, LLM-wide

@@ -98,14 +98,19 @@ def dominance(cls_attn: torch.Tensor, received_attn: torch.Tensor, alpha: float 
     return alpha * unit(cls_attn) + (1 - alpha) * unit(received_attn)
 
 
-def split_text_sim(text_sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v, u) from a per-token TEXT_SIM (B, N, 2, W): each patch's vector in the text space, its dots with the tokens."""
+def check_text_sim(text_sim: torch.Tensor) -> None:
+    """A per-token TEXT_SIM is (B, N, 2, W): each patch's vector in the text space, then its dots with the tokens."""
     if text_sim.dim() != 4 or text_sim.shape[2] != 2:
         raise VTCError(
             f"visiontrim needs TEXT_SIM per text token, shape (B, N, 2, W) (TextSpec(per_token=True)), "
             f"got shape {tuple(text_sim.shape)}"
         )
-    return text_sim[:, :, 0].float(), text_sim[:, :, 1].float()
+
+
+def token_columns(u: torch.Tensor) -> torch.Tensor:
+    """``u`` without its trailing all-zero columns (the padding past the longest question): the same dots, less work."""
+    used = u.ne(0).flatten(0, -2).any(0).nonzero()
+    return u[..., : int(used.max()) + 1 if used.numel() else 1]
 
 
 def unit_scores(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -114,12 +119,13 @@ def unit_scores(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def complement(
-    features: torch.Tensor, v: torch.Tensor, u: torch.Tensor, others: torch.Tensor, count: int, rounds: int
+    features: torch.Tensor, text_sim: torch.Tensor, others: torch.Tensor, count: int, rounds: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """TGVC (steps 4-5) on the ``others`` (B, R) patches, raster order. Returns the targets (B, count) patch
     indices, their merged features (B, count, D), the rest (B, R - count) patch indices and which targets
     each rest patch was assigned to in any round (B, R - count, count) bool."""
-    x_o, v_o, u_o = (gather_rows(t, others) for t in (features.float(), v, u))
+    x_o, text_o = gather_rows(features.float(), others), gather_rows(text_sim.float(), others)
+    v_o, u_o = text_o[:, :, 0], token_columns(text_o[:, :, 1])
     relevance = unit_scores(v_o, u_o).sum(-1)  # the mean over the tokens, up to a positive factor per image
     chosen = top_k_mask(relevance, count)
     target_pos = mask_indices(chosen, count)
@@ -179,9 +185,9 @@ class VisionTrim(Method):
         info = {"dominant": dominant, "complement": count}
         if count == 0:
             return Selection.from_kept(features, kept, info=[dict(info) for _ in range(batch)])
-        v, u = split_text_sim(signals.text_sim)
+        check_text_sim(signals.text_sim)
         others = mask_indices(~chosen, n - dominant)
-        targets, merged, rest, assigned = complement(features, v, u, others, count, self.rounds)
+        targets, merged, rest, assigned = complement(features, signals.text_sim, others, count, self.rounds)
         selections = []
         for b in range(batch):  # the complement tokens' source counts differ per image
             mask = torch.zeros((count, n), dtype=torch.bool, device=features.device)
