@@ -68,7 +68,8 @@ Deliberate differences from the official code:
     path calls the tower without the question, so TGVC cannot run there as published); vtc ranks all of
     an image's unpadded candidates together for an exact count (or per tile with ``per_tile``).
   * SigLIP and Qwen-VL towers have no CLS token: there the adapter gives the received attention for g
-    too, so the DVTS score is the received attention alone.
+    too, so the DVTS score is the received attention alone (on Qwen-VL a merged 2x2 token's is the sum of
+    its four patches', each leaving out only its own attention to itself).
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class VisionTrim(Method):
         selections = []
         for b in range(batch):  # the complement tokens' source counts differ per image
             mask = torch.zeros((count, n), dtype=torch.bool, device=features.device)
-            mask[torch.arange(count), targets[b]] = True
+            mask[torch.arange(count, device=mask.device), targets[b]] = True
             mask[:, rest[b]] = assigned[b].T
             token, patch = mask.nonzero(as_tuple=True)
             sources = (patch, torch.bincount(token, minlength=count))
