@@ -280,3 +280,11 @@ def test_speed_gives_it_the_per_token_text_form():
     assert [s.num_tokens for s in get("visiontrim").select(sig, 16)] == [16, 16]
     no_cls = random_signals(get("visiontrim"), Shape(**{**shape.__dict__, "cls_tokens": 0}), batch=1)
     assert no_cls.text_sim.shape == (1, 64, 2, 48)  # no CLS: only the LLM-embedding source, LLM-wide
+
+
+def test_alpha_one_ranks_by_cls_attention_alone_and_info_gives_the_split():
+    sig, _, _ = random_signals(10)
+    method = get("visiontrim", alpha=1, rounds=1)  # one round is a valid choice
+    for b, sel in enumerate(method.select(sig, 8)):
+        assert sel.kept_indices().tolist() == sorted(sig.cls_attn[b].argsort(descending=True)[:6].tolist())
+        assert sel.info == {"dominant": 6, "complement": 2}
