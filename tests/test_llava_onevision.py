@@ -206,7 +206,7 @@ def test_in_llm_pruning_that_keeps_everything_is_stock_generate_on_qwen2(ov_pipe
 REFUSED = {"downsample": "tiles are not supported", "visionzip": "keep_cls=False", "recoverable": "text-to-patch score",
            "cdpruner": "text-to-patch score", "vscan": "shallow .*layer .*no CLS token",
            "tome_tower": "in-tower hook is not wired for llava-onevision",
-           "flowcut": "in-tower hook is not wired for llava-onevision"}
+           "flowcut": "in-tower hook is not wired for llava-onevision", "visiontrim": "text-to-patch score"}
 
 
 @pytest.mark.parametrize("name", available())
@@ -227,7 +227,7 @@ def test_shrunk_cells_belong_to_the_tile_under_their_centre():
     assert [g for _, g in layout.segments()] == [(2, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
 
 
-@pytest.mark.parametrize("method", ["recoverable", "fastervlm+text", "cdpruner"])
+@pytest.mark.parametrize("method", ["recoverable", "fastervlm+text", "cdpruner", "visiontrim"])
 def test_text_guided_methods_run_with_the_llm_embedding_source(ov_path, ov_images, method):
     """OneVision has no CLIP text tower: with text_source='llm' text-guided methods run, a mixed batch equal to
     single runs (the shrunk image included)."""

@@ -210,6 +210,7 @@ def test_cls_attention_is_the_received_attention_of_the_asked_layer(pipe, images
 def test_every_method_runs_or_refuses_clearly(pipe, images, name):
     refused = {"downsample": "native-resolution grids are not supported", "visionzip": "keep_cls=False",
                "recoverable": "text-to-patch score.*--text-source llm", "cdpruner": "text-to-patch score.*--text-source llm",
+               "visiontrim": "text-to-patch score.*--text-source llm",
                "sparsevlm": "merged image rows .* layer 1, before this model.s last DeepStack addition.*prune at a later layer or "
                              "without merging \\(SparseVLM: recycling=False\\)",
                "vscan": "shallow .*layer .*no CLS token", "tome_tower": "in-tower hook is not wired for qwen",

@@ -255,7 +255,8 @@ def test_every_method_runs_or_refuses_clearly(qwen_pipe, qwen_images, name):
                "recoverable": "text-to-patch score.*--text-source llm", "cdpruner": "text-to-patch score.*--text-source llm",
                "vscan": "shallow .*layer .*no CLS token",
                "tome_tower": "in-tower hook is not wired for qwen",
-               "flowcut": "in-tower hook is not wired for qwen"}
+               "flowcut": "in-tower hook is not wired for qwen",
+               "visiontrim": "text-to-patch score.*--text-source llm"}
     check_runs_or_refuses(qwen_pipe, qwen_images, QUESTIONS, name, refused, llm_budget=0.5)
 
 
@@ -282,7 +283,7 @@ def test_refusals_name_what_is_missing(qwen_pipe, qwen_images, tiny_dirs):
         type(pipe.adapter)(Pipeline.from_pretrained(tiny_dirs[0]).model)
 
 
-@pytest.mark.parametrize("method", ["recoverable", "fastervlm+text", "cdpruner"])
+@pytest.mark.parametrize("method", ["recoverable", "fastervlm+text", "cdpruner", "visiontrim"])
 def test_text_guided_methods_run_with_the_llm_embedding_source(qwen_path, qwen_images, method):
     from vtc.pipeline import Pipeline
 

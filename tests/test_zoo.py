@@ -534,10 +534,11 @@ def test_output_tokens_keep_the_features_dtype_in_half_precision(name):
     sig = fake_signals(batch=2)
     g = torch.Generator().manual_seed(3)
     fields = ("features", "cls_attn", "keys", "projected", "received_attn", "cls_feature", "cls_attn_shallow")
-    half = Signals(**{**{f: getattr(sig, f) for f in ("grid",) + fields}, "text_sim": torch.rand(2, 36, generator=g)})
+    method = get(name)
+    per_token = (2, 12) if method.text.per_token else ()  # TextSpec.per_token: (B, N, 2, W)
+    half = Signals(**{**{f: getattr(sig, f) for f in ("grid",) + fields}, "text_sim": torch.rand(2, 36, *per_token, generator=g)})
     for field in fields + ("text_sim",):
         setattr(half, field, getattr(half, field).to(torch.bfloat16))
-    method = get(name)
     for budget in [9] + (["auto"] if method.supports_auto else []):
         for sel in method.select(half, budget):
             assert sel.tokens.dtype == torch.bfloat16, (name, budget, sel.counts())

@@ -269,7 +269,7 @@ def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu"
     make = {
         Signal.CLS_ATTN: lambda: torch.randn(batch, n, generator=g).mul(2).softmax(-1),
         Signal.KEYS: lambda: torch.randn(batch, n, keys_dim, generator=g),
-        Signal.TEXT_SIM: lambda: torch.rand(batch, n, generator=g) * 0.3,
+        Signal.TEXT_SIM: lambda: per_token_text(batch, n, shape, g) if method.text.per_token else torch.rand(batch, n, generator=g) * 0.3,
         Signal.PROJECTED: lambda: torch.randn(batch, n, shape.llm_width, generator=g),
         Signal.RECEIVED_ATTN: lambda: torch.rand(batch, n, generator=g) / n,
         Signal.CLS_FEATURE: lambda: torch.randn(batch, d, generator=g),
@@ -278,6 +278,19 @@ def random_signals(method, shape: Shape, batch: int, seed: int = 0, device="cpu"
     present = {name: make[name]().to(device) for name in make if name in method.needs}
     features = torch.randn(batch, n, shape.feature_width, generator=g)
     return Signals(features=features.to(device), grid=shape.candidate_grid, **present)
+
+
+CLIP_PROJECTION = 768  # CLIP ViT-L/14's projection width (the text space of the CLIP scorer)
+QUESTION_TOKENS = 16  # a typical question's token count
+
+
+def per_token_text(batch: int, n: int, shape: Shape, g: torch.Generator) -> torch.Tensor:
+    """TextSpec.per_token's (B, N, 2, W): patch vectors in the text space (CLIP's projection, or the LLM width on
+    towers without CLS, which only the LLM-embedding source serves) and their dots with the question's tokens."""
+    width = CLIP_PROJECTION if shape.cls_tokens else shape.llm_width
+    vectors = torch.randn(batch, n, width, generator=g)
+    dots = torch.nn.functional.pad(torch.randn(batch, n, QUESTION_TOKENS, generator=g), (0, width - QUESTION_TOKENS))
+    return torch.stack([vectors, dots], dim=2)
 
 
 @dataclass

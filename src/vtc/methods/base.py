@@ -152,12 +152,15 @@ class AttentionSpec:
     ``keys``: ``"full"`` is the k_proj output (D wide); ``"head_mean"`` averages heads (head_dim wide).
     ``shallow``: where CLS_ATTN_SHALLOW is read, as a share of the tower's depth: encoder layer
     ceil(shallow * depth) - 1 (0.25 of CLIP-L's 24 layers: layer 5, the 6th), heads as ``heads``.
+    ``received``: RECEIVED_ATTN over ``"all"`` the patch queries, or over the ``"others"``: each patch's
+    attention to itself left out, the mean taken over the N - 1 other patches (VisionTrim's reading).
     """
 
     layer: int = -2
     heads: Literal["single", "mean", "sum"] = "mean"
     keys: Literal["full", "head_mean"] = "full"
     shallow: float = 0.25
+    received: Literal["all", "others"] = "all"
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,14 @@ class TextSpec:
     honours ``source`` and refuses any other field set away from its default, except the two it
     always honours: it scores the projected feature-layer tokens (``patch_states="feature"``) and
     reads the whole question (``segments``).
+
+    ``per_token``: TEXT_SIM is (B, N, 2, W), every question token kept apart (VisionTrim's reading):
+    ``[..., 0, :]`` is each patch's vector in the text space, unnormalised (CLIP: visual_projection of
+    the patch states; LLM source: the projected token), ``[..., 1, :]`` its dot products with the
+    question's unit token embeddings (CLIP: every token's final state through text_projection, BOS
+    and EOS included; LLM source: the tokens its pooling counts); both zero-padded to one width W.
+    It reads the question truncated to the context, and takes neither ``segments``, ``pooling="last"``
+    nor ``scaled``; the LLM source then also accepts ``post_layernorm=False`` (it applies none).
     """
 
     source: Literal["question", "prompt_first_line"] = "question"
@@ -196,6 +207,7 @@ class TextSpec:
     scaled: bool = False
     patch_states: Literal["final", "feature"] = "final"
     segments: bool = False
+    per_token: bool = False
 
 
 def all_finite(value: torch.Tensor) -> bool:

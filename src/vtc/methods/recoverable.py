@@ -434,6 +434,9 @@ class WithTextRecovery(Method):
     def __init__(self, base: Method):
         if type(base).input_grid is not Method.input_grid:
             raise VTCError(f"'{base.name}+text': '{base.name}' changes the input resolution, so no full-resolution patch is left to recover")
+        if base.text.per_token:
+            raise VTCError(f"'{base.name}+text': '{base.name}' is text-guided itself (it reads the question per token); "
+                           "run it without '+text'")
         self.base = base
         self.name = f"{base.name}+text"
         self.needs = base.needs | {Signal.TEXT_SIM}

@@ -120,6 +120,20 @@ class ClipTextScorer(torch.nn.Module):
         return torch.nn.functional.normalize(embeds, dim=-1), torch.tensor(owner, device=device)
 
     @torch.no_grad()
+    def token_embeddings(self, queries: list[str], spec: TextSpec) -> torch.Tensor:
+        """(B, M, P) every token's final state through text_projection, unit length, zero at padding: the
+        question truncated to ``spec.max_length`` (or CLIP's context), BOS and EOS included (VisionTrim's reading)."""
+        if spec.segments or spec.pooling != "eos" or spec.scaled:
+            raise VTCError("per-token text scores take neither segments, pooling='last' nor scaled")
+        context = self.text_model.config.max_position_embeddings
+        max_len = min(spec.max_length or context, context)
+        batch = self.tokenizer(queries, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        batch = {k: v.to(self.projection.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        states = self.text_model(**batch).last_hidden_state
+        tokens = torch.nn.functional.normalize(self.text_model.text_projection(states), dim=-1)
+        return tokens * batch["attention_mask"].unsqueeze(-1).to(tokens)
+
+    @torch.no_grad()
     def similarity(self, patch_states: torch.Tensor, queries: list[str], spec: TextSpec = TextSpec()) -> torch.Tensor:
         """(B, N) cosine similarity of each query with each patch of its image (scaled as ``spec`` says); with
         ``spec.segments`` the mean of the cosines with the query's segments. ``patch_states``: the tower's
@@ -133,6 +147,18 @@ class ClipTextScorer(torch.nn.Module):
         if spec.post_layernorm:
             states = self.post_layernorm(states)
         patches = states @ self.projection.T
+        if spec.per_token:
+            return per_token_scores(patches, self.token_embeddings(queries, spec))
         text = self.embed_text(queries, spec)
         sim = torch.einsum("bnp,bp->bn", torch.nn.functional.normalize(patches, dim=-1), text)
         return sim * patches.shape[-1] ** -0.5 if spec.scaled else sim
+
+
+def per_token_scores(patches: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """TextSpec.per_token's (B, N, 2, W): each patch's vector (B, N, P) and its dots with the (B, M, P) unit
+    token embeddings (zero rows for padding), both zero-padded to W = max(P, M)."""
+    vectors = patches.float()
+    dots = vectors @ tokens.float().transpose(1, 2)
+    width = max(vectors.shape[-1], dots.shape[-1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+    return torch.stack([pad(vectors), pad(dots)], dim=2)

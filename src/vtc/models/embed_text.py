@@ -102,7 +102,8 @@ class EmbeddingTextScorer:
             count = "a string" if isinstance(queries, str) else len(queries)
             raise VTCError(f"{projected.shape[0]} images but {count} text queries: give one query per image")
         default = TextSpec()
-        changed = [f"{f}={getattr(spec, f)!r}" for f in _CLIP_ONLY_FIELDS if getattr(spec, f) != getattr(default, f)]
+        fields = [f for f in _CLIP_ONLY_FIELDS if not (spec.per_token and f == "post_layernorm")]  # it applies none
+        changed = [f"{f}={getattr(spec, f)!r}" for f in fields if getattr(spec, f) != getattr(default, f)]
         if changed:
             raise VTCError(
                 f"the LLM-embedding text source cannot honour {', '.join(changed)}: these are CLIP text-tower "
@@ -122,6 +123,11 @@ class EmbeddingTextScorer:
             ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
             counted[b, : len(row)] = True
         words = self.embeddings(ids).float()  # B, T, D
+        if spec.per_token:
+            from .clip_text import per_token_scores
+
+            unit = torch.nn.functional.normalize(words, dim=-1) * counted[..., None]
+            return per_token_scores(projected.to(device), unit)
         patches = torch.nn.functional.normalize(projected.to(device).float(), dim=-1)  # B, N, D
         if self.pooling == "mean":
             total = (words * counted[..., None]).sum(1)  # the mean's direction: the cosine ignores its length

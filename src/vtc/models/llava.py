@@ -75,9 +75,11 @@ def cls_attention_row(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, h
 
 
 def received_attention(
-    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, heads: str, chunk: int = 64, prefix: int = 1
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, heads: str, chunk: int = 64, prefix: int = 1,
+    exclude_self: bool = False,
 ) -> torch.Tensor:
-    """Attention each patch receives, averaged over the N patch queries -> (B, N).
+    """Attention each patch receives, averaged over the N patch queries -> (B, N); with ``exclude_self``
+    over the N - 1 other patches' queries (a patch's attention to itself left out).
 
     queries / keys (B, prefix+N, D) are raw q_proj / k_proj outputs, ``prefix`` non-patch
     tokens first (CLIP's CLS: 1; SigLIP: 0); the softmax runs over all keys (as in the
@@ -94,7 +96,10 @@ def received_attention(
         q = queries[:, start : start + chunk].reshape(b, -1, h, hd).transpose(1, 2)  # B, h, c, hd
         probs = (q @ k.transpose(-1, -2) / hd**0.5).float().softmax(-1)
         total += probs[..., prefix:].sum(2)
-    per_head = total / (t - prefix)
+        if exclude_self:  # query row start + i is key column start + i
+            rows = probs.shape[2]
+            total[..., start - prefix : start - prefix + rows] -= probs[..., start : start + rows].diagonal(dim1=2, dim2=3)
+    per_head = total / max(1, t - prefix - exclude_self)
     return per_head.sum(1) if heads == "sum" else per_head.mean(1)
 
 
@@ -227,7 +232,8 @@ class LlavaAdapter(Family):
         if shallow_layer >= 0:
             out.cls_attn_shallow = cls_attention_row(shallow.q, shallow.k, self.num_heads, attention.heads)
         if Signal.RECEIVED_ATTN in needs:
-            out.received_attn = received_attention(capture.q, capture.k, self.num_heads, attention.heads, prefix=self.prefix)
+            out.received_attn = received_attention(capture.q, capture.k, self.num_heads, attention.heads, prefix=self.prefix,
+                                                   exclude_self=attention.received == "others")
         if Signal.KEYS in needs:
             keys = capture.k[:, self.prefix :]
             if attention.keys == "head_mean":

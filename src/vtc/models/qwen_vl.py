@@ -283,7 +283,8 @@ class Qwen2VLAdapter(Family):
         for n in (s * unit for s in sizes):  # images are contiguous in tower order too (windows stay inside an image)
             rows = slice(start, start + n)
             received.append(received_attention(q_rot[rows].flatten(1)[None], k_rot[rows].flatten(1)[None],
-                                               self.num_heads, attention.heads, prefix=0)[0])
+                                               self.num_heads, attention.heads, prefix=0,
+                                               exclude_self=attention.received == "others")[0])
             start += n
         token_received = torch.cat(received).view(-1, unit).sum(1)[raster]
         keys = k.reshape(-1, unit, k.shape[1], k.shape[2]).mean(1)[raster]  # (tokens, heads, hd), raw (no rotary)
