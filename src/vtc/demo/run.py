@@ -30,6 +30,7 @@ DEMO_RUNS = [
     # a 10% LAYER AVERAGE (the paper's unit): 15% of the tokens enter the LLM ("mean tokens"), 5% from its middle layer
     ("vscan@10%", "vscan", 0.1),
     ("holov@10%", "holov", 0.1),
+    ("visiontrim@10%", "visiontrim", 0.1),
     ("flowcut@10%", "flowcut", 0.1),  # prunes inside the tower's layers (tome_tower cannot reach 20 tokens in the 3 layers run)
 ]
 
