@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_recoverable_fixtures import load_definitions, read_snapshot  # noqa: E402
+from make_recoverable_fixtures import load_definitions, official_llava_model, read_snapshot  # noqa: E402
 from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,22 +74,7 @@ def official_tower(snapshot: Path, hf_tower):
     nn.Module.__init__(tower)
     tower.select_layer, tower.select_feature, tower.is_loaded, tower.vision_tower = -2, "patch", True, hf_tower
 
-    class Inner(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mm_projector = nn.Identity()
-
-        def get_vision_tower(self):
-            return tower
-
-    class Model(ns["LlavaMetaForCausalLM"]):
-        def __init__(self):
-            self.inner = Inner()
-
-        def get_model(self):
-            return self.inner
-
-    return Model()
+    return official_llava_model(ns["LlavaMetaForCausalLM"], tower)
 
 
 TOWER = dict(image_size=36, patch_size=3, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)

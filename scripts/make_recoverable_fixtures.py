@@ -61,6 +61,31 @@ def load_definitions(source: str, names: set[str], namespace: dict) -> dict:
     return namespace
 
 
+def official_llava_model(arch_class: type, tower, **accessors):
+    """An object of an official repository's ``LlavaMetaForCausalLM`` (``arch_class``) with what its model class
+    supplies: ``get_model()`` whose ``get_vision_tower()`` is ``tower`` and whose projector is the identity, and one
+    ``get_<name>()`` per keyword (e.g. ``visual_token_num=64`` gives ``get_visual_token_num() -> 64``)."""
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mm_projector = nn.Identity()
+
+        def get_vision_tower(self):
+            return tower
+
+    class Model(arch_class):
+        def __init__(self):
+            self.inner = Inner()
+
+        def get_model(self):
+            return self.inner
+
+    for name, value in accessors.items():
+        setattr(Model, f"get_{name}", lambda self, value=value: value)
+    return Model()
+
+
 def published(snapshot: Path) -> dict:
     from transformers import StoppingCriteria
 

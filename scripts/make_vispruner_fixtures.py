@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_recoverable_fixtures import load_definitions, read_snapshot  # noqa: E402
+from make_recoverable_fixtures import load_definitions, official_llava_model, read_snapshot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = 4
@@ -63,29 +63,8 @@ def official(snapshot: Path) -> dict:
 
 def official_model(ns: dict, tower, visual_token_num: int, important_ratio: float):
     """An object of the official LlavaMetaForCausalLM with the few accessors its model class supplies."""
-
-    class Inner(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mm_projector = nn.Identity()
-
-        def get_vision_tower(self):
-            return tower
-
-    class Model(ns["LlavaMetaForCausalLM"]):
-        def __init__(self):
-            self.inner = Inner()
-
-        def get_model(self):
-            return self.inner
-
-        def get_visual_token_num(self):
-            return visual_token_num
-
-        def get_important_ratio(self):
-            return important_ratio
-
-    return Model()
+    return official_llava_model(ns["LlavaMetaForCausalLM"], tower, visual_token_num=visual_token_num,
+                                important_ratio=important_ratio)
 
 
 class TensorTower:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_recoverable_fixtures import load_definitions, read_snapshot  # noqa: E402
+from make_recoverable_fixtures import load_definitions, official_llava_model, read_snapshot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS, LAYERS, D = 4, 24, 8
@@ -64,28 +64,6 @@ class TensorTower:
         return self.features.clone(), self.attentions.clone()
 
 
-def official_model(ns: dict, tower: TensorTower, visual_token_num: int):
-    class Inner(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mm_projector = nn.Identity()
-
-        def get_vision_tower(self):
-            return tower
-
-    class Model(ns["LlavaMetaForCausalLM"]):
-        def __init__(self):
-            self.inner = Inner()
-
-        def get_model(self):
-            return self.inner
-
-        def get_visual_token_num(self):
-            return visual_token_num
-
-    return Model()
-
-
 def seeded(seed: int, shape: tuple[int, ...], scale: float = 1.0, half: bool = True) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     values = scale * torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -111,7 +89,7 @@ def llava_cases(ns: dict) -> tuple[list[dict], list[dict]]:
         budgets, masks, rows = [], [], []
         for t in LLAVA_BUDGETS:
             with torch.no_grad():
-                out, mask, _ = official_model(ns, TensorTower(features, attentions), t).encode_images(None)
+                out, mask, _ = official_llava_model(ns["LlavaMetaForCausalLM"], TensorTower(features, attentions), visual_token_num=t).encode_images(None)
             kept = mask.sum(1).tolist()
             if kept != [t, t]:
                 shortfalls.append({"seed": seed, "t": t, "kept": kept})
