@@ -6,7 +6,7 @@ from conftest import random_image
 from test_in_llm import LLM_OPTIONS, Recorder
 from test_llava_adapter import KeepAboveMean
 from test_llava_next import check_batch_equals_single_runs, check_none_is_stock_generate, check_runs_or_refuses
-from test_qwen_vl import eager_attention_of_block, kept_rows, pruned_prompt, stock_positions
+from test_qwen_vl import check_in_llm_removal_equals_masking, eager_attention_of_block, full_token_inputs, kept_rows, pruned_prompt, stock_positions
 
 from vtc.methods import Budget, Origin, Selection, Signal, VTCError, get
 from vtc.methods.base import available
@@ -248,47 +248,16 @@ def test_text_guided_method_runs_with_the_llm_embedding_source(qwen3_path, image
     assert all(r.tokens_after < r.tokens_before for r in batch)
 
 
-def full_token_inputs(pipe, images):
-    inputs = pipe.prepare(images, QUESTIONS[: len(images)])
-    selections, _ = pipe.compress(inputs, QUESTIONS[: len(images)], get("none"), Budget.parse("auto"))
-    feats = pipe.adapter.image_inputs(pipe.adapter.project(selections))
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    positions = pipe.adapter.generation_inputs(inputs, selections, ids, mask)["position_ids"]
-    return ids, mask, feats, positions
-
-
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_in_llm_physical_removal_equals_masking_with_deepstack(pipe, images, k):
     """In-LLM pruning before decoder layer k: every kept row's logits equal the full run's with the dropped image rows
     hidden from layers k on. k = 1 and 2 prune before DeepStack additions (after layers 1 and 2), so the kept rows
     must get their own DeepStack rows; k = 3 prunes after the last. A padded batch of two image sizes."""
-    ids, mask, feats, positions = full_token_inputs(pipe, images[:2])
-    lm = pipe.model.model.language_model
-    method = Recorder(k, lambda b, img: img[5:] if b == 0 else img[::3])
-    with torch.no_grad():
-        with InLLMPruner(lm, method, Budget.parse(1.0), ids, mask, pipe.adapter.image_token_id) as pruner:
-            pruned = pipe.model(input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs=feats)
+
+    def stock_step_restored(lm):
         assert "_deepstack_process" not in vars(lm), "the stock DeepStack step is restored"
-        rows, length = pruner.rows, ids.shape[1]
-        kept = torch.zeros_like(mask, dtype=torch.bool)
-        for b in range(2):
-            kept[b, rows.index[b][rows.valid[b]]] = True
-        allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & (kept & mask.bool())[:, None, :]
-        allowed = allowed | torch.eye(length, dtype=torch.bool)[None]
 
-        def hide(module, args, kwargs):
-            return args, {**kwargs, "attention_mask": allowed[:, None]}
-
-        handles = [layer.register_forward_pre_hook(hide, with_kwargs=True) for layer in lm.layers[k:]]
-        try:
-            reference = pipe.model(input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs=feats)
-        finally:
-            for h in handles:
-                h.remove()
-    assert pruner.kept_counts() == [24 - 5, 14]
-    for b in range(2):
-        valid = rows.valid[b]
-        torch.testing.assert_close(pruned.logits[b][valid], reference.logits[b, rows.index[b][valid]], atol=1e-5, rtol=1e-5)
+    check_in_llm_removal_equals_masking(pipe, images, k, after_pruner=stock_step_restored)
 
 
 def test_in_llm_scores_match_eager_attention_with_qk_norms(pipe, qwen3_path, images):

@@ -311,25 +311,32 @@ def test_map_panel_covers_the_picture(qwen_pipe):
     assert abs(float(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()) - 1) < 1e-9
 
 
-def test_in_llm_physical_removal_equals_masking_with_3d_rotary(qwen_pipe, qwen_images):
-    """In-LLM pruning at a middle layer of the Qwen2 decoder: every kept row's logits equal the full run's with the
-    dropped image rows hidden from the layers after it; each kept row keeps its own (t, h, w) rotary row. A padded
-    batch of two image sizes keeping different numbers of tokens."""
+def full_token_inputs(pipe, images):
+    """input ids, mask, the full-token image features and the stock M-RoPE positions of a batch."""
+    inputs = pipe.prepare(images, QUESTIONS[: len(images)])
+    selections, _ = pipe.compress(inputs, QUESTIONS[: len(images)], get("none"), Budget.parse("auto"))
+    feats = pipe.adapter.image_inputs(pipe.adapter.project(selections))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = pipe.adapter.generation_inputs(inputs, selections, ids, mask)["position_ids"]
+    return ids, mask, feats, positions
+
+
+def check_in_llm_removal_equals_masking(pipe, images, k: int, after_pruner=None) -> None:
+    """In-LLM pruning before decoder layer k of a padded batch of two images (the first keeps all but its first 5
+    image rows, the second every third): every kept row's logits equal the full run's with the dropped image rows
+    hidden from layers k on. ``after_pruner(lm)`` runs once the pruner's context has closed (checks it restored the model)."""
     from test_in_llm import Recorder
 
     from vtc.models.llm_prune import InLLMPruner
 
-    pipe = qwen_pipe
-    inputs = pipe.prepare(qwen_images[:2], QUESTIONS[:2])
-    selections, _ = pipe.compress(inputs, QUESTIONS[:2], get("none"), Budget.parse("auto"))
-    feats = pipe.adapter.image_inputs(pipe.adapter.project(selections))
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    positions = pipe.adapter.generation_inputs(inputs, selections, ids, mask)["position_ids"]
-    k, lm = 2, pipe.model.model.language_model
+    ids, mask, feats, positions = full_token_inputs(pipe, images[:2])
+    lm = pipe.model.model.language_model
     method = Recorder(k, lambda b, img: img[5:] if b == 0 else img[::3])
     with torch.no_grad():
         with InLLMPruner(lm, method, Budget.parse(1.0), ids, mask, pipe.adapter.image_token_id) as pruner:
             pruned = pipe.model(input_ids=ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs=feats)
+        if after_pruner is not None:
+            after_pruner(lm)
         rows, length = pruner.rows, ids.shape[1]
         kept = torch.zeros_like(mask, dtype=torch.bool)
         for b in range(2):
@@ -350,3 +357,10 @@ def test_in_llm_physical_removal_equals_masking_with_3d_rotary(qwen_pipe, qwen_i
     for b in range(2):
         valid = rows.valid[b]
         torch.testing.assert_close(pruned.logits[b][valid], reference.logits[b, rows.index[b][valid]], atol=1e-5, rtol=1e-5)
+
+
+def test_in_llm_physical_removal_equals_masking_with_3d_rotary(qwen_pipe, qwen_images):
+    """In-LLM pruning at a middle layer of the Qwen2 decoder: every kept row's logits equal the full run's with the
+    dropped image rows hidden from the layers after it; each kept row keeps its own (t, h, w) rotary row. A padded
+    batch of two image sizes keeping different numbers of tokens."""
+    check_in_llm_removal_equals_masking(qwen_pipe, qwen_images, k=2)
