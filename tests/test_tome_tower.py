@@ -8,29 +8,11 @@ import torch
 from vtc.methods import Budget, Origin, VTCError, get
 from vtc.methods.tome_tower import merge_schedule
 from vtc.models.tower_loop import run_tower
-from vtc.testing import clip_configs
+from test_tower_loop import first_input, pixels, tower  # noqa: F401  (the same tiny CLIP tower and pixels)
 
-HEADS = 4
-
-
-@pytest.fixture(scope="module")
-def tower():
-    from transformers import CLIPVisionModel
-
-    torch.manual_seed(0)
-    _, vision = clip_configs(image_size=48, patch_size=8, layers=4, heads=HEADS)  # 36 patches, 4 layers
-    model = CLIPVisionModel(vision).eval()
-    model.set_attn_implementation("sdpa")
-    return model
+HEADS = 4  # the shared tiny tower's heads (clip_configs' default)
 
 
-@pytest.fixture(scope="module")
-def pixels():
-    return torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
-
-
-def first_input(tower, pixels):
-    return tower.pre_layrnorm(tower.embeddings(pixels))
 
 
 def cosine(a, b):

@@ -219,12 +219,7 @@ def save_tiny_qwen_vl(out: str | Path, version: str = "2.5", seed: int = 0, patc
 
     out = Path(out)
     torch.manual_seed(seed)
-    tokenizer = word_tokenizer()
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
-    )
-    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
-    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end", "image_pad", "video_pad")}
+    tokenizer, ids = qwen_tokenizer()
     text = dict(
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -253,6 +248,17 @@ def save_tiny_qwen_vl(out: str | Path, version: str = "2.5", seed: int = 0, patc
     return out
 
 
+def qwen_tokenizer():
+    """The word tokenizer with Qwen-VL's vision special tokens, and their ids by name."""
+    tokenizer = word_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
+    )
+    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end", "image_pad", "video_pad")}
+    return tokenizer, ids
+
+
 def save_tiny_qwen3_vl(out: str | Path, seed: int = 0, patch_size=4, vision_layers=4, text_layers=4,
                        deepstack_layers=(0, 1, 2)) -> Path:
     """A random Qwen3-VL model (DeepStack) + image-only processor + chat template.
@@ -266,12 +272,7 @@ def save_tiny_qwen3_vl(out: str | Path, seed: int = 0, patch_size=4, vision_laye
 
     out = Path(out)
     torch.manual_seed(seed)
-    tokenizer = word_tokenizer()
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
-    )
-    tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
-    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end", "image_pad", "video_pad")}
+    tokenizer, ids = qwen_tokenizer()
     text = dict(
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=1024,
