@@ -412,7 +412,8 @@ SPLIT_LEGEND = (
 
 def print_speed(results: list[dict], title: str) -> None:
     _print_rows(results, SPEED_COLUMNS, title, SPEED_LEGEND)
-    _print_rows(results, SPLIT_COLUMNS, "Vision tower and LLM apart", SPLIT_LEGEND)
+    if all("tower_side_ms" in r for r in results):  # results written before the tower/LLM split have no such table
+        _print_rows(results, SPLIT_COLUMNS, "Vision tower and LLM apart", SPLIT_LEGEND)
 
 
 def _select_cell(r: dict, batch: int, share: bool = False) -> str:
