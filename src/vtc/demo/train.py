@@ -534,6 +534,8 @@ def main(argv=None):
     parser.add_argument("--tune-steps", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--llm-layers", type=int, default=3)
+    parser.add_argument("--llm-hidden", type=int, default=128, help="the language model's width (a multiple of 32)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--short-fraction", type=float, default=0.2, help="instruction batches on random token subsets")
     parser.add_argument("--qtype-weights", default="3,3,4,2,1", help=f"training mix of {', '.join(QTYPES)}")
     parser.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=True, help="minimal-pair questions")
@@ -557,7 +559,7 @@ def main(argv=None):
     families = ("basic", "clutter") if args.clutter_fraction > 0 else ("basic",)
 
     torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tokenizer = word_tokenizer(words=vocabulary(families))
     clip_tokenizer = word_tokenizer(words=vocabulary(families), model_max_length=16, add_eos=True)
     times, losses = {}, {}
@@ -574,7 +576,7 @@ def main(argv=None):
 
         t = time.perf_counter()
         torch.manual_seed(args.seed + 1)  # the LLaVA stages start from the same state whether CLIP was trained or reused
-        llava = build_llava(clip, tokenizer, layers=args.llm_layers)
+        llava = build_llava(clip, tokenizer, layers=args.llm_layers, hidden=args.llm_hidden)
         n_clutter = round(args.clutter_fraction * args.images)
         seeds = list(split_seeds("train")[500_000 : 500_000 + args.images - n_clutter])
         seeds += list(scenes_v2.split_seeds("train")[500_000 : 500_000 + n_clutter])
