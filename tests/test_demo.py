@@ -114,3 +114,17 @@ def test_training_command_is_reproducible(tmp_path):
     main(["--out", str(tmp_path / "d"), "--seed", "3", "--clip", str(tmp_path / "a" / "clip"), *tiny])
     d = load_file(tmp_path / "d" / "llava" / "model.safetensors")
     assert all(torch.equal(a[k], d[k]) for k in a)
+    # --llm-hidden sets the language model's width
+    main(["--out", str(tmp_path / "e"), "--seed", "3", "--clip", str(tmp_path / "a" / "clip"), "--llm-hidden", "64", *tiny])
+    e = load_file(tmp_path / "e" / "llava" / "model.safetensors")
+    widths = {v.shape[1] for k, v in e.items() if k.endswith("embed_tokens.weight")}
+    assert widths == {64} and {v.shape[1] for k, v in a.items() if k.endswith("embed_tokens.weight")} == {128}
+
+
+@pytest.mark.parametrize("args, message", [(["--llm-hidden", "100"], "multiple of 32"), (["--threads", "0"], "at least 1")])
+def test_training_command_refuses_bad_sizes(args, message, capsys):
+    from vtc.demo.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--eval", "0", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

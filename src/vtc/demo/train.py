@@ -554,6 +554,10 @@ def main(argv=None):
     if len(clutter_weights) != len(scenes_v2.QTYPES):
         parser.error(f"--clutter-qtype-weights needs {len(scenes_v2.QTYPES)} numbers ({', '.join(scenes_v2.QTYPES)}), "
                      f"got {args.clutter_qtype_weights!r}")
+    if args.llm_hidden < 32 or args.llm_hidden % 32:
+        parser.error(f"--llm-hidden must be a positive multiple of 32 (heads of 32 dims), got {args.llm_hidden}")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if not 0.0 <= args.clutter_fraction <= 1.0:
         parser.error(f"--clutter-fraction must lie in [0, 1], got {args.clutter_fraction}")
     families = ("basic", "clutter") if args.clutter_fraction > 0 else ("basic",)
