@@ -598,6 +598,22 @@ class Method:
 _REGISTRY: dict[str, Callable[..., Method]] = {}
 
 
+class InTowerMethod(Method):
+    """A method that reduces tokens between the vision tower's layers (models/tower_loop.py): the adapter runs the
+    tower with the method's ``reducer(budget, num_patches, depth, prefix)``; there are no finished features to
+    select from, so ``select_batch`` refuses. ``tower_verb`` says what it does there ("prunes", "merges")."""
+
+    in_tower = True
+    needs = frozenset()  # no after-tower signal: everything happens inside the tower
+    tower_verb: ClassVar[str] = "reduces tokens"
+
+    def select_batch(self, signals: "Signals", budget: Budget) -> "list[Selection]":
+        raise VTCError(
+            f"{self.name} {self.tower_verb} inside the vision tower, so it cannot select from finished features: run it "
+            "through a model (vtc run, Pipeline) on LLaVA-1.5"
+        )
+
+
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: ``@register("prumerge")`` makes the method available by name."""
 

@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Budget, Method, Selection, Signals, VTCError, register
+from .base import Budget, InTowerMethod, VTCError, register
 from .primitives import mask_indices, top_k_mask
 
 # ----------------------------------------------------------------------------- one layer's signals
@@ -182,11 +182,10 @@ class FlowCutReducer:
 
 
 @register("flowcut")
-class FlowCut(Method):
+class FlowCut(InTowerMethod):
     """FlowCut: patches pruned progressively inside the vision tower by cumulative information flow (Tong et al. 2025)."""
 
-    in_tower = True  # the adapter runs the tower with ``reducer`` (models/tower_loop.py)
-    needs = frozenset()  # no after-tower signal: everything happens inside the tower
+    tower_verb = "prunes"
     paper = "arXiv:2505.19536 (NeurIPS 2025)"
     code = "https://github.com/TungChintao/FlowCut (Apache-2.0)"
     tower_note = "every layer to the feature layer, CLS q/k and values (all heads)"
@@ -206,9 +205,3 @@ class FlowCut(Method):
         budget = Budget.parse(budget)
         self.check_budget(budget, num_patches)
         return FlowCutReducer(budget.tokens(num_patches), depth)
-
-    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
-        raise VTCError(
-            "flowcut prunes inside the vision tower, so it cannot select from finished features: run it "
-            "through a model (vtc run, Pipeline) on LLaVA-1.5"
-        )

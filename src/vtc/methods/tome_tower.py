@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from .base import Budget, Method, Selection, Signals, VTCError, register
+from .base import Budget, InTowerMethod, VTCError, register
 from .merging import bipartite_match
 
 
@@ -92,11 +92,10 @@ class ToMeReducer:
 
 
 @register("tome_tower")
-class ToMeTower(Method):
+class ToMeTower(InTowerMethod):
     """ToMe inside the vision tower: r merges in every CLIP layer, proportional attention (Bolya et al. 2023)."""
 
-    in_tower = True  # the adapter runs the tower with ``reducer`` (models/tower_loop.py)
-    needs = frozenset()  # no after-tower signal: everything happens inside the tower
+    tower_verb = "merges"
     paper = "arXiv:2210.09461 (ICLR 2023)"
     code = "https://github.com/facebookresearch/ToMe (CC-BY-NC 4.0: implemented from the paper)"
     pairwise = True  # bipartite scores: (T/2) x (T/2) similarities per layer
@@ -115,9 +114,3 @@ class ToMeTower(Method):
         self.check_budget(budget, num_patches)
         schedule = merge_schedule(num_patches, budget.tokens(num_patches), depth)
         return ToMeReducer(schedule, prefix, self.proportional)
-
-    def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
-        raise VTCError(
-            "tome_tower merges inside the vision tower, so it cannot select from finished features: run it "
-            "through a model (vtc run, Pipeline) on LLaVA-1.5"
-        )
