@@ -91,7 +91,7 @@ def same_output(new: Method, old: Method, shape: Shape, budget: Budget) -> bool:
     )
 
 
-def floor_product(name: str, method: Method, shape: Shape, tokens: float) -> tuple[int, int, int] | None:
+def floor_product(name: str, method: Method, shape: Shape, tokens: float, budget: Budget) -> tuple[int, int, int] | None:
     """(m, n, d) of the one matrix product ``name``'s selection cannot do without, or None."""
     n = shape.num_candidates
     space = getattr(method, "space", "features")
@@ -102,7 +102,15 @@ def floor_product(name: str, method: Method, shape: Shape, tokens: float) -> tup
         return n, n, shape.vision_width
     if name in ("prumerge", "prumerge+"):  # each kept token against every patch's key
         return max(1, round(tokens)), n, shape.vision_width
+    if name == "recoverable":  # each merge centre's key against every patch's key (its nearness ranking)
+        return max(1, centre_count(method, shape, budget)), n, shape.vision_width
     return None
+
+
+def centre_count(method: Method, shape: Shape, budget: Budget) -> int:
+    """How many merge centres Recoverable Compression picks on one random LLaVA-shaped image at ``budget``."""
+    (selection,) = method.select(random_signals(method, shape, 1, seed=1), budget)
+    return len(selection.info.get("centres", []))
 
 
 def product_ms_per_image(m: int, n: int, d: int, batches: list[int], reps: int) -> dict[int, float]:
@@ -173,7 +181,7 @@ def main() -> None:
             gpu = gpu_request_ms(request_cost(shape, round(new.tokens), TEXT_TOKENS))["prefill_ms"]
             shares = "".join(f"{100 * v / gpu:>7.1f}%" for v in new.ms_per_image.values())
             print(f"{name:<16}{str(budget):>7}{new.tokens:>7.1f}  {ms_cells(new.ms_per_image)}  {gpu:>6.1f}  {shares}", flush=True)
-            product = floor_product(name, method, shape, new.tokens) if args.floors else None
+            product = floor_product(name, method, shape, new.tokens, budget) if args.floors else None
             if product is not None:
                 floor = product_ms_per_image(*product, batches, args.reps)
                 share = "".join(f"{100 * floor[b] / new.ms_per_image[b]:>7.0f}%" for b in batches)

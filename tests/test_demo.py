@@ -121,7 +121,10 @@ def test_training_command_is_reproducible(tmp_path):
     assert widths == {64} and {v.shape[1] for k, v in a.items() if k.endswith("embed_tokens.weight")} == {128}
 
 
-@pytest.mark.parametrize("args, message", [(["--llm-hidden", "100"], "multiple of 32"), (["--threads", "0"], "at least 1")])
+@pytest.mark.parametrize("args, message", [
+    (["--llm-hidden", "100"], "multiple of 32"), (["--threads", "0"], "at least 1"),
+    (["--attend-layer", "3"], "0..2"), (["--attend", "-1"], "--attend must be >= 0"),
+])
 def test_training_command_refuses_bad_sizes(args, message, capsys):
     from vtc.demo.train import main
 

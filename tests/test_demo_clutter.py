@@ -185,11 +185,15 @@ def test_minimal_pairs_and_vocabularies():
     items = make_sample(12_000_003).objects
     for r in range(10):  # "yes" names the drawn shape, "no" another shape of the same (once-only) colour
         exists = clutter_contrast_questions(items, "exists_by_attrs", random.Random(r))
-        (color, yes_shape), (color_no, no_shape) = [q.split()[4:6] for q, _ in exists]
-        (drawn,) = [o.shape for o in items if o.kind == "small" and o.color == color]
-        assert [a for _, a in exists] == ["yes", "no"] and color == color_no and yes_shape == drawn != no_shape
+        (color, yes_shape), (color_no, no_shape) = [q.split()[4:6] for q, _, _ in exists]
+        (drawn,) = [i for i, o in enumerate(items) if o.kind == "small" and o.color == color]
+        assert [a for _, a, _ in exists] == ["yes", "no"] and color == color_no and yes_shape == items[drawn].shape != no_shape
+        assert [t for _, _, t in exists] == [[drawn], [drawn]]  # both answers depend on the one shape of that colour
+        for q, a, (t,) in clutter_contrast_questions(items, "shape_by_color", random.Random(r)):
+            assert items[t].kind == "small" and items[t].shape == a and f" {items[t].color} " in q
     signs = clutter_contrast_questions(items, "text_by_position", random.Random(0))
-    assert sorted(a for _, a in signs) == sorted(o.word for o in items if o.kind == "sign") and signs[0][0] != signs[1][0]
+    assert sorted(a for _, a, _ in signs) == sorted(o.word for o in items if o.kind == "sign") and signs[0][0] != signs[1][0]
+    assert all(items[t].word == a for _, a, (t,) in signs)
     assert vocabulary(["basic"]) == scenes.VOCAB  # the basic recipe keeps its tokenizer
     both = vocabulary(["basic", "clutter"])
     assert both[: len(scenes.VOCAB)] == scenes.VOCAB and set(scenes_v2.EXTRA_VOCAB) <= set(both)
@@ -200,3 +204,36 @@ def test_minimal_pairs_and_vocabularies():
 
     assert checkpoint_families(Pipe(scenes.VOCAB)) == ("basic",)
     assert checkpoint_families(Pipe(both)) == ("basic", "clutter")
+
+
+def test_attention_focus_targets_point_at_the_answer_cells_and_the_loss_is_their_attention_mass():
+    """make_batch's focus rows: the position that predicts the answer's first token, and the sequence positions of
+    the answer cells' image tokens; focus_loss is -log of head 0's attention mass there (a hand-made case)."""
+    import torch
+
+    from vtc.demo import train
+    from vtc.demo.families import vocabulary
+    from vtc.testing import word_tokenizer
+
+    tokenizer = word_tokenizer(words=vocabulary(["basic", "clutter"]))
+    clip = train.build_clip(word_tokenizer(words=vocabulary(["basic", "clutter"]), model_max_length=16, add_eos=True))
+    llava = train.build_llava(clip, tokenizer, layers=2, hidden=64)
+    feats = torch.randn(2, GRID * GRID, 128)
+    pairs = [(0, "what is there ?", "big red circle"), (1, "what shape is the small red object ?", "circle", [5, 6, 20])]
+    x, mask, y, focus = train.make_batch(llava, tokenizer, feats, pairs, None, False, torch.Generator())
+    ((row, query, positions),) = focus  # only the pair with answer cells
+    assert row == 1 and y[1, query] == -100 and y[1, query + 1] == tokenizer.convert_tokens_to_ids("circle")
+    projected = llava.model.multi_modal_projector(feats[1])
+    assert torch.allclose(x[1, positions], projected[[5, 6, 20]])
+    assert not train.make_batch(llava, tokenizer, feats, pairs, 50, False, torch.Generator())[3]  # subsets: no focus
+
+    attention = torch.zeros(2, 2, 6, 6)
+    attention[1, 0, 4] = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25, 0.0])
+    attention[1, 1, 4] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # other heads are not taught
+    assert torch.isclose(train.focus_loss(attention, [(1, 4, [1, 3])]), -torch.log(torch.tensor(0.35)))
+    # the training loss returns it from the named layer's attention (eager), and None without focus rows
+    llava.model.language_model.set_attn_implementation("eager")
+    loss, attend = train.lm_loss(llava, x, mask, y, focus, attend_layer=1)
+    layer = llava.model.language_model(inputs_embeds=x, attention_mask=mask, output_attentions=True).attentions[1]
+    assert attend is not None and torch.isclose(attend, -layer[1, 0, query, positions].sum().log())
+    assert train.lm_loss(llava, x, mask, y, [], attend_layer=1)[1] is None
