@@ -182,3 +182,34 @@ def test_llava_onevision_7b_tokens_from_its_processor_and_flops_from_the_counter
 
     assert counted(prefill) == pytest.approx(cost["prefill_flops"], rel=1e-9)
     assert kv_cache_bytes(s, 3763) == 2 * 28 * 3763 * 512 * 2
+
+
+def test_a_tower_that_shrinks_inside_is_charged_per_layer_as_torch_counts_it(eager_tiny):
+    """In-tower methods: each layer's attention and MLP are charged the tokens they ran on (TowerState.layer_tokens),
+    which equals torch's count of the loop's forward; at full size every layer gives the stock tower's count."""
+    from vtc.models.tower_loop import Reduction, run_tower
+
+    s = Shape.from_config(eager_tiny.config)
+    tower = eager_tiny.model.vision_tower  # CLIPVisionModel in transformers 5: embeddings, pre_layrnorm, encoder
+    hidden = tower.pre_layrnorm(tower.embeddings(torch.randn(1, 3, s.image_size, s.image_size)))
+    heads = eager_tiny.config.vision_config.num_attention_heads
+
+    class DropTwo:  # drops the last two tokens in every layer (no arithmetic of its own)
+        size_bias = False
+
+        def __init__(self, stage):
+            self.stage = stage
+
+        def __call__(self, view):
+            return Reduction(torch.arange(view.hidden.shape[1] - 2).expand(view.hidden.shape[0], -1))
+
+    n = s.tower_patches + s.cls_tokens
+    for stage in ("attention", "layer"):
+        state = {}
+        flops = counted(lambda: state.update(out=run_tower(tower.encoder.layers, hidden, DropTwo(stage), 1, heads)))
+        tokens = state["out"].layer_tokens
+        after = n - 2 if stage == "attention" else n  # ToMe's place: the MLP already runs on fewer tokens
+        assert tokens[0] == (n, after) and tokens[1][0] == n - 2 and len(tokens) == s.vision_layers
+        assert flops == pytest.approx(vision_flops(s, layer_tokens=tokens) - vision_flops(s, layers=0), rel=1e-9)
+    assert vision_flops(s, layer_tokens=[(n, n)] * s.vision_layers) == pytest.approx(vision_flops(s), rel=1e-12)
+    assert request_cost(s, 4, 6, tower_layer_tokens=tokens)["vision_flops"] == vision_flops(s, layer_tokens=tokens)

@@ -526,3 +526,24 @@ def test_flops_curve_runs_from_a_twentieth_of_the_tokens_to_all_and_falls_with_t
     inv = [1 / r for r in ratios]
     slope = (inv[-1] - inv[0]) / (tokens[-1] - tokens[0])
     assert all(abs(inv[0] + slope * (t - tokens[0]) - v) < 0.01 for t, v in zip(tokens, inv))
+
+
+def test_in_tower_methods_are_charged_the_tower_they_run(bench):
+    """ToMe inside the tower and FlowCut: timed end to end (no selection alone), their FLOPs ratio counting the smaller
+    tower from the per-layer token counts the adapter reports; --cost-only skips them with the reason."""
+    from vtc.cost import request_cost
+
+    _, results = run_speed(["tome_tower", "flowcut"], ["5"], 4, 1, 6, 2, bench=bench)
+    by = {r["method"]: r for r in results}
+    full = request_cost(bench.shape, 16, 6)["total_prefill_flops"]
+    for name in ("tome_tower", "flowcut"):
+        row = by[name]
+        selections, _ = bench.adapter.compress(bench.inputs, get(name), Budget.parse(5), None)
+        counts = selections[0].info["tower_layer_tokens"]
+        assert len(counts) == bench.adapter.feature_index and counts[0][0] == 17 and min(counts[-1]) < 17
+        assert row["tokens"] == 5 and row["select_ms_per_image"] == {}
+        shrunk = request_cost(bench.shape, 5, 6, tower_layer_tokens=counts)["total_prefill_flops"]
+        assert row["flops_ratio"] == round(full / shrunk, 3)
+        assert row["flops_ratio"] > round(full / request_cost(bench.shape, 5, 6)["total_prefill_flops"], 3)
+    rows, skipped = speed.cost_rows(["tome_tower"], ["5"], bench.shape, 6, select_batches=(1,), reps=1)
+    assert [r["method"] for r in rows] == ["none"] and "time it without --cost-only" in skipped[0]

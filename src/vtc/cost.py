@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .methods.base import VTCError
+
 
 def is_native(config) -> bool:
     """True for a native-resolution family's config (Qwen2-VL, Qwen2.5-VL: an image is its own patch grid, merged)."""
@@ -161,13 +163,21 @@ def attention_pairs(s: Shape, layer: int) -> int:
     return sum(a * a for a in rows) * sum(b * b for b in cols)
 
 
-def vision_flops(s: Shape, layers: int | None = None) -> float:
+def vision_flops(s: Shape, layers: int | None = None, layer_tokens: list | None = None) -> float:
     """Patch embedding + ``layers`` (default all) encoder layers on CLS + N patches, once per crop.
 
     Per layer: q, k, v, o projections 4nd^2, scores and weighted sum 2d per query-key pair
-    (``attention_pairs``: windows where the tower uses them), the MLP's two or three matrices."""
+    (``attention_pairs``: windows where the tower uses them), the MLP's two or three matrices.
+    ``layer_tokens``: a tower that shrinks inside (an in-tower method, ``TowerState.layer_tokens``): per layer
+    run, the tokens (CLS included) its attention and its MLP saw; only those layers are counted."""
     n, d = s.tower_patches + s.cls_tokens, s.vision_width
     embed = s.tower_patches * 3 * s.temporal_patch * s.patch_size**2 * d
+    if layer_tokens is not None:
+        if s.window or s.crops != 1:
+            raise VTCError("per-layer token counts are modelled for one full-attention tower forward only")
+        mlp = s.vision_mlp_matrices * d * s.vision_mlp
+        layers_cost = sum(4 * a * d * d + 2 * a * a * d + m * mlp for a, m in layer_tokens)
+        return 2.0 * (embed + layers_cost)
     depth = s.vision_layers if layers is None else layers
     dense = 4 * n * d * d + s.vision_mlp_matrices * n * d * s.vision_mlp
     attention = sum(2 * attention_pairs(s, layer) * d for layer in range(depth))
@@ -207,14 +217,15 @@ def kv_cache_bytes(s: Shape, tokens: int, bytes_per_value: int = 2) -> int:
 
 def request_cost(
     s: Shape, image_tokens: int, text_tokens: int, bytes_per_value: int = 2, vision_layers: int | None = None,
-    projected_tokens: int | None = None,
+    projected_tokens: int | None = None, tower_layer_tokens: list | None = None,
 ) -> dict:
     """Costs of one request: vision tower on N patches, projector and prefill on the kept image tokens.
 
     ``projected_tokens``: the image tokens the projector makes (default all; a tiled family's
-    newline tokens are learned embeddings, not projected)."""
+    newline tokens are learned embeddings, not projected). ``tower_layer_tokens``: an in-tower method's
+    per-layer token counts (``vision_flops``)."""
     tokens = image_tokens + text_tokens
-    vision = vision_flops(s, vision_layers)
+    vision = vision_flops(s, vision_layers, tower_layer_tokens)
     projector = projector_flops(s, image_tokens if projected_tokens is None else projected_tokens)
     prefill = prefill_flops(s, tokens)
     return {

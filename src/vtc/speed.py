@@ -83,6 +83,7 @@ class Sample:
     peak_bytes: int
     tokens: float  # image tokens sent to the LLM, newlines included (in-LLM methods: averaged over the layers)
     newlines: int = 0  # of those, layout tokens the projector does not make (LLaVA-NeXT's newline rows)
+    tower_layer_tokens: list | None = None  # an in-tower method: tokens per tower layer (attention, MLP); None: all
 
 
 @dataclass
@@ -514,7 +515,7 @@ class SpeedBench:
         finally:
             clock.remove()
         return Sample(tower, timings["signals_ms"], timings["select_ms"], project_ms, prefill_ms, layers_ms, decode, decode_layers,
-                      kv_bytes, peak["peak"], tokens, newlines)
+                      kv_bytes, peak["peak"], tokens, newlines, (selections[0].info or {}).get("tower_layer_tokens"))
 
     def in_llm_plan(self, method, budget: Budget, n: int | None = None) -> list:
         """The in-LLM method's full-depth plan on ``n`` image tokens (default all of this image's); refused when
@@ -632,7 +633,8 @@ def summarise_rows(
         e2e_all = [e2e(x, row) for x in s]
         own = [x.signals_ms - stock_tower + x.select_ms for x in s]  # what the method adds to the stock tower
         newlines = med(x.newlines for x in s)
-        cost = request_cost(shape, round(tokens), text_tokens, projected_tokens=round(tokens - newlines))
+        cost = request_cost(shape, round(tokens), text_tokens, projected_tokens=round(tokens - newlines),
+                            tower_layer_tokens=s[0].tower_layer_tokens)  # in-tower: every run shrinks the tower alike
         if row.stages:  # in-LLM: the LLM prefill sees N image tokens (VScan: its vision stage's) until the first stage
             entering = row.llm_input or full_tokens
             cost = staged_cost(shape, entering, row.stages, text_tokens,
@@ -871,6 +873,8 @@ def cost_rows(
                 stages = [(st.layer, st.keep) for st in plan]
                 cost = staged_cost(shape, n, stages, text_tokens, projected_tokens=shape.num_candidates)
                 out.append(row(name, budget, average_tokens(plan, n, shape.llm_layers), shape.newlines, cost, stages))
+            elif getattr(method, "in_tower", False):
+                skipped.append(f"{label}: its tower FLOPs follow the tokens each tower layer keeps; time it without --cost-only")
             elif not times_selection(method) or (shape.crops > 1 and method.spatial):
                 if name != "none":
                     skipped.append(f"{label}: no selection on all candidates to time without the model")

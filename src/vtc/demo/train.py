@@ -367,10 +367,11 @@ def make_batch(llava, tokenizer, feats, pairs, keep: int | None, add_mean: bool,
 
 def lm_loss(llava, x, mask, y, focus=(), attend_layer: int | None = None):
     """Next-token loss on the answers; with ``attend_layer`` also the attention-focus loss on ``focus``."""
-    out = llava.model.language_model(inputs_embeds=x, attention_mask=mask, output_attentions=attend_layer is not None)
+    attend = attend_layer is not None and bool(focus)
+    out = llava.model.language_model(inputs_embeds=x, attention_mask=mask, output_attentions=attend)
     logits = llava.lm_head(out.last_hidden_state[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
-    if attend_layer is None or not focus:
+    if not attend:
         return loss, None
     return loss, focus_loss(out.attentions[attend_layer], focus)
 

@@ -297,7 +297,8 @@ class LlavaAdapter(Family):
         )
         selections, select_ms = timed(state.selections)
         for selection in selections:  # what the reducer chose for the whole batch (ToMe: r per layer)
-            selection.info = {**(selection.info or {}), **getattr(reducer, "info", {})}
+            selection.info = {**(selection.info or {}), **getattr(reducer, "info", {}),
+                              "tower_layer_tokens": [list(t) for t in state.layer_tokens]}
         if any(s.num_tokens != budget.tokens(self.num_patches) for s in selections):
             raise VTCError(f"'{method.name}' ended with {selections[0].num_tokens} tokens, not the budget's "
                            f"{budget.tokens(self.num_patches)}")

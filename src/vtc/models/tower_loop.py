@@ -62,7 +62,7 @@ its own ``keep``, and ``Reduction(keep=cat([0], 1 + kept positions in order))``.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -121,6 +121,8 @@ class TowerState:
     size: torch.Tensor
     place: torch.Tensor
     prefix: int
+    # per layer run, the tokens (prefix included) its attention and its MLP saw: what the tower's FLOPs follow
+    layer_tokens: list[tuple[int, int]] = field(default_factory=list)
 
     def bias(self, on: bool) -> torch.Tensor | None:
         """log(size) as an additive attention mask (B, 1, 1, T), or None when off or every size is 1."""
@@ -247,19 +249,23 @@ def run_tower(layers, hidden: torch.Tensor, reducer: Reducer | None, prefix: int
     stage = None if reducer is None else reducer.stage
     if stage not in (None, "attention", "layer"):
         raise VTCError(f"reducer stage must be 'attention' or 'layer', got {stage!r}")
+    layer_tokens = []
     with _capture_qkv(layers) as qkv:
         for index, layer in enumerate(layers):
             bias = state.bias(size_bias)
             x = state.hidden
+            attention_tokens = x.shape[1]
             attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(x), attention_mask=bias)
             x = x + attended
             if stage == "attention":
                 state = _step(reducer, state, x, qkv, bias, index, len(layers), num_heads)
                 x = state.hidden
+            layer_tokens.append((attention_tokens, x.shape[1]))
             x = x + layer.mlp(layer.layer_norm2(x))
             state.hidden = x
             if stage == "layer":
                 state = _step(reducer, state, x, qkv, bias, index, len(layers), num_heads)
+    state.layer_tokens = layer_tokens
     return state
 
 
