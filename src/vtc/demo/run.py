@@ -31,7 +31,9 @@ DEMO_RUNS = [
     ("vscan@10%", "vscan", 0.1),
     ("holov@10%", "holov", 0.1),
     ("visiontrim@10%", "visiontrim", 0.1),
-    ("flowcut@10%", "flowcut", 0.1),  # prunes inside the tower's layers (tome_tower cannot reach 20 tokens in the 3 layers run)
+    ("flowcut@10%", "flowcut", 0.1),  # prunes inside the tower's layers
+    # merges at most half the tokens in each of the 3 tower layers run: 25 of 196 (12.8%) is as low as it goes
+    ("tome_tower@25", "tome_tower", 25),
 ]
 
 MAP_COLUMNS = ["recoverable", "recoverable@10%", "prumerge@10%", "fastervlm@10%", "visionzip@10%", "pool@10%"]
