@@ -18,7 +18,8 @@ and that costs more than most methods' arithmetic (``--fresh-pages`` shows it). 
 
 ``--floors`` also times, for the methods built on one large matrix product, that product alone (a batched
 matmul of the same shape, same batch, same run): the part of the method's time that no rewrite of the
-selection logic removes on this machine; the rest is what is left to optimise.
+selection logic removes on this machine; the rest is what is left to optimise. For the methods that fold
+every patch into a weighted sum (EViT, VisionZip) it is that sum: every feature row read once.
 
 ``--compare-naive`` also times the frozen per-image implementations in tests/naive/ (the
 code before issue 21's batching) in the same run, for the methods that have one there
@@ -102,6 +103,8 @@ def floor_product(name: str, method: Method, shape: Shape, tokens: float, budget
         return n, n, shape.vision_width
     if name in ("prumerge", "prumerge+"):  # each kept token against every patch's key
         return max(1, round(tokens)), n, shape.vision_width
+    if name in ("evit", "visionzip"):  # one weighted sum over every patch's feature row: the features read once
+        return 1, shape.feature_width, n
     if name == "recoverable":  # each merge centre's key against every patch's key (its nearness ranking)
         return max(1, centre_count(method, shape, budget)), n, shape.vision_width
     return None
