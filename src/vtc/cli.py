@@ -332,7 +332,8 @@ SPEED_COLUMNS = [  # (header, cell) per column; two-line headers keep the table 
 SPEED_LEGEND = (
     "prefill ms: end-to-end prefill (vision tower, selection, projector, LLM); speed-up and FLOPs ratio: vs full "
     "tokens; vs FLOPs: speed-up / FLOPs ratio; own cost: the method's time beyond the stock tower, in % of the "
-    "full-token prefill (below 0 for in-tower methods, whose tower shrinks; the FLOPs ratio counts it too); decode ms per token and KV cache (MB, fp16) of the full-depth model (32 layers; Qwen2-7B 28)."
+    "full-token prefill (below 0 for in-tower methods, whose tower shrinks; the FLOPs ratio counts it too); decode "
+    "ms per token and KV cache (MB, fp16) of the full-depth model (32 layers; Qwen2-7B 28)."
 )
 COST_COLUMNS = [
     ("method", lambda r: r["method"]),
