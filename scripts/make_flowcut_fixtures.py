@@ -155,19 +155,9 @@ def step_cases(ns: dict) -> list[dict]:
 def tiny_tower() -> nn.Module:
     """The seeded tiny CLIP vision tower; its q/k projections are scaled so the CLS attention is peaked.
     tests/test_flowcut.py builds the same one (and checks the fingerprint stored with the cases)."""
-    from transformers import CLIPVisionModel
+    from vtc.testing import sharpened_clip_tower
 
-    from vtc.testing import clip_configs
-
-    _, config = clip_configs(image_size=TOWER["image_size"], patch_size=TOWER["patch_size"], hidden=TOWER["hidden"],
-                             layers=TOWER["layers"], heads=TOWER["heads"])
-    torch.manual_seed(TOWER["seed"])
-    tower = CLIPVisionModel(config).eval()
-    with torch.no_grad():
-        for layer in tower.encoder.layers:
-            layer.self_attn.q_proj.weight.mul_(TOWER["sharpen"])
-            layer.self_attn.k_proj.weight.mul_(TOWER["sharpen"])
-    return tower
+    return sharpened_clip_tower(**TOWER)
 
 
 def tower_pixels(seed: int) -> torch.Tensor:

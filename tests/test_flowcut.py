@@ -198,19 +198,9 @@ def test_odd_layers_score_without_pruning_and_the_last_step_reaches_the_target()
 
 def fixture_tower():
     """The fixture script's seeded tiny CLIP tower (q/k projections sharpened), rebuilt and fingerprinted."""
-    from transformers import CLIPVisionModel
+    from vtc.testing import sharpened_clip_tower
 
-    from vtc.testing import clip_configs
-
-    spec = FIXTURES["tower_config"]
-    _, config = clip_configs(image_size=spec["image_size"], patch_size=spec["patch_size"], hidden=spec["hidden"],
-                             layers=spec["layers"], heads=spec["heads"])
-    torch.manual_seed(spec["seed"])
-    tower = CLIPVisionModel(config).eval()
-    with torch.no_grad():
-        for layer in tower.encoder.layers:
-            layer.self_attn.q_proj.weight.mul_(spec["sharpen"])
-            layer.self_attn.k_proj.weight.mul_(spec["sharpen"])
+    tower = sharpened_clip_tower(**FIXTURES["tower_config"])
     assert float(sum(p.detach().double().sum() for p in tower.parameters())) == pytest.approx(FIXTURES["fingerprint"], abs=1e-6)
     return tower
 

@@ -67,6 +67,22 @@ def clip_configs(image_size=32, patch_size=8, hidden=32, layers=3, heads=4, proj
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection), vision
 
 
+def sharpened_clip_tower(image_size: int, patch_size: int, hidden: int, layers: int, heads: int, seed: int, sharpen: float):
+    """A seeded tiny CLIP vision tower whose q/k projections are scaled by ``sharpen``, so its CLS attention is
+    peaked (FlowCut's parity fixtures: scripts/make_flowcut_fixtures.py builds it, tests/test_flowcut.py rebuilds it)."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    _, config = clip_configs(image_size=image_size, patch_size=patch_size, hidden=hidden, layers=layers, heads=heads)
+    torch.manual_seed(seed)
+    tower = CLIPVisionModel(config).eval()
+    with torch.no_grad():
+        for layer in tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    return tower
+
+
 def tiny_parts(image_size: int, patch_size: int, vision_layers: int, text_layers: int, max_positions: int):
     """The word tokenizer, a tiny CLIP vision config and a tiny Llama config that fit each other."""
     from transformers import LlamaConfig
