@@ -371,11 +371,11 @@ def make_batch(llava, tokenizer, feats, pairs, keep: int | None, add_mean: bool,
 
 def lm_loss(llava, x, mask, y, focus=(), attend_layer: int | None = None):
     """Next-token loss on the answers; with ``attend_layer`` also the attention-focus loss on ``focus``."""
-    attend = attend_layer is not None and bool(focus)
-    out = llava.model.language_model(inputs_embeds=x, attention_mask=mask, output_attentions=attend)
+    wants_attention = attend_layer is not None and bool(focus)
+    out = llava.model.language_model(inputs_embeds=x, attention_mask=mask, output_attentions=wants_attention)
     logits = llava.lm_head(out.last_hidden_state[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
-    if not attend:
+    if not wants_attention:
         return loss, None
     return loss, focus_loss(out.attentions[attend_layer], focus)
 
