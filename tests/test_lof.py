@@ -284,3 +284,28 @@ def test_brute_force_rows_beside_long_rows_keep_scikit_learns_rounded_distances(
     rows = [1000.0 + rng.normal(size=s) * 1e-2 for s in (2 * k + 1, 2 * k, k + 1, 2 * k + 1)]
     rows += [rng.normal(size=300), rng.normal(size=3 * k)]
     assert_rows_equal_sklearn(rows, k, torch.float64)
+
+
+@pytest.mark.parametrize("sizes", [(300, 250, 576), (30, 35, 41), (30, 300, 41), (8, 8, 8), (8, 300, 2)])
+def test_uniform_batches_take_the_shortcut_with_the_per_row_result(sizes, monkeypatch):
+    """On the CPU a masked batch whose rows share k (and the algorithm) is computed as one k, one algorithm;
+    the per-row computation (the accelerator's path) gives the same factors bit for bit: all KD-tree rows, all
+    brute-force rows, one k with both algorithms, a k under n_neighbors, and rows that differ in k."""
+    import vtc.methods.lof as lof
+
+    rng = np.random.default_rng(sum(sizes))
+    width = max(sizes)
+    scores = torch.from_numpy(rng.normal(size=(len(sizes), width)))
+    valid = torch.zeros(len(sizes), width, dtype=torch.bool)
+    for b, size in enumerate(sizes):
+        valid[b, torch.from_numpy(rng.permutation(width)[:size])] = True
+    for dtype in (torch.float32, torch.float64):
+        shortcut = local_outlier_factors(scores, 20, valid, dtype)
+        monkeypatch.setattr(lof, "_uniform", lambda k, brute: (k, brute))
+        per_row = local_outlier_factors(scores, 20, valid, dtype)
+        monkeypatch.undo()
+        torch.testing.assert_close(shortcut, per_row, rtol=0, atol=0, equal_nan=True)
+        for b, size in enumerate(sizes):  # and both are scikit-learn's
+            if size >= 3:
+                _, expected = sklearn_lof(scores[b][valid[b]].numpy(), 20, dtype)
+                np.testing.assert_array_equal(shortcut[b][valid[b]].numpy(), expected)

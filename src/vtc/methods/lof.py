@@ -138,6 +138,9 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
     if masked:
         k = (count - 1).clamp(min=1, max=n_neighbors)  # scikit-learn's n_neighbors_ per row
         brute = (k >= count // 2).view(-1, 1, 1)
+        if scores.device.type == "cpu":  # reading sizes costs no synchronisation here: take the uniform path
+            k, brute = _uniform(k, brute)
+            width = k if isinstance(k, int) else width
     else:  # every row is a full row: one k, one algorithm
         k, brute = width, (True if width >= n // 2 else None)
     padded = _padded(ordered, width, torch.inf)
@@ -164,11 +167,21 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
         position[..., :head] = torch.where(rows, head_position, position[..., :head])
         head_distance = _brute_distance(ordered[:, :head], head_neighbour, dtype)
         distance[..., :head] = torch.where(rows, head_distance, distance[..., :head])
-    kth = distance[width - 1] if not masked else distance.gather(0, (k - 1).view(1, batch, 1).expand(1, batch, n))[0]
+    kth = distance[k - 1] if isinstance(k, int) else distance.gather(0, (k - 1).view(1, batch, 1).expand(1, batch, n))[0]
     reach = torch.maximum(distance, _at(_padded(kth, width, 0.0), position))
     lrd = 1.0 / (_mean(reach, k) + LRD_EPSILON)  # (B, n)
     factor = _mean(_at(_padded(lrd, width, 1.0), position) / lrd, k)
     return torch.empty_like(factor).scatter_(-1, order, factor), valid, count
+
+
+def _uniform(k: Tensor, brute: Tensor) -> tuple[Tensor | int, Tensor | bool | None]:
+    """Per-row neighbour counts and algorithms as one int / one algorithm (None: KD-tree, True: brute force)
+    where every row shares them, as in the full rows of a batch of same-size images; otherwise unchanged. The
+    uniform computation equals the per-row one (the same neighbours and sums) in a few hundred fewer operations."""
+    low, high = (int(v) for v in torch.aminmax(k))
+    brute_rows = int(brute.sum())
+    algorithm = None if brute_rows == 0 else True if brute_rows == brute.numel() else brute
+    return (low if low == high else k), algorithm
 
 
 def _brute_distance(ordered: Tensor, neighbour: Tensor, dtype: torch.dtype) -> Tensor:
