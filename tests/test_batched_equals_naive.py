@@ -134,3 +134,22 @@ def test_batched_text_recovery_under_auto_equals_its_per_image_reference(batch, 
     for seed in range(4):
         s = signals(batch, seed, ties=seed % 2 == 1)
         assert_same(new.select(s, "auto"), old.select(s, "auto"))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_keep_masks_are_the_methods_own_choice_at_each_count(ties):
+    """``Method.keep_masks`` (what ``X+text`` re-selects with) equals each method's own Selection at every
+    image's count, for every registered method that implements it."""
+    from vtc.methods import Budget, Method, available
+
+    s = signals(5, 11, ties)
+    counts = torch.tensor([1, 7, 20, N - 1, N])
+    vision_side = [name for name in available() if isinstance(get(name), Method)]
+    ranked = [name for name in vision_side if get(name).keep_masks(s, counts) is not None]
+    assert {"fastervlm", "fopru-rank"} <= set(ranked)
+    for name in ranked:
+        method = get(name)
+        masks = method.keep_masks(s, counts)
+        for b, count in enumerate(counts.tolist()):
+            (own,) = method.select(s.image(b), Budget("count", count))
+            assert masks[b].tolist() == (own.owner >= 0).tolist(), (name, count)

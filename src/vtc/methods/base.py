@@ -578,6 +578,13 @@ class Method:
             raise NotImplementedError(f"method '{self.name}' implements neither select_batch nor select_one")
         return self.select_batch(signals, budget)[0]
 
+    def keep_masks(self, signals: Signals, counts: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) bool: the patches this method keeps in image b at its own token count ``counts[b]``, in one
+        batched call; None (the default) for methods that do not keep the top of one fixed ranking. Pruning
+        methods whose choice at any count is a prefix of one ranking, and whose Selections carry no info,
+        override it; text recovery (``X+text``) then re-selects at per-image counts without a loop."""
+        return None
+
     def input_grid(self, budget: Budget, grid: tuple[int, int]) -> tuple[int, int] | None:
         """The patch grid to run the vision tower at, for methods that shrink the input image (else None)."""
         return None

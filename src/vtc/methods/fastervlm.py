@@ -22,7 +22,9 @@ Deliberate differences from the official code:
 from __future__ import annotations
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
-from .primitives import top_in_raster_order
+import torch
+
+from .primitives import top_in_raster_order, top_k_mask
 
 
 @register("fastervlm")
@@ -37,3 +39,6 @@ class FasterVLM(Method):
     def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
         kept = top_in_raster_order(signals.cls_attn, budget.tokens(signals.num_patches))
         return Selection.from_kept(signals.features, kept)
+
+    def keep_masks(self, signals: Signals, counts: torch.Tensor) -> torch.Tensor:
+        return top_k_mask(signals.cls_attn, counts)  # the same set as top_in_raster_order at each count

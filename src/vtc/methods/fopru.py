@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
-from .primitives import top_in_raster_order
+from .primitives import top_in_raster_order, top_k_mask
 
 
 def best_rows(significance: torch.Tensor, grid: tuple[int, int], total: int) -> torch.Tensor:
@@ -64,6 +64,9 @@ class FoPruRank(_FoPru):
     def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
         kept = top_in_raster_order(signals.received_attn, budget.tokens(signals.num_patches))
         return Selection.from_kept(signals.features, kept)
+
+    def keep_masks(self, signals: Signals, counts: torch.Tensor) -> torch.Tensor:
+        return top_k_mask(signals.received_attn, counts)  # the same set as top_in_raster_order at each count
 
 
 @register("fopru-row")

@@ -90,7 +90,7 @@ import torch
 
 from .base import AttentionSpec, Budget, Method, Origin, Selection, Signal, Signals, TextSpec, VTCError, register
 from .lof import lof_outlier_counts
-from .primitives import gather_rows, top_k_descending
+from .primitives import gather_rows, mask_indices, top_k_descending
 
 LOF_NEIGHBOURS = 20
 ORIGINAL_CENTRE_NEIGHBOURS = 10  # the published code sizes the centres with LOF's function default
@@ -428,7 +428,9 @@ class WithTextRecovery(Method):
     the base runs again with the remaining slots, so the total is exactly T.
     Kept and recovered patches go back in raster order; the base's merged tokens follow.
     The base runs on the whole batch; under a fixed budget, images whose recovery count
-    is not 0 run the base once more, alone, with their own remaining slot count.
+    is not 0 run the base once more, alone, with their own remaining slot count, except for
+    bases that keep a prefix of one ranking (``Method.keep_masks``: FasterVLM, FoPru rank),
+    which re-select the whole batch at per-image counts in one call.
     """
 
     def __init__(self, base: Method):
@@ -445,6 +447,12 @@ class WithTextRecovery(Method):
         self.text = base.text
 
     def select_batch(self, signals: Signals, budget: Budget) -> list[Selection]:
+        if not budget.is_auto:
+            total = budget.tokens(signals.num_patches)
+            everywhere = torch.full((signals.batch_size,), total, dtype=torch.long, device=signals.features.device)
+            masks = self.base.keep_masks(signals, everywhere)
+            if masks is not None:
+                return self._ranked_base(signals, total, masks)
         text, n = signals.text_sim, signals.num_patches
         first = self.base.select_batch(signals, budget)
         dropped = torch.stack([s.owner < 0 for s in first])
@@ -468,6 +476,22 @@ class WithTextRecovery(Method):
         recovered = top_mask(text, dropped, n_txt)
         r_list = r_t.tolist()
         return [self._with_recovered(signals.features[b], chosen[b], recovered[b], r_list[b]) for b in range(len(chosen))]
+
+    def _ranked_base(self, signals: Signals, total: int, kept: torch.Tensor) -> list[Selection]:
+        """The fixed-budget path for a base that keeps a prefix of one ranking (``Method.keep_masks``), batched:
+        the same LOF count against its T-token choice, its choice at T - c per image, the c recovered, and one
+        batched assembly (every image has T tokens). Equal to the general path below."""
+        text, n = signals.text_sim, signals.num_patches
+        outliers, _ = text_recovery(text, kept)
+        shared = scaled_count(torch.full_like(outliers, n - total), outliers, torch.full_like(outliers, n))
+        counts = shared.clamp(max=total - 1)
+        visual = self.base.keep_masks(signals, total - counts)
+        recovered = top_mask(text, ~visual, counts)
+        order = mask_indices(visual | recovered, total)
+        origin = torch.where(recovered.gather(1, order), int(Origin.RECOVERED), int(Origin.KEPT))
+        r_t = (outliers.double() / n).tolist()
+        infos = [{"r_t": r, "recovered": c} for r, c in zip(r_t, counts.tolist())]
+        return Selection.build_batch(signals.features, order, origin, info=infos)
 
     @staticmethod
     def _with_recovered(feats: torch.Tensor, base_sel: Selection, recovered: torch.Tensor, r_t: float) -> Selection:
