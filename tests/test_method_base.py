@@ -199,3 +199,22 @@ def test_a_method_implementing_neither_selection_hook_says_so_by_name():
     signals = Signals(features=torch.zeros(1, 4, 2), grid=(2, 2))
     with pytest.raises(NotImplementedError, match="'nothing-here' implements neither select_batch nor select_one"):
         Nothing().select(signals, 2)
+
+
+def test_from_partition_equals_build_with_kept_patches_then_merged_groups():
+    """A hand-worked partition of 7 patches into 4 tokens per image: kept patches 1 and 5 (raster order), then the
+    merged groups {0, 2, 3} and {4, 6}; a second image with other groups. Each image equals ``build``."""
+    feats = torch.randn(2, 7, 3)
+    owner = torch.tensor([[2, 0, 2, 2, 3, 1, 3], [2, 2, 0, 1, 3, 3, 3]])
+    sizes = torch.tensor([[1, 1, 3, 2], [1, 1, 2, 3]])
+    tokens = torch.randn(2, 4, 3)
+    out = Selection.from_partition(tokens, owner, sizes)
+    expected = [
+        Selection.build(feats[0], torch.tensor([1, 5]), merged_tokens=tokens[0, 2:], merged_sources=[torch.tensor([0, 2, 3]), torch.tensor([4, 6])]),
+        Selection.build(feats[1], torch.tensor([2, 3]), merged_tokens=tokens[1, 2:], merged_sources=[torch.tensor([0, 1]), torch.tensor([4, 5, 6])]),
+    ]
+    for got, want, image in zip(out, expected, range(2)):
+        assert torch.equal(got.tokens[2:], want.tokens[2:])
+        assert got.origin.tolist() == want.origin.tolist() == [0, 0, 2, 2]
+        assert got.owner.tolist() == want.owner.tolist() == owner[image].tolist()
+        assert [s.tolist() for s in got.sources] == [s.tolist() for s in want.sources]

@@ -451,6 +451,24 @@ class Selection:
         ]
 
     @classmethod
+    def from_partition(cls, tokens: torch.Tensor, owner: torch.Tensor, sizes: torch.Tensor) -> "list[Selection]":
+        """One Selection per image for methods that split every patch into exactly one output token (merging
+        methods with nothing dropped, e.g. ToMe): ``tokens`` (B, T, D) in output order, ``owner`` (B, N) the
+        output token of each patch, ``sizes`` (B, T) how many patches each token has. A one-patch token is a
+        kept patch, a larger one a merged token whose sources are its patches in raster order: equal to
+        ``build(features[b], kept, merged_tokens=..., merged_sources=...)`` when the kept tokens come first, in
+        raster order. The same shapes for every image, so the whole batch is a fixed number of operations."""
+        b, n = owner.shape
+        raster = torch.arange(n, device=owner.device).expand(b, n)
+        source_index = (owner * n + raster).sort(dim=-1).indices  # token after token, each one's patches ascending
+        sizes = sizes.to(torch.long)
+        origin = torch.where(sizes == 1, int(Origin.KEPT), int(Origin.MERGED))
+        return [
+            cls(tokens[i], origin[i], owner=owner[i], source_index=source_index[i], source_sizes=sizes[i])
+            for i in range(b)
+        ]
+
+    @classmethod
     def build(
         cls,
         features: torch.Tensor,

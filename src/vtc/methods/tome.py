@@ -120,20 +120,8 @@ class ToMe(Method):
             sums.index_add_(0, flat_place, feats.reshape(bsz * n, d).to(work))
             tokens = (sums.reshape(bsz, total, d) / size[..., None]).to(feats.dtype)
         raster = torch.arange(n, device=place.device).expand(bsz, n)
-        merged = size > 1
-        # merged tokens ordered by their first patch; single patches are kept, in raster order
+        # kept (one-patch) tokens first, in raster order, then merged tokens ordered by their first patch
         first = torch.full_like(size, n, dtype=torch.long).scatter_reduce_(1, place, raster, reduce="amin")
-        merged_order = torch.where(merged, first, n + first).sort(dim=-1)  # merged ones first, by first patch
-        rank = torch.empty_like(first).scatter_(1, merged_order.indices, torch.arange(total).expand(bsz, total))
-        patch_merged = merged.gather(1, place)
-        patch_key = torch.where(patch_merged, rank.gather(1, place) * n + raster, raster - n)
-        by_output = patch_key.sort(dim=-1).indices  # kept patches (raster), then each merged token's patches
-        sizes = torch.where(merged, size, 0).long().gather(1, merged_order.indices)
-        counts = torch.stack([merged.sum(dim=-1), (~patch_merged).sum(dim=-1)], dim=1).tolist()  # one host read
-        out = []
-        for i, (num_merged, num_kept) in enumerate(counts):
-            kept, merged_patches = by_output[i, :num_kept], by_output[i, num_kept:]
-            merged_tokens = tokens[i, merged_order.indices[i, :num_merged]] if num_merged else None
-            flat_sources = (merged_patches, sizes[i, :num_merged])
-            out.append(Selection.build(feats[i], kept, merged_tokens=merged_tokens, merged_sources=flat_sources))
-        return out
+        out_order = torch.where(size > 1, n + first, first).sort(dim=-1).indices  # (B, total): token at each slot
+        slot = torch.empty_like(out_order).scatter_(1, out_order, torch.arange(total, device=place.device).expand(bsz, total))
+        return Selection.from_partition(gather_rows(tokens, out_order), slot.gather(1, place), size.gather(1, out_order))
