@@ -4,7 +4,9 @@
 ``sklearn.neighbors.LocalOutlierFactor(n_neighbors=min(k, L - 1), contamination="auto")
 .fit_predict(row[valid].reshape(-1, 1))`` labels -1, L being the row's number of valid entries (rows with
 L < 3 have no outliers). It runs on the scores' device with tensor operations only: no numpy, no host
-synchronisation, no Python loop over rows or entries (the loops below run over the k neighbour ranks).
+synchronisation, no Python loop over rows or entries (the loops below run over the k neighbour ranks). On the
+CPU, where reading a value costs no synchronisation, a masked batch whose rows all share k and the algorithm
+takes the one-k path of full rows (``_uniform``; a few hundred operations fewer, the same numbers).
 
 What scikit-learn 1.9 computes, and how it is reproduced here
 -------------------------------------------------------------
