@@ -119,11 +119,17 @@ def test_training_command_is_reproducible(tmp_path):
     e = load_file(tmp_path / "e" / "llava" / "model.safetensors")
     widths = {v.shape[1] for k, v in e.items() if k.endswith("embed_tokens.weight")}
     assert widths == {64} and {v.shape[1] for k, v in a.items() if k.endswith("embed_tokens.weight")} == {128}
+    # --turns puts several questions in one sequence: other batches, other weights, still reproducible
+    for run in ("f", "g"):
+        main(["--out", str(tmp_path / run), "--seed", "3", "--clip", str(tmp_path / "a" / "clip"), "--turns", "3", *tiny])
+    f, g = (load_file(tmp_path / run / "llava" / "model.safetensors") for run in ("f", "g"))
+    assert all(torch.equal(f[k], g[k]) for k in f) and not all(torch.equal(a[k], f[k]) for k in a)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--llm-hidden", "100"], "multiple of 32"), (["--threads", "0"], "at least 1"),
     (["--attend-layer", "3"], "0..2"), (["--attend", "-1"], "--attend must be >= 0"),
+    (["--turns", "0"], "--turns must be at least 1"), (["--turns", "2", "--attend", "1"], "with --turns 1"),
 ])
 def test_training_command_refuses_bad_sizes(args, message, capsys):
     from vtc.demo.train import main

@@ -237,3 +237,40 @@ def test_attention_focus_targets_point_at_the_answer_cells_and_the_loss_is_their
     layer = llava.model.language_model(inputs_embeds=x, attention_mask=mask, output_attentions=True).attentions[1]
     assert attend is not None and torch.isclose(attend, -layer[1, 0, query, positions].sum().log())
     assert train.lm_loss(llava, x, mask, y, [], attend_layer=1)[1] is None
+
+
+def test_multi_turn_sequences_follow_the_chat_template_and_supervise_every_answer():
+    """make_batch on a conversation: the text around the image tokens is the chat template's rendering of the turns
+    (tokenised), and exactly each answer and its </s> are labelled; the first turn is the one-question sequence."""
+    import torch
+    from jinja2 import Template
+
+    from vtc.demo import train
+    from vtc.demo.families import vocabulary
+    from vtc.testing import CHAT_TEMPLATE, word_tokenizer
+
+    tokenizer = word_tokenizer(words=vocabulary(["basic", "clutter"]))
+    clip = train.build_clip(word_tokenizer(words=vocabulary(["basic", "clutter"]), model_max_length=16, add_eos=True))
+    llava = train.build_llava(clip, tokenizer, layers=1, hidden=64)
+    feats = torch.randn(1, GRID * GRID, 128)
+    turns = [("what shape is the small red object ?", "circle"), ("how many small blue shapes are there ?", "two"),
+             ("what is written left of the big square ?", "cat")]
+    x, mask, y, _ = train.make_batch(llava, tokenizer, feats, [(0, turns, None)], None, False, torch.Generator())
+    messages = []
+    for index, (question, answer) in enumerate(turns):
+        content = ([{"type": "image"}] if index == 0 else []) + [{"type": "text", "text": question}]
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    ids = tokenizer(Template(CHAT_TEMPLATE).render(messages=messages), add_special_tokens=False)["input_ids"]
+    image = ids.index(llava.config.image_token_id)
+    expected = ids[:image] + [-1] * (GRID * GRID) + ids[image + 1 :]  # -1: an image token
+    assert x.shape[1] == len(expected) and bool(mask.all())
+    embed = llava.model.language_model.embed_tokens
+    text = [p for p, t in enumerate(expected) if t >= 0]
+    assert torch.equal(x[0, text], embed(torch.tensor([expected[p] for p in text])))
+    eos = tokenizer.eos_token_id
+    answers = [tokenizer.convert_tokens_to_ids(a) for _, a in turns]
+    labelled = [(p, t) for p, t in enumerate(y[0].tolist()) if t != -100]
+    assert [t for _, t in labelled] == [t for a in answers for t in (a, eos)]
+    assert all(expected[p] == t for p, t in labelled)  # each label sits on its own token of the sequence
+    single = train.make_batch(llava, tokenizer, feats, [(0, *turns[0])], None, False, torch.Generator())
+    assert torch.equal(single[0][0], x[0, : single[0].shape[1]]) and torch.equal(single[2][0], y[0, : single[2].shape[1]])

@@ -344,6 +344,10 @@ def make_batch(llava, tokenizer, feats, pairs, keep: int | None, add_mean: bool,
     n = feats.shape[1]
     rows, labels, focus = [], [], []
     for idx, question, answer, *cells in pairs:
+        if isinstance(question, list):  # a conversation: (idx, [(question, answer), ...], None)
+            question, answer, more = question[0][0], question[0][1], question[1:]
+        else:
+            more = []
         f = feats[idx]
         if keep is not None:
             chosen = torch.randperm(n, generator=rng)[:keep].sort().values
@@ -355,9 +359,16 @@ def make_batch(llava, tokenizer, feats, pairs, keep: int | None, add_mean: bool,
         at = ids.index(image_id)
         ans = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         before = embed(torch.tensor(ids[:at]))
-        after = embed(torch.tensor(ids[at + 1 :] + ans))
+        label = [-100] * (at + img.shape[0] + len(ids) - at - 1) + ans
+        tail = ids[at + 1 :] + ans
+        for q, a in more:  # later turns, as the chat template writes them: USER: q ASSISTANT: a</s>
+            turn = tokenizer(f"USER: {q} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            reply = tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            tail += turn + reply
+            label += [-100] * len(turn) + reply
+        after = embed(torch.tensor(tail))
         rows.append(torch.cat([before, img, after]))
-        labels.append([-100] * (at + img.shape[0] + len(ids) - at - 1) + ans)
+        labels.append(label)
         if keep is None and cells and cells[0]:
             focus.append((len(rows) - 1, len(labels[-1]) - len(ans) - 1, [at + c for c in cells[0]]))
     width = max(r.shape[0] for r in rows)
@@ -461,7 +472,7 @@ CLUTTER_CONTRAST = ("exists_by_attrs", "text_by_position", "shape_by_color")
 
 def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch, seed, progress,
                 short_fraction=0.5, qtype_weights=(3, 3, 2, 1, 1), contrast=False, grounding=0.0,
-                clutter_weights=scenes_v2.QTYPE_WEIGHTS, attend=0.0, attend_layer=1, log=None):
+                clutter_weights=scenes_v2.QTYPE_WEIGHTS, attend=0.0, attend_layer=1, turns=1, log=None):
     gen = torch.Generator().manual_seed(seed)
     words = any(is_clutter(o) for o in objects)
     names = (COLORS, SHAPES, scenes_v2.WORDS) if words else (COLORS, SHAPES)
@@ -508,7 +519,21 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
         return [(i, "what is there ?", describe(objects[i]))]
 
     def vqa_pair():
+        return vqa_draw(rng.randrange(n_img))
+
+    def vqa_conversations():
+        """``turns`` questions on one image in one sequence (LLaVA's instruction data is multi-turn): every image
+        token pass then carries several answers. A minimal pair is never inside one conversation (its second
+        answer would follow from the first): the twins go to a second conversation, at the same turn, beside
+        the first conversation's other questions."""
         i = rng.randrange(n_img)
+        draws = [vqa_draw(i) for _ in range(turns)]
+        first = [(d[0][1], d[0][2]) for d in draws]  # draws hold (image, question, answer[, cells])
+        if all(len(d) == 1 for d in draws):
+            return [(i, first, None)]
+        return [(i, first, None), (i, [(d[-1][1], d[-1][2]) for d in draws], None)]
+
+    def vqa_draw(i):
         if is_clutter(objects[i]):
             qtype = rng.choices(scenes_v2.QTYPES, weights=clutter_weights)[0]
             if contrast and qtype in CLUTTER_CONTRAST:
@@ -531,7 +556,7 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
     params = list(projector.parameters()) + list(lm.parameters()) + list(llava.lm_head.parameters())
     if attend:  # the focus loss reads attention weights, which only the eager implementation returns
         lm.set_attn_implementation("eager")
-    run(tune_steps, params, "instruction tuning", vqa_pair, 1e-3)
+    run(tune_steps, params, "instruction tuning", vqa_pair if turns == 1 else vqa_conversations, 1e-3)
     lm.set_attn_implementation("sdpa")
     llava.eval()
 
@@ -588,6 +613,8 @@ def main(argv=None):
     parser.add_argument("--attend", type=float, default=0.0,
                         help="weight of the attention-focus loss on clutter questions (0 = off; see focus_loss)")
     parser.add_argument("--attend-layer", type=int, default=1, help="decoder layer whose head 0 the focus loss teaches")
+    parser.add_argument("--turns", type=int, default=1,
+                        help="questions per instruction sequence (one image, several turns; 1 = one question)")
     parser.add_argument("--eval", type=int, default=500)
     args = parser.parse_args(argv)
     weights = tuple(float(w) for w in args.qtype_weights.split(","))
@@ -603,6 +630,10 @@ def main(argv=None):
         parser.error(f"--attend-layer must name a decoder layer, 0..{args.llm_layers - 1}, got {args.attend_layer}")
     if args.attend < 0:
         parser.error(f"--attend must be >= 0, got {args.attend}")
+    if args.turns < 1:
+        parser.error(f"--turns must be at least 1, got {args.turns}")
+    if args.turns > 1 and args.attend:
+        parser.error("--attend teaches the position that answers a single question: use it with --turns 1")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if not 0.0 <= args.clutter_fraction <= 1.0:
@@ -639,7 +670,7 @@ def main(argv=None):
         train_llava(llava, tokenizer, feats, objects, args.align_steps, args.tune_steps, args.batch, args.seed, progress,
                     short_fraction=args.short_fraction, qtype_weights=weights, contrast=args.contrast,
                     grounding=args.grounding, clutter_weights=clutter_weights, attend=args.attend,
-                    attend_layer=args.attend_layer, log=losses)
+                    attend_layer=args.attend_layer, turns=args.turns, log=losses)
         times["llava_s"] = time.perf_counter() - t
     save(llava, clip, tokenizer, clip_tokenizer, args.out)
     report = {"seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}, "train_seconds": times,
