@@ -54,3 +54,20 @@ def test_mask_indices_hand_worked():
     x = torch.tensor([[2.0, 5.0, 5.0, 1.0, 5.0]])
     assert top_k_descending(x, 2).tolist() == [[1, 2]]
     assert top_k_descending(x, 4).tolist() == [[1, 2, 4, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_sums_add_each_groups_rows_in_row_order(dtype):
+    """group_sums equals a naive loop (to rounding) and index_add_ bit for bit (the same addition order); empty
+    groups are zero rows."""
+    from vtc.methods.primitives import group_sums
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(300, 17, generator=g, dtype=dtype) * torch.logspace(-3, 3, 300, dtype=dtype)[:, None]
+    group = torch.randint(0, 9, (300,), generator=g)
+    group[group == 4] = 5  # group 4 stays empty
+    got = group_sums(rows, group, 10)
+    assert torch.equal(got, torch.zeros(10, 17, dtype=dtype).index_add_(0, group, rows))
+    naive = torch.stack([sum((rows[i] for i in range(300) if group[i] == j), torch.zeros(17, dtype=dtype)) for j in range(10)])
+    torch.testing.assert_close(got, naive)
+    assert not got[4].any() and not got[9].any()

@@ -8,6 +8,7 @@ from functools import lru_cache
 import torch
 
 from .base import Budget, Method, Origin, Selection, Signals, VTCError, register
+from .primitives import group_sums
 
 
 @register("none")
@@ -139,10 +140,9 @@ class SpatialPool(Method):
         # patches that overlapping bins share with a second region
         work = feats.to(torch.promote_types(feats.dtype, torch.float32))  # sums in float32 at least
         b, n, d = feats.shape
-        sums = torch.zeros(b * total, d, dtype=work.dtype, device=device)
         offsets = torch.arange(b, device=device)[:, None] * total  # over the flattened batch: faster than along dim 1
-        sums.index_add_(0, (plan.first_region.to(device) + offsets).reshape(-1), work.reshape(b * n, d))
-        sums = sums.view(b, total, d)
+        first = (plan.first_region.to(device) + offsets).reshape(-1)
+        sums = group_sums(work.reshape(b * n, d), first, b * total).view(b, total, d)
         if plan.extra_cells.numel():
             sums.index_add_(1, plan.extra_regions.to(device), work.index_select(1, plan.extra_cells.to(device)))
         pooled = sums.div_(plan.sizes.to(sums)[:, None]).to(feats.dtype)

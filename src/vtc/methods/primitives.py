@@ -65,6 +65,19 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * n, *x.shape[2:]).index_select(0, flat).reshape(*index.shape, *x.shape[2:])
 
 
+def group_sums(rows: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups, D) the sum of the rows (M, D) of each group; ``group`` (M,) the group of each row, in [0, groups).
+
+    One sparse-dense product with a (groups, M) 0/1 matrix: each group's rows are added one after the other in
+    row order, as ``index_add_`` adds them (the same bits), but on the CPU ``index_add_`` scatters through an
+    (M, D) index and takes 1.2x (one image) to 2x (16 images of 576 x 1024 features) as long."""
+    m = rows.shape[0]
+    position = torch.stack([group, torch.arange(m, device=rows.device)])
+    ones = torch.ones(m, dtype=rows.dtype, device=rows.device)
+    matrix = torch.sparse_coo_tensor(position, ones, (groups, m), check_invariants=False)
+    return torch.sparse.mm(matrix, rows)
+
+
 def cosine_distance_matrix(x: torch.Tensor) -> torch.Tensor:
     """(..., N, N) 1 - cos(x_i, x_j) for (..., N, D) vectors, one matrix per image of a batch.
 

@@ -46,7 +46,7 @@ import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
 from .merging import bipartite_match, merge_rows
-from .primitives import gather_rows
+from .primitives import gather_rows, group_sums
 
 
 def bipartite_round(metric: torch.Tensor, size: torch.Tensor, place: torch.Tensor, r: int):
@@ -116,8 +116,7 @@ class ToMe(Method):
         else:  # every token is the mean of its patches' features
             flat_place = (place + torch.arange(bsz, device=place.device)[:, None] * total).reshape(-1)
             work = torch.promote_types(feats.dtype, torch.float32)  # sums in float32 at least, as ToMe's rounds
-            sums = torch.zeros(bsz * total, d, dtype=work, device=feats.device)
-            sums.index_add_(0, flat_place, feats.reshape(bsz * n, d).to(work))
+            sums = group_sums(feats.reshape(bsz * n, d).to(work), flat_place, bsz * total)
             tokens = (sums.reshape(bsz, total, d) / size[..., None]).to(feats.dtype)
         raster = torch.arange(n, device=place.device).expand(bsz, n)
         # kept (one-patch) tokens first, in raster order, then merged tokens ordered by their first patch

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, VTCError, register
-from .primitives import gather_rows
+from .primitives import gather_rows, group_sums
 
 DOMINANT_SHARE = 54 / 64  # the official 54 + 10 split for 64 tokens
 
@@ -65,8 +65,7 @@ def sum_members(
     slot = torch.full((b, n), count, dtype=torch.long, device=features.device).scatter_(1, members, group)
     slot += torch.arange(b, device=features.device)[:, None] * (count + 1)
     slot = slot.reshape(-1)
-    sums = torch.zeros(b * (count + 1), d, dtype=torch.float32, device=features.device)
-    sums.index_add_(0, slot, features.reshape(b * n, d).float())
+    sums = group_sums(features.reshape(b * n, d).float(), slot, b * (count + 1))
     counts = torch.bincount(slot, minlength=b * (count + 1)).to(torch.float32)
     return sums.view(b, count + 1, d)[:, :count], counts.view(b, count + 1)[:, :count]
 
