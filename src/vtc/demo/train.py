@@ -402,18 +402,19 @@ def focus_loss(attention, focus):
     return -torch.stack(terms).mean()
 
 
-def grounding_loss(llava, image_feats, labels, word_ids):
+def grounding_loss(llava, image_feats, labels, word_ids, rows=(0, 1, 3)):
     """Projected tokens of an object's patches point at the LM's embeddings of its colour and shape words.
 
     Cosine logits (scale 10) against the colour words and, separately, the shape words (``word_ids``: the id
-    lists; with clutter scenes a third, the sign words, against ``labels`` row 3); ``labels`` is ``patch_targets``'
+    lists; with clutter scenes a third, the sign words, against ``labels`` row 3; ``rows`` names the label row of
+    each list, and --ground-size adds "big" / "small" against row 2); ``labels`` is ``patch_targets``'
     B, rows, N class map, patches of class 0 in a row are not supervised in that row. This
     puts image tokens and question words in one space, as a large LM's pretrained word space does for LLaVA, so
     "is there a small red circle ?" can be answered by matching, not memorised.
     """
     tokens = F.normalize(llava.model.multi_modal_projector(image_feats), dim=-1)  # B, N, D
     loss = 0.0
-    for row, ids in zip((0, 1, 3), word_ids):
+    for row, ids in zip(rows, word_ids):
         on_object = labels[:, row] > 0
         if not on_object.any():
             continue
@@ -472,10 +473,13 @@ CLUTTER_CONTRAST = ("exists_by_attrs", "text_by_position", "shape_by_color")
 
 def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch, seed, progress,
                 short_fraction=0.5, qtype_weights=(3, 3, 2, 1, 1), contrast=False, grounding=0.0,
-                clutter_weights=scenes_v2.QTYPE_WEIGHTS, attend=0.0, attend_layer=1, turns=1, log=None):
+                clutter_weights=scenes_v2.QTYPE_WEIGHTS, attend=0.0, attend_layer=1, turns=1, ground_size=False, log=None):
     gen = torch.Generator().manual_seed(seed)
     words = any(is_clutter(o) for o in objects)
     names = (COLORS, SHAPES, scenes_v2.WORDS) if words else (COLORS, SHAPES)
+    rows = (0, 1, 3) if words else (0, 1)
+    if ground_size:  # the size row: patch_targets' 1 = big, 2 = small
+        names, rows = names + (("big", "small"),), rows + (2,)
     word_ids = [tokenizer.convert_tokens_to_ids(list(n)) for n in names]
     patch_labels = functools.cache(lambda i: patch_targets(objects[i], words)[0])  # rows, N per training image, drawn once
 
@@ -503,7 +507,7 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
             if grounding:
                 images = sorted({p[0] for p in pairs})
                 labels = torch.stack([patch_labels(i) for i in images])
-                loss = loss + grounding * grounding_loss(llava, feats[images], labels, word_ids)
+                loss = loss + grounding * grounding_loss(llava, feats[images], labels, word_ids, rows)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -613,6 +617,8 @@ def main(argv=None):
     parser.add_argument("--attend", type=float, default=0.0,
                         help="weight of the attention-focus loss on clutter questions (0 = off; see focus_loss)")
     parser.add_argument("--attend-layer", type=int, default=1, help="decoder layer whose head 0 the focus loss teaches")
+    parser.add_argument("--ground-size", action="store_true",
+                        help="the word-grounding loss also points each object's patches at 'big' or 'small'")
     parser.add_argument("--turns", type=int, default=1,
                         help="questions per instruction sequence (one image, several turns; 1 = one question)")
     parser.add_argument("--eval", type=int, default=500)
@@ -670,7 +676,7 @@ def main(argv=None):
         train_llava(llava, tokenizer, feats, objects, args.align_steps, args.tune_steps, args.batch, args.seed, progress,
                     short_fraction=args.short_fraction, qtype_weights=weights, contrast=args.contrast,
                     grounding=args.grounding, clutter_weights=clutter_weights, attend=args.attend,
-                    attend_layer=args.attend_layer, turns=args.turns, log=losses)
+                    attend_layer=args.attend_layer, turns=args.turns, ground_size=args.ground_size, log=losses)
         times["llava_s"] = time.perf_counter() - t
     save(llava, clip, tokenizer, clip_tokenizer, args.out)
     report = {"seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}, "train_seconds": times,
