@@ -274,3 +274,29 @@ def test_multi_turn_sequences_follow_the_chat_template_and_supervise_every_answe
     assert all(expected[p] == t for p, t in labelled)  # each label sits on its own token of the sequence
     single = train.make_batch(llava, tokenizer, feats, [(0, *turns[0])], None, False, torch.Generator())
     assert torch.equal(single[0][0], x[0, : single[0].shape[1]]) and torch.equal(single[2][0], y[0, : single[2].shape[1]])
+
+
+def test_grounding_loss_reads_each_word_list_against_its_label_row():
+    """grounding_loss with ``rows``: each word list is scored against its own label row (the size row for
+    --ground-size), unlabelled patches are skipped; equal to a hand-computed cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    from vtc.demo import train
+    from vtc.demo.families import vocabulary
+    from vtc.testing import word_tokenizer
+
+    tokenizer = word_tokenizer(words=vocabulary(["basic", "clutter"]))
+    clip = train.build_clip(word_tokenizer(words=vocabulary(["basic", "clutter"]), model_max_length=16, add_eos=True))
+    llava = train.build_llava(clip, tokenizer, layers=1, hidden=64)
+    feats = torch.randn(2, GRID * GRID, 128)
+    labels = torch.zeros(2, 4, GRID * GRID, dtype=torch.long)
+    labels[0, 2, :5], labels[1, 2, 7:9] = 2, 1  # small on five patches of image 0, big on two of image 1
+    labels[0, 0, :3] = 4  # a colour label row that the size list must not read
+    size_ids = tokenizer.convert_tokens_to_ids(["big", "small"])
+    got = train.grounding_loss(llava, feats, labels, [size_ids], rows=(2,))
+    tokens = F.normalize(llava.model.multi_modal_projector(feats), dim=-1)
+    words = F.normalize(llava.model.language_model.embed_tokens.weight[size_ids], dim=-1)
+    chosen = torch.cat([tokens[0, :5], tokens[1, 7:9]])
+    expected = F.cross_entropy(10.0 * chosen @ words.T, torch.tensor([1] * 5 + [0] * 2))
+    assert torch.isclose(got, expected)
