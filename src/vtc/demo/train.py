@@ -34,6 +34,15 @@ weights, not a pretrained LLM):
     questions, head 0 of one decoder layer is taught to look at the answer's cells. Measured
     with a reused CLIP, 3000 tuning steps: clutter 39.7% (3 layers) and 29.3% (4 layers), no
     better than without it (40.0% after 8000 steps), so it stays off.
+  - optional multi-turn sequences (--turns N, default 1): N questions on one image in one sequence, as
+    LLaVA's instruction data is multi-turn, so each pass over the image tokens carries N answers; minimal-pair
+    twins go to a second conversation. Measured with a reused CLIP (one thread): 6 turns, 2500 steps: basic
+    84.3%, clutter 32.0%; 12 turns, 1500 steps: basic 84.0%, clutter 33.3% (single-turn, 3000 steps, with
+    --attend: basic 72.7%). Basic learns faster; clutter does not move.
+  - optional size grounding (--ground-size): the word-grounding loss also points object patches at "big" /
+    "small", so "the small red object" can be matched without the big red shape's cells answering. Measured
+    (6 turns, 2500 steps, two threads): basic 86.0%, clutter 31.0% (shape by colour 50.0%: of 60 wrong answers
+    to it, 52 named another small object's shape, 8 a same-coloured big one's), so it stays off too.
 Everything is seeded; the result is saved with save_pretrained.
 """
 
