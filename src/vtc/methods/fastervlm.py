@@ -21,9 +21,9 @@ Deliberate differences from the official code:
 
 from __future__ import annotations
 
-from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
 import torch
 
+from .base import AttentionSpec, Budget, Method, Selection, Signal, Signals, register
 from .primitives import top_in_raster_order, top_k_mask
 
 
