@@ -153,6 +153,12 @@ def text_recovery(
     return outliers, scaled_count(n - kept.sum(-1), outliers, torch.full_like(outliers, n))
 
 
+def shared_recovery_counts(outliers: torch.Tensor, n: int, total: int) -> torch.Tensor:
+    """(B,) how many of a fixed budget's ``total`` slots text recovery takes: step 4's LOF-sized count against the
+    base's T-token choice, int((N - T) r_t), at most T - 1 (the base keeps at least one patch)."""
+    return scaled_count(torch.full_like(outliers, n - total), outliers, torch.full_like(outliers, n)).clamp(max=total - 1)
+
+
 def row_positions(mask: torch.Tensor) -> torch.Tensor:
     """(B, N) the position of each True entry among its row's True entries (ascending order)."""
     return mask.long().cumsum(-1) - 1
@@ -481,8 +487,7 @@ class WithTextRecovery(Method):
             chosen, n_txt = first, auto_count
         else:
             total = budget.tokens(n)
-            shared = scaled_count(torch.full_like(outliers, n - total), outliers, torch.full_like(outliers, n))
-            counts = [min(c, total - 1) for c in shared.tolist()]
+            counts = shared_recovery_counts(outliers, n, total).tolist()
             chosen = [
                 self.base.select_one(signals.image(b), Budget("count", total - c)) if c else first[b]
                 for b, c in enumerate(counts)
@@ -499,8 +504,7 @@ class WithTextRecovery(Method):
         batched assembly (every image has T tokens). Equal to the general path below."""
         text, n = signals.text_sim, signals.num_patches
         outliers, _ = text_recovery(text, kept)
-        shared = scaled_count(torch.full_like(outliers, n - total), outliers, torch.full_like(outliers, n))
-        counts = shared.clamp(max=total - 1)
+        counts = shared_recovery_counts(outliers, n, total)
         visual = self.base.keep_masks(signals, total - counts)
         recovered = top_mask(text, ~visual, counts)
         order = mask_indices(visual | recovered, total)
