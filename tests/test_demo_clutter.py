@@ -300,3 +300,58 @@ def test_grounding_loss_reads_each_word_list_against_its_label_row():
     chosen = torch.cat([tokens[0, :5], tokens[1, 7:9]])
     expected = F.cross_entropy(10.0 * chosen @ words.T, torch.tensor([1] * 5 + [0] * 2))
     assert torch.isclose(got, expected)
+
+
+def test_ideal_tokens_are_the_summed_unit_word_embeddings_and_make_batch_places_them():
+    """ideal_tokens: a patch is the sum of its label words' unit embeddings (rows of ``labels`` mapped to word lists),
+    background zero, times the mean embedding norm; hand-computed on a 4-patch map. make_batch with ``tokens`` puts
+    exactly those rows where the projector's tokens would go."""
+    import torch
+    import torch.nn.functional as F
+
+    from vtc.demo import train
+    from vtc.demo.families import vocabulary
+    from vtc.testing import word_tokenizer
+
+    embed = torch.randn(10, 6)
+    labels = torch.tensor([[0, 1, 2, 0], [0, 2, 2, 0], [0, 0, 0, 1]])  # rows: "colour", "shape", "size"
+    word_ids = [[3, 4], [5, 6], [8, 9]]  # class c of row r is word word_ids[r][c - 1]
+    got = train.ideal_tokens(embed, labels, word_ids, (0, 1, 2), 0.0, torch.Generator())
+    unit = F.normalize(embed, dim=-1)
+    scale = embed.norm(dim=-1).mean()
+    expected = torch.stack([torch.zeros(6), unit[3] + unit[6], unit[4] + unit[6], unit[8]]) * scale
+    assert torch.allclose(got, expected, atol=1e-6)
+    noisy = train.ideal_tokens(embed, labels, word_ids, (0, 1, 2), 0.3, torch.Generator().manual_seed(0))
+    assert 0.1 < float((noisy - got).norm(dim=-1).mean() / scale) < 0.5  # noise of norm about 0.3 (in unit words)
+
+    tokenizer = word_tokenizer(words=vocabulary(["basic", "clutter"]))
+    clip = train.build_clip(word_tokenizer(words=vocabulary(["basic", "clutter"]), model_max_length=16, add_eos=True))
+    llava = train.build_llava(clip, tokenizer, layers=1, hidden=64)
+    fixed = torch.randn(2, GRID * GRID, 64)
+    pairs = [(1, "what shape is the small red object ?", "circle")]
+    x, _, y, _ = train.make_batch(llava, tokenizer, torch.zeros(2, GRID * GRID, 1), pairs, None, False,
+                                  torch.Generator(), tokens=lambda i: fixed[i])
+    at = train.prompt_ids(tokenizer, pairs[0][1]).index(llava.config.image_token_id)
+    assert torch.equal(x[0, at : at + GRID * GRID], fixed[1])
+    assert (y[0] != -100).sum() == 2  # the answer and </s>
+
+
+def test_lm_probe_reports_each_requested_question_type(tmp_path):
+    """scripts/probe_demo_lm.py at toy size: an accuracy per requested clutter type at each evaluation, in [0, 100]."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "probe_demo_lm.py"
+    spec = importlib.util.spec_from_file_location("probe_demo_lm", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "curve.json"
+    curve = probe.main(["--steps", "2", "--eval-every", "1", "--images", "6", "--test", "12", "--batch", "4",
+                        "--layers", "1", "--hidden", "64", "--qtypes", "shape_by_color,count_by_color", "--out", str(out)])
+    assert [p["step"] for p in curve] == [1, 2]
+    assert all(set(p["accuracy"]) <= {"shape_by_color", "count_by_color"} and p["accuracy"] for p in curve)
+    assert all(0 <= v <= 100 for p in curve for v in p["accuracy"].values())
+    assert json.loads(out.read_text())["curve"] == curve
+    with pytest.raises(SystemExit):
+        probe.main(["--qtypes", "colour_of_sky"])

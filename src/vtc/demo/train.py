@@ -305,12 +305,12 @@ def train_clip(clip, tokenizer, steps, batch, seed, progress, clutter_fraction=0
 # ----------------------------------------------------------------------------- LLaVA
 
 
-def build_llava(clip, tokenizer, layers: int = 3, hidden: int = 128):
+def build_llava(clip, tokenizer, layers: int = 3, hidden: int = 128, rope_theta: float = 10000.0):
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=512, rope_theta=10000.0,
+        num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=512, rope_theta=rope_theta,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
@@ -344,10 +344,11 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(f"USER: <image>\n{question} ASSISTANT:", add_special_tokens=False)["input_ids"]
 
 
-def make_batch(llava, tokenizer, feats, pairs, keep: int | None, add_mean: bool, rng: torch.Generator):
+def make_batch(llava, tokenizer, feats, pairs, keep: int | None, add_mean: bool, rng: torch.Generator, tokens=None):
     """inputs_embeds / attention_mask / labels for (feature row, question, answer[, answer cells]) pairs, and the
     attention targets: (row, position that predicts the answer, sequence positions of the answer cells) for each
-    pair with answer cells when every image token is kept."""
+    pair with answer cells when every image token is kept. ``tokens`` (image index -> N, D LM-space tokens), when
+    given, stands in for the projected features (the idealised tokens of ``ideal_tokens``)."""
     image_id = llava.config.image_token_id
     embed = llava.model.language_model.embed_tokens
     n = feats.shape[1]
@@ -363,7 +364,7 @@ def make_batch(llava, tokenizer, feats, pairs, keep: int | None, add_mean: bool,
             dropped = torch.ones(n, dtype=torch.bool)
             dropped[chosen] = False
             f = torch.cat([f[chosen], f[dropped].mean(0, keepdim=True)]) if add_mean else f[chosen]
-        img = llava.model.multi_modal_projector(f)
+        img = llava.model.multi_modal_projector(f) if tokens is None else tokens(idx)
         ids = prompt_ids(tokenizer, question)
         at = ids.index(image_id)
         ans = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -431,6 +432,23 @@ def grounding_loss(llava, image_feats, labels, word_ids, rows=(0, 1, 3)):
         logits = 10.0 * tokens[on_object] @ words.T
         loss = loss + F.cross_entropy(logits, labels[:, row][on_object] - 1)
     return loss
+
+
+def ideal_tokens(embed: torch.Tensor, labels: torch.Tensor, word_ids, rows, noise: float, gen: torch.Generator):
+    """Image tokens as perfect perception would hand them to the LM: each patch is the sum of the unit LM embeddings
+    of its label words (colour, shape, size, sign word; ``labels`` is ``patch_targets``' rows, N map, ``word_ids`` /
+    ``rows`` as in ``grounding_loss``), a background patch is zero; plus Gaussian noise of norm about ``noise``, all
+    times the mean embedding norm. scripts/probe_demo_lm.py trains the LM alone on them, which separates "the LM
+    cannot learn the questions' lookups" from "the LM cannot read the projected features". The embeddings are
+    detached: the tokens follow the word space and do not pull it."""
+    weight = embed.detach()
+    unit = F.normalize(weight, dim=-1)
+    out = torch.zeros(labels.shape[1], weight.shape[1])
+    for row, ids in zip(rows, word_ids):
+        on = labels[row] > 0
+        out[on] += unit[torch.tensor(ids)[labels[row][on] - 1]]
+    out = out + noise * torch.randn(out.shape, generator=gen) / weight.shape[1] ** 0.5
+    return out * weight.norm(dim=-1).mean()
 
 
 def describe(objects) -> str:

@@ -1,0 +1,156 @@
+"""Can the demo's language model learn the clutter questions at all? It trains alone, on perfect image tokens.
+
+    python scripts/probe_demo_lm.py [--steps 3000] [--qtypes shape_by_color,...] [--layers 3] [--hidden 128]
+                                    [--rope-theta 10000] [--eval-every 250] [--out probe_lm.json]
+
+Issue 22's diagnosis so far: the tower's cells carry every attribute the clutter questions ask
+(scripts/probe_demo_features.py: 99.9-100%), the projected tokens point at the right words, and still the
+LLaVA answers clutter questions at 31-40%. This script removes perception altogether: every image token is
+``train.ideal_tokens`` (the sum of the LM's own embeddings of the patch's colour, shape, size and sign words;
+background zero; a little noise), the batches are the training script's (``train.make_batch``, minimal pairs as
+in training), and only the LM and its head learn, from the demo recipe's initialisation
+(``train.build_llava``). Every ``--eval-every`` steps it reports the first answer token's accuracy per question
+type on the clutter test split's first 300 questions (teacher-forced, greedy). If the LM does not learn a type
+here, no change to the tower, projector or grounding can teach it in that many steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers import CLIPModel
+
+from vtc.demo import scenes_v2, train
+from vtc.demo.evaluate import CHECKPOINT
+from vtc.demo.families import vocabulary
+from vtc.demo.scenes import COLORS, SHAPES
+from vtc.testing import word_tokenizer
+
+WORD_ROWS = (0, 1, 3, 2)  # patch_targets' rows: colour, shape, sign word, size
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clip", type=Path, default=CHECKPOINT / "clip",
+                        help="a CLIP folder: only its vision config is used (the LLaVA's shape)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--qtypes", default=",".join(scenes_v2.QTYPES), help="clutter question types to train on")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--rope-theta", type=float, default=10000.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--images", type=int, default=4000, help="clutter training scenes")
+    parser.add_argument("--test", type=int, default=300, help="clutter test questions per evaluation")
+    parser.add_argument("--noise", type=float, default=0.3)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the accuracy curve here (JSON)")
+    args = parser.parse_args(argv)
+    qtypes = args.qtypes.split(",")
+    unknown = sorted(set(qtypes) - set(scenes_v2.QTYPES))
+    if unknown:
+        parser.error(f"--qtypes: unknown {unknown}; the clutter types are {', '.join(scenes_v2.QTYPES)}")
+    if args.steps < 1 or args.eval_every < 1 or args.batch < 1 or args.images < 1 or args.test < 1:
+        parser.error("--steps, --eval-every, --batch, --images and --test must be at least 1")
+    args.qtypes = qtypes
+    return args
+
+
+class Probe:
+    def __init__(self, args):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.gen = torch.Generator().manual_seed(args.seed)
+        torch.manual_seed(args.seed)
+        self.tokenizer = word_tokenizer(words=vocabulary(("basic", "clutter")))
+        clip = CLIPModel.from_pretrained(args.clip)
+        self.llava = train.build_llava(clip, self.tokenizer, layers=args.layers, hidden=args.hidden, rope_theta=args.rope_theta)
+        names = (COLORS, SHAPES, scenes_v2.WORDS, ("big", "small"))
+        self.word_ids = [self.tokenizer.convert_tokens_to_ids(list(n)) for n in names]
+        seeds = scenes_v2.split_seeds("train")
+        self.items = [scenes_v2.make_scene(random.Random(seeds[500_000 + i])).items for i in range(args.images)]
+        self.labels = [train.patch_targets(items, True)[0] for items in self.items]
+        self.test = [scenes_v2.make_sample(s) for s in list(scenes_v2.split_seeds("test"))[: args.test]]
+        self.test_labels = [train.patch_targets(s.objects, True)[0] for s in self.test]
+
+    def tokens(self, labels):
+        embed = self.llava.model.language_model.embed_tokens.weight
+        return lambda i: train.ideal_tokens(embed, labels[i], self.word_ids, WORD_ROWS, self.args.noise, self.gen)
+
+    def batch(self, pairs, labels):
+        none = torch.zeros(len(labels), scenes_v2.GRID * scenes_v2.GRID, 1)  # no features: the tokens stand in
+        return train.make_batch(self.llava, self.tokenizer, none, pairs, None, False, self.gen, self.tokens(labels))
+
+    def draw(self):
+        i = self.rng.randrange(len(self.items))
+        qtype = self.rng.choice(self.args.qtypes)
+        if qtype in train.CLUTTER_CONTRAST:
+            questions = train.clutter_contrast_questions(self.items[i], qtype, self.rng)
+        else:
+            questions = [scenes_v2.make_question(self.items[i], qtype, self.rng)]
+        return [(i, q, a) for q, a, _ in questions]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.llava.eval()
+        right, total = collections.Counter(), collections.Counter()
+        for start in range(0, len(self.test), 50):
+            chunk = range(start, min(start + 50, len(self.test)))
+            x, mask, y, _ = self.batch([(j, self.test[j].question, self.test[j].answer) for j in chunk], self.test_labels)
+            out = self.llava.model.language_model(inputs_embeds=x, attention_mask=mask)
+            logits = self.llava.lm_head(out.last_hidden_state)
+            for row, j in enumerate(chunk):
+                first = int((y[row] != -100).nonzero()[0, 0])  # the answer's first token
+                qtype = self.test[j].qtype
+                right[qtype] += int(logits[row, first - 1].argmax() == y[row, first])
+                total[qtype] += 1
+        self.llava.train()
+        return {q: round(100 * right[q] / total[q], 1) for q in self.args.qtypes if total[q]}
+
+    def run(self, console: Console) -> list[dict]:
+        lm, head = self.llava.model.language_model, self.llava.lm_head
+        params = list(lm.parameters()) + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        sched = train.warmup_cosine(opt, self.args.steps, 0.05)
+        curve, start = [], time.perf_counter()
+        self.llava.train()
+        for step in range(self.args.steps):
+            pairs = []
+            while len(pairs) < self.args.batch:
+                pairs.extend(self.draw())
+            x, mask, y, _ = self.batch(pairs[: self.args.batch], self.labels)
+            loss, _ = train.lm_loss(self.llava, x, mask, y)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if (step + 1) % self.args.eval_every == 0 or step + 1 == self.args.steps:
+                point = {"step": step + 1, "seconds": round(time.perf_counter() - start), "loss": round(loss.item(), 3),
+                         "accuracy": self.evaluate()}
+                curve.append(point)
+                console.log(point)
+        return curve
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console()
+    curve = Probe(args).run(console)
+    if args.out:
+        report = {"args": {k: str(v) for k, v in vars(args).items()}, "curve": curve}
+        args.out.write_text(json.dumps(report, indent=2))
+    return curve
+
+
+if __name__ == "__main__":
+    main()
