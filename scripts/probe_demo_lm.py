@@ -1,7 +1,8 @@
 """Can the demo's language model learn the clutter questions at all? It trains alone, on perfect image tokens.
 
     python scripts/probe_demo_lm.py [--steps 3000] [--qtypes shape_by_color,...] [--layers 3] [--hidden 128]
-                                    [--rope-theta 10000] [--eval-every 250] [--out probe_lm.json]
+                                    [--rope-theta 10000] [--turns 1] [--objects-only | --focus-steps N]
+                                    [--eval-every 250] [--out probe_lm.json]
 
 Issue 22's diagnosis so far: the tower's cells carry every attribute the clutter questions ask
 (scripts/probe_demo_features.py: 99.9-100%), the projected tokens point at the right words, and still the
@@ -45,10 +46,17 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--rope-theta", type=float, default=10000.0)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="sequences per step")
+    parser.add_argument("--turns", type=int, default=1, help="questions per sequence (as train.py --turns)")
     parser.add_argument("--images", type=int, default=4000, help="clutter training scenes")
     parser.add_argument("--test", type=int, default=300, help="clutter test questions per evaluation")
     parser.add_argument("--noise", type=float, default=0.3)
+    parser.add_argument("--objects-only", action="store_true",
+                        help="train on the tokens of labelled patches only (no background; evaluation keeps all)")
+    parser.add_argument("--focus-steps", type=int, default=0,
+                        help="train.py's curriculum: the first N steps show the small shapes' and signs' cells plus random "
+                             "others, --focus-start tokens growing to all (evaluation keeps all)")
+    parser.add_argument("--focus-start", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -58,8 +66,12 @@ def parse_args(argv=None):
     unknown = sorted(set(qtypes) - set(scenes_v2.QTYPES))
     if unknown:
         parser.error(f"--qtypes: unknown {unknown}; the clutter types are {', '.join(scenes_v2.QTYPES)}")
-    if args.steps < 1 or args.eval_every < 1 or args.batch < 1 or args.images < 1 or args.test < 1:
-        parser.error("--steps, --eval-every, --batch, --images and --test must be at least 1")
+    if min(args.steps, args.eval_every, args.batch, args.images, args.test, args.turns) < 1:
+        parser.error("--steps, --eval-every, --batch, --turns, --images and --test must be at least 1")
+    if args.objects_only and args.focus_steps:
+        parser.error("--objects-only and --focus-steps are two ways of shortening the image: use one")
+    if not 0 <= args.focus_steps <= args.steps:
+        parser.error(f"--focus-steps must lie in [0, --steps], got {args.focus_steps}")
     args.qtypes = qtypes
     return args
 
@@ -81,22 +93,36 @@ class Probe:
         self.test = [scenes_v2.make_sample(s) for s in list(scenes_v2.split_seeds("test"))[: args.test]]
         self.test_labels = [train.patch_targets(s.objects, True)[0] for s in self.test]
 
-    def tokens(self, labels):
+    def tokens(self, labels, objects_only: bool = False):
         embed = self.llava.model.language_model.embed_tokens.weight
-        return lambda i: train.ideal_tokens(embed, labels[i], self.word_ids, WORD_ROWS, self.args.noise, self.gen)
 
-    def batch(self, pairs, labels):
+        def of(i):
+            tokens = train.ideal_tokens(embed, labels[i], self.word_ids, WORD_ROWS, self.args.noise, self.gen)
+            return tokens[(labels[i] > 0).any(0)] if objects_only else tokens
+
+        return of
+
+    def batch(self, pairs, labels, objects_only: bool = False, context: int | None = None):
         none = torch.zeros(len(labels), scenes_v2.GRID * scenes_v2.GRID, 1)  # no features: the tokens stand in
-        return train.make_batch(self.llava, self.tokenizer, none, pairs, None, False, self.gen, self.tokens(labels))
+        return train.make_batch(self.llava, self.tokenizer, none, pairs, None, False, self.gen,
+                                self.tokens(labels, objects_only), context=context,
+                                must_keep=lambda i: train.thing_cells(self.items[i]))
 
     def draw(self):
+        """One image's questions: a question (or minimal pair) per turn; with several turns, one conversation of the
+        first questions and one of the twins, as train.py's vqa_conversations."""
         i = self.rng.randrange(len(self.items))
+        draws = [self.questions(i) for _ in range(self.args.turns)]
+        if self.args.turns == 1:
+            return [(i, q, a) for q, a, _ in draws[0]]
+        first = [d[0][:2] for d in draws]
+        return [(i, first, None)] + ([(i, [d[-1][:2] for d in draws], None)] if any(len(d) > 1 for d in draws) else [])
+
+    def questions(self, i):
         qtype = self.rng.choice(self.args.qtypes)
         if qtype in train.CLUTTER_CONTRAST:
-            questions = train.clutter_contrast_questions(self.items[i], qtype, self.rng)
-        else:
-            questions = [scenes_v2.make_question(self.items[i], qtype, self.rng)]
-        return [(i, q, a) for q, a, _ in questions]
+            return train.clutter_contrast_questions(self.items[i], qtype, self.rng)
+        return [scenes_v2.make_question(self.items[i], qtype, self.rng)]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -126,7 +152,10 @@ class Probe:
             pairs = []
             while len(pairs) < self.args.batch:
                 pairs.extend(self.draw())
-            x, mask, y, _ = self.batch(pairs[: self.args.batch], self.labels)
+            context = None
+            if step < self.args.focus_steps:
+                context = train.focus_context(step, self.args.focus_steps, self.args.focus_start, scenes_v2.GRID * scenes_v2.GRID)
+            x, mask, y, _ = self.batch(pairs[: self.args.batch], self.labels, self.args.objects_only, context)
             loss, _ = train.lm_loss(self.llava, x, mask, y)
             opt.zero_grad()
             loss.backward()

@@ -124,12 +124,20 @@ def test_training_command_is_reproducible(tmp_path):
         main(["--out", str(tmp_path / run), "--seed", "3", "--clip", str(tmp_path / "a" / "clip"), "--turns", "3", *tiny])
     f, g = (load_file(tmp_path / run / "llava" / "model.safetensors") for run in ("f", "g"))
     assert all(torch.equal(f[k], g[k]) for k in f) and not all(torch.equal(a[k], f[k]) for k in a)
+    # --focus-steps shows clutter images on fewer tokens first: other weights, still reproducible
+    for run in ("h", "i"):
+        main(["--out", str(tmp_path / run), "--seed", "3", "--clip", str(tmp_path / "a" / "clip"), "--focus-steps", "2",
+              "--focus-start", "4", *tiny])
+    h, i = (load_file(tmp_path / run / "llava" / "model.safetensors") for run in ("h", "i"))
+    assert all(torch.equal(h[k], i[k]) for k in h) and not all(torch.equal(a[k], h[k]) for k in a)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--llm-hidden", "100"], "multiple of 32"), (["--threads", "0"], "at least 1"),
     (["--attend-layer", "3"], "0..2"), (["--attend", "-1"], "--attend must be >= 0"),
     (["--turns", "0"], "--turns must be at least 1"), (["--turns", "2", "--attend", "1"], "with --turns 1"),
+    (["--focus-steps", "-1"], "--focus-steps must lie in [0, --tune-steps]"),
+    (["--focus-steps", "9000"], "--focus-steps must lie in [0, --tune-steps]"), (["--focus-start", "0"], "at least 1"),
 ])
 def test_training_command_refuses_bad_sizes(args, message, capsys):
     from vtc.demo.train import main

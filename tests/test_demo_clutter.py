@@ -355,3 +355,38 @@ def test_lm_probe_reports_each_requested_question_type(tmp_path):
     assert json.loads(out.read_text())["curve"] == curve
     with pytest.raises(SystemExit):
         probe.main(["--qtypes", "colour_of_sky"])
+
+
+def test_focus_curriculum_shows_the_things_cells_plus_random_others_growing_to_all():
+    """context_cells keeps every given cell and fills up with distinct random others, in raster order;
+    focus_context grows linearly from the start size to all tokens; make_batch with a context shows exactly
+    the chosen feature rows for images with cells and every row for the others (must_keep None)."""
+    import torch
+
+    from vtc.demo import train
+    from vtc.demo.families import vocabulary
+    from vtc.testing import word_tokenizer
+
+    gen = torch.Generator().manual_seed(0)
+    cells = [5, 40, 41, 150]
+    for size in (2, 4, 10, 196, 500):
+        chosen = train.context_cells(cells, 196, size, gen)
+        assert chosen.tolist() == sorted(set(chosen.tolist())) and set(cells) <= set(chosen.tolist())
+        assert chosen.numel() == min(196, max(size, len(cells))) and int(chosen.max()) < 196
+    draws = {tuple(train.context_cells(cells, 196, 10, gen).tolist()) for _ in range(20)}
+    assert len(draws) > 1  # the others are random
+    assert [train.focus_context(s, 100, 16, 196) for s in (0, 50, 99, 100)] == [16, 106, 194, 196]
+
+    tokenizer = word_tokenizer(words=vocabulary(["basic", "clutter"]))
+    clip = train.build_clip(word_tokenizer(words=vocabulary(["basic", "clutter"]), model_max_length=16, add_eos=True))
+    llava = train.build_llava(clip, tokenizer, layers=1, hidden=64)
+    feats = torch.randn(2, GRID * GRID, 128)
+    pairs = [(0, "what shape is the small red object ?", "circle"), (1, "what color is the small circle ?", "red")]
+    shown = []
+    llava.model.multi_modal_projector.register_forward_hook(lambda module, args, out: shown.append(args[0]))
+    x, mask, _, _ = train.make_batch(llava, tokenizer, feats, pairs, None, False, torch.Generator().manual_seed(1),
+                                     context=12, must_keep=lambda i: cells if i == 0 else None)
+    expected = train.context_cells(cells, GRID * GRID, 12, torch.Generator().manual_seed(1))
+    assert torch.equal(shown[0], feats[0, expected]) and torch.equal(shown[1], feats[1])
+    prompt = [len(train.prompt_ids(tokenizer, q)) for _, q, _ in pairs]
+    assert int(mask[0].sum()) - prompt[0] == int(mask[1].sum()) - prompt[1] - (GRID * GRID - 12)
