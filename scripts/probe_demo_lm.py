@@ -113,16 +113,16 @@ class Probe:
         first questions and one of the twins, as train.py's vqa_conversations."""
         i = self.rng.randrange(len(self.items))
         draws = [self.questions(i) for _ in range(self.args.turns)]
-        if self.args.turns == 1:
-            return [(i, q, a) for q, a, _ in draws[0]]
-        first = [d[0][:2] for d in draws]
-        return [(i, first, None)] + ([(i, [d[-1][:2] for d in draws], None)] if any(len(d) > 1 for d in draws) else [])
+        return draws[0] if self.args.turns == 1 else train.conversations(i, draws)
 
     def questions(self, i):
+        """(image, question, answer) of one question, or of a minimal pair, as training draws them."""
         qtype = self.rng.choice(self.args.qtypes)
         if qtype in train.CLUTTER_CONTRAST:
-            return train.clutter_contrast_questions(self.items[i], qtype, self.rng)
-        return [scenes_v2.make_question(self.items[i], qtype, self.rng)]
+            questions = train.clutter_contrast_questions(self.items[i], qtype, self.rng)
+        else:
+            questions = [scenes_v2.make_question(self.items[i], qtype, self.rng)]
+        return [(i, q, a) for q, a, _ in questions]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

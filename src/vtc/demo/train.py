@@ -533,6 +533,16 @@ def thing_cells(objects) -> list[int] | None:
     return item_cells(objects, [t for t, item in enumerate(objects) if item.kind != "big"])
 
 
+def conversations(image: int, draws) -> list:
+    """Multi-turn pairs for make_batch from one draw per turn (each draw: (image, question, answer[, cells]) tuples,
+    one question or a minimal pair): one conversation of the first questions and, where a draw has a twin, a second
+    of the twins (a minimal pair never sits inside one conversation)."""
+    first = [(d[0][1], d[0][2]) for d in draws]
+    if all(len(d) == 1 for d in draws):
+        return [(image, first, None)]
+    return [(image, first, None), (image, [(d[-1][1], d[-1][2]) for d in draws], None)]
+
+
 CLUTTER_CONTRAST = ("exists_by_attrs", "text_by_position", "shape_by_color")
 
 
@@ -600,11 +610,7 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
         answer would follow from the first): the twins go to a second conversation, at the same turn, beside
         the first conversation's other questions."""
         i = rng.randrange(n_img)
-        draws = [vqa_draw(i) for _ in range(turns)]
-        first = [(d[0][1], d[0][2]) for d in draws]  # draws hold (image, question, answer[, cells])
-        if all(len(d) == 1 for d in draws):
-            return [(i, first, None)]
-        return [(i, first, None), (i, [(d[-1][1], d[-1][2]) for d in draws], None)]
+        return conversations(i, [vqa_draw(i) for _ in range(turns)])
 
     def vqa_draw(i):
         if is_clutter(objects[i]):
