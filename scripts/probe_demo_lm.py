@@ -1,7 +1,7 @@
 """Can the demo's language model learn the clutter questions at all? It trains alone, on perfect image tokens.
 
     python scripts/probe_demo_lm.py [--steps 3000] [--qtypes shape_by_color,...] [--layers 3] [--hidden 128]
-                                    [--rope-theta 10000] [--turns 1] [--objects-only | --focus-steps N]
+                                    [--rope-theta 10000] [--turns 1] [--objects-only | --focus-steps N | --stages 8:300,...]
                                     [--eval-every 250] [--out probe_lm.json]
 
 Issue 22's diagnosis so far: the tower's cells carry every attribute the clutter questions ask
@@ -13,6 +13,11 @@ in training), and only the LM and its head learn, from the demo recipe's initial
 (``train.build_llava``). Every ``--eval-every`` steps it reports the first answer token's accuracy per question
 type on the clutter test split's first 300 questions (teacher-forced, greedy). If the LM does not learn a type
 here, no change to the tower, projector or grounding can teach it in that many steps.
+
+``--stages`` runs train.py's staged curriculum (single questions on their answer's cells plus a few other things,
+8 -> 16 -> 60 tokens, optionally per question type); evaluations inside a stage also report the accuracy on the
+stage's own token count, which tells "not learned" from "learned on few tokens, not carried to all 196".
+Use ``--qtypes`` to probe the generator's relational and count types (out of the benchmark's default mix).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from vtc.demo.scenes import COLORS, SHAPES
 from vtc.testing import word_tokenizer
 
 WORD_ROWS = (0, 1, 3, 2)  # patch_targets' rows: colour, shape, sign word, size
+N = scenes_v2.GRID * scenes_v2.GRID
 
 
 def parse_args(argv=None):
@@ -42,7 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--clip", type=Path, default=CHECKPOINT / "clip",
                         help="a CLIP folder: only its vision config is used (the LLaVA's shape)")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--qtypes", default=",".join(scenes_v2.QTYPES), help="clutter question types to train on")
+    parser.add_argument("--qtypes", default=",".join(q for q, w in zip(scenes_v2.QTYPES, scenes_v2.QTYPE_WEIGHTS) if w),
+                        help=f"clutter question types to train and test on (any of {', '.join(scenes_v2.QTYPES)}; "
+                             "default: the benchmark's mix)")
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--rope-theta", type=float, default=10000.0)
@@ -57,6 +65,8 @@ def parse_args(argv=None):
                         help="train.py's curriculum: the first N steps show the small shapes' and signs' cells plus random "
                              "others, --focus-start tokens growing to all (evaluation keeps all)")
     parser.add_argument("--focus-start", type=int, default=16)
+    parser.add_argument("--stages", default="", help="train.py's --stages curriculum (tokens:steps,...; evaluation "
+                                                       "also reports accuracy at the stage's tokens)")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -68,8 +78,14 @@ def parse_args(argv=None):
         parser.error(f"--qtypes: unknown {unknown}; the clutter types are {', '.join(scenes_v2.QTYPES)}")
     if min(args.steps, args.eval_every, args.batch, args.images, args.test, args.turns) < 1:
         parser.error("--steps, --eval-every, --batch, --turns, --images and --test must be at least 1")
-    if args.objects_only and args.focus_steps:
-        parser.error("--objects-only and --focus-steps are two ways of shortening the image: use one")
+    try:
+        args.stages = train.parse_stages(args.stages)
+    except ValueError as err:
+        parser.error(f"--stages: {err}")
+    if sum(bool(v) for v in (args.objects_only, args.focus_steps, args.stages)) > 1:
+        parser.error("--objects-only, --focus-steps and --stages are ways of shortening the image: use one")
+    if sum(stage.steps for stage in args.stages) > args.steps:
+        parser.error("--stages: their steps exceed --steps")
     if not 0 <= args.focus_steps <= args.steps:
         parser.error(f"--focus-steps must lie in [0, --steps], got {args.focus_steps}")
     args.qtypes = qtypes
@@ -79,6 +95,7 @@ def parse_args(argv=None):
 class Probe:
     def __init__(self, args):
         self.args = args
+        self.stage = None  # the curriculum stage of the current training step (its image-token count)
         self.rng = random.Random(args.seed)
         self.gen = torch.Generator().manual_seed(args.seed)
         torch.manual_seed(args.seed)
@@ -90,7 +107,8 @@ class Probe:
         seeds = scenes_v2.split_seeds("train")
         self.items = [scenes_v2.make_scene(random.Random(seeds[500_000 + i])).items for i in range(args.images)]
         self.labels = [train.patch_targets(items, True)[0] for items in self.items]
-        self.test = [scenes_v2.make_sample(s) for s in list(scenes_v2.split_seeds("test"))[: args.test]]
+        seeds = list(scenes_v2.split_seeds("test"))[: args.test]  # the requested types in turn, so each is evaluated
+        self.test = [scenes_v2.make_sample(s, args.qtypes[k % len(args.qtypes)]) for k, s in enumerate(seeds)]
         self.test_labels = [train.patch_targets(s.objects, True)[0] for s in self.test]
 
     def tokens(self, labels, objects_only: bool = False):
@@ -102,35 +120,49 @@ class Probe:
 
         return of
 
-    def batch(self, pairs, labels, objects_only: bool = False, context: int | None = None):
-        none = torch.zeros(len(labels), scenes_v2.GRID * scenes_v2.GRID, 1)  # no features: the tokens stand in
+    def batch(self, pairs, labels, objects_only: bool = False, shown=None):
+        none = torch.zeros(len(labels), N, 1)  # no features: the tokens stand in
         return train.make_batch(self.llava, self.tokenizer, none, pairs, None, False, self.gen,
-                                self.tokens(labels, objects_only), context=context,
-                                must_keep=lambda i: train.thing_cells(self.items[i]))
+                                self.tokens(labels, objects_only), shown=shown)
 
-    def draw(self):
+    def shown_by(self, step: int, items):
+        """make_batch's ``shown`` at a training step (or, step None, for evaluation at the last stage's size)."""
+        stage = train.stage_at(step, self.args.stages) if step is not None else self.stage
+        if stage is not None:
+            return lambda i, cells: train.stage_cells(items[i], cells, stage.tokens, N, self.gen)
+        if step is not None and step < self.args.focus_steps:
+            context = train.focus_context(step, self.args.focus_steps, self.args.focus_start, N)
+            return lambda i, _: train.context_cells(train.thing_cells(items[i]), N, context, self.gen)
+        return None
+
+    def draw(self, single: bool = False):
         """One image's questions: a question (or minimal pair) per turn; with several turns, one conversation of the
-        first questions and one of the twins, as train.py's vqa_conversations."""
+        first questions and one of the twins, as train.py's vqa_conversations (``single``: one turn, as in a
+        curriculum stage)."""
         i = self.rng.randrange(len(self.items))
-        draws = [self.questions(i) for _ in range(self.args.turns)]
+        draws = [self.questions(i) for _ in range(1 if single else self.args.turns)]
         return draws[0] if self.args.turns == 1 else train.conversations(i, draws)
 
     def questions(self, i):
-        """(image, question, answer) of one question, or of a minimal pair, as training draws them."""
-        qtype = self.rng.choice(self.args.qtypes)
+        """(image, question, answer, answer cells) of one question, or of a minimal pair, as training draws them."""
+        qtype = self.rng.choice(self.stage.qtypes if self.stage is not None and self.stage.qtypes else self.args.qtypes)
         if qtype in train.CLUTTER_CONTRAST:
             questions = train.clutter_contrast_questions(self.items[i], qtype, self.rng)
         else:
             questions = [scenes_v2.make_question(self.items[i], qtype, self.rng)]
-        return [(i, q, a) for q, a, _ in questions]
+        return [(i, q, a, train.item_cells(self.items[i], targets)) for q, a, targets in questions]
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, at_stage: bool = False) -> dict[str, float]:
+        """First-answer-token accuracy per type on the test questions, on every token (or, ``at_stage``, on the
+        current curriculum stage's tokens)."""
         self.llava.eval()
         right, total = collections.Counter(), collections.Counter()
+        shown = self.shown_by(None, [s.objects for s in self.test]) if at_stage else None
         for start in range(0, len(self.test), 50):
             chunk = range(start, min(start + 50, len(self.test)))
-            x, mask, y, _ = self.batch([(j, self.test[j].question, self.test[j].answer) for j in chunk], self.test_labels)
+            pairs = [(j, self.test[j].question, self.test[j].answer, self.test[j].answer_cells) for j in chunk]
+            x, mask, y, _ = self.batch(pairs, self.test_labels, shown=shown)
             out = self.llava.model.language_model(inputs_embeds=x, attention_mask=mask)
             logits = self.llava.lm_head(out.last_hidden_state)
             for row, j in enumerate(chunk):
@@ -149,13 +181,12 @@ class Probe:
         curve, start = [], time.perf_counter()
         self.llava.train()
         for step in range(self.args.steps):
+            self.stage = train.stage_at(step, self.args.stages)
             pairs = []
             while len(pairs) < self.args.batch:
-                pairs.extend(self.draw())
-            context = None
-            if step < self.args.focus_steps:
-                context = train.focus_context(step, self.args.focus_steps, self.args.focus_start, scenes_v2.GRID * scenes_v2.GRID)
-            x, mask, y, _ = self.batch(pairs[: self.args.batch], self.labels, self.args.objects_only, context)
+                pairs.extend(self.draw(single=self.stage is not None))
+            x, mask, y, _ = self.batch(pairs[: self.args.batch], self.labels, self.args.objects_only,
+                                       self.shown_by(step, self.items))
             loss, _ = train.lm_loss(self.llava, x, mask, y)
             opt.zero_grad()
             loss.backward()
@@ -165,6 +196,8 @@ class Probe:
             if (step + 1) % self.args.eval_every == 0 or step + 1 == self.args.steps:
                 point = {"step": step + 1, "seconds": round(time.perf_counter() - start), "loss": round(loss.item(), 3),
                          "accuracy": self.evaluate()}
+                if self.stage is not None:
+                    point.update(stage_tokens=self.stage.tokens, accuracy_at_stage=self.evaluate(at_stage=True))
                 curve.append(point)
                 console.log(point)
         return curve

@@ -130,6 +130,12 @@ def test_training_command_is_reproducible(tmp_path):
               "--focus-start", "4", *tiny])
     h, i = (load_file(tmp_path / run / "llava" / "model.safetensors") for run in ("h", "i"))
     assert all(torch.equal(h[k], i[k]) for k in h) and not all(torch.equal(a[k], h[k]) for k in a)
+    # --stages shows single clutter questions on their own cells first: other weights, still reproducible
+    for run in ("j", "k"):
+        main(["--out", str(tmp_path / run), "--seed", "3", "--clip", str(tmp_path / "a" / "clip"), "--stages", "4:1:text_by_color,8:1",
+              *tiny])
+    j, k_ = (load_file(tmp_path / run / "llava" / "model.safetensors") for run in ("j", "k"))
+    assert all(torch.equal(j[k], k_[k]) for k in j) and not all(torch.equal(a[k], j[k]) for k in a)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -138,6 +144,9 @@ def test_training_command_is_reproducible(tmp_path):
     (["--turns", "0"], "--turns must be at least 1"), (["--turns", "2", "--attend", "1"], "with --turns 1"),
     (["--focus-steps", "-1"], "--focus-steps must lie in [0, --tune-steps]"),
     (["--focus-steps", "9000"], "--focus-steps must lie in [0, --tune-steps]"), (["--focus-start", "0"], "at least 1"),
+    (["--stages", "8"], "--stages: '8' is not tokens:steps"), (["--stages", "8:9000"], "exceed --tune-steps"),
+    (["--stages", "8:10", "--focus-steps", "5"], "two curricula"),
+    (["--stages", "8:10", "--clutter-fraction", "0"], "needs --clutter-fraction > 0"),
 ])
 def test_training_command_refuses_bad_sizes(args, message, capsys):
     from vtc.demo.train import main

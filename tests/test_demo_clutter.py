@@ -7,7 +7,7 @@ import pytest
 
 from vtc.demo import scenes, scenes_v2
 from vtc.demo.scenes import COLORS, GRID, PATCH, SHAPES
-from vtc.demo.scenes_v2 import COUNTS, FONT, INK, QTYPES, make_sample, render
+from vtc.demo.scenes_v2 import COUNTS, FONT, QTYPES, make_sample, render
 
 SEEDS = range(12_000_000, 12_000_020)
 
@@ -27,9 +27,9 @@ def shape_from_pixels(mask) -> str:
     return "square" if fill > 0.92 else "circle" if fill > 0.68 else "triangle"
 
 
-def read_word(pixels, cells) -> str:
-    """Decode the 2x-scaled 3x5 letters drawn in INK inside ``cells``, by the font table's bitmaps."""
-    ink = np.all(pixels == INK, axis=-1)
+def read_word(pixels, cells, ink_color: str) -> str:
+    """Decode the 2x-scaled 3x5 letters drawn in ``ink_color`` inside ``cells``, by the font table's bitmaps."""
+    ink = np.all(pixels == scenes.COLORS[ink_color], axis=-1)
     inside = np.zeros_like(ink)
     for c in cells:
         r, k = divmod(c, GRID)
@@ -80,10 +80,10 @@ def test_answers_and_answer_cells_match_the_pixels(qtype):
         cells = {cell_of(y, x) for y, x in zip(*np.nonzero(changed))}
         assert cells == set(s.answer_cells), (seed, qtype)
         assert s.small_target
-        outside_bigs = np.ones(pixels.shape[:2], dtype=bool)
+        outside_bigs = np.ones(pixels.shape[:2], dtype=bool)  # and outside the signs, whose ink has a palette colour
         for o in s.objects:
-            if o.kind == "big":
-                outside_bigs[o.box[1] - 1 : o.box[3] + 1, o.box[0] - 1 : o.box[2] + 1] = False
+            if o.kind != "small":
+                outside_bigs[max(0, o.box[1] - 1) : o.box[3] + 1, max(0, o.box[0] - 1) : o.box[2] + 1] = False
         if qtype in ("shape_by_color", "exists_by_attrs"):
             color = re.search(r"small (\w+)", s.question).group(1)
             mask = color_mask(pixels, color) & outside_bigs
@@ -103,9 +103,14 @@ def test_answers_and_answer_cells_match_the_pixels(qtype):
             target = check_position(s)
             (color,) = [c for c in COLORS if color_mask(pixels, c)[target.box[1] : target.box[3], target.box[0] : target.box[2]].sum() >= 20]
             assert s.answer == color
+        elif qtype == "text_by_color":  # the one sign whose ink has the asked colour says the answer
+            color = re.search(r"on the (\w+) sign", s.question).group(1)
+            (sign,) = [o for o in s.objects if o.kind == "sign" and color_mask(pixels, color)[o.box[1] : o.box[3], o.box[0] : o.box[2]].sum() >= 10]
+            assert set(scenes.cells_of(sign.box)) == set(s.answer_cells)
+            assert read_word(pixels, s.answer_cells, color) == s.answer
         else:
-            check_position(s)
-            assert read_word(pixels, s.answer_cells) == s.answer
+            sign = check_position(s)
+            assert read_word(pixels, s.answer_cells, sign.color) == s.answer
 
 
 def test_generator_is_deterministic_and_splits_are_disjoint_from_the_basic_family():
@@ -172,7 +177,8 @@ def test_patch_labels_with_words_agree_with_the_full_canvas_labels_and_mark_sign
                 x0, y0, x1, y1 = o.box
                 cells = {cell_of(y, x) for y, x in zip(*np.nonzero(plate)) if x0 <= x < x1 and y0 <= y < y1}
                 assert {c for c in range(GRID * GRID) if labels[3, c] == 1 + WORDS.index(o.word)} == cells
-                assert all(labels[0, c] == 0 for c in cells)
+                assert all(labels[0, c] == 1 + list(scenes.COLORS).index(o.color) for c in cells)  # its ink
+                assert all(labels[1, c] == 0 and labels[2, c] == 0 for c in cells)
 
 
 def test_minimal_pairs_and_vocabularies():
@@ -191,9 +197,11 @@ def test_minimal_pairs_and_vocabularies():
         assert [t for _, _, t in exists] == [[drawn], [drawn]]  # both answers depend on the one shape of that colour
         for q, a, (t,) in clutter_contrast_questions(items, "shape_by_color", random.Random(r)):
             assert items[t].kind == "small" and items[t].shape == a and f" {items[t].color} " in q
-    signs = clutter_contrast_questions(items, "text_by_position", random.Random(0))
-    assert sorted(a for _, a, _ in signs) == sorted(o.word for o in items if o.kind == "sign") and signs[0][0] != signs[1][0]
-    assert all(items[t].word == a for _, a, (t,) in signs)
+    for qtype in ("text_by_position", "text_by_color"):
+        signs = clutter_contrast_questions(items, qtype, random.Random(0))
+        assert sorted(a for _, a, _ in signs) == sorted(o.word for o in items if o.kind == "sign") and signs[0][0] != signs[1][0]
+        assert all(items[t].word == a for _, a, (t,) in signs)
+    assert all(f" {items[t].color} sign" in q for q, _, (t,) in clutter_contrast_questions(items, "text_by_color", random.Random(0)))
     assert vocabulary(["basic"]) == scenes.VOCAB  # the basic recipe keeps its tokenizer
     both = vocabulary(["basic", "clutter"])
     assert both[: len(scenes.VOCAB)] == scenes.VOCAB and set(scenes_v2.EXTRA_VOCAB) <= set(both)
@@ -355,12 +363,25 @@ def test_lm_probe_reports_each_requested_question_type(tmp_path):
     assert json.loads(out.read_text())["curve"] == curve
     with pytest.raises(SystemExit):
         probe.main(["--qtypes", "colour_of_sky"])
+    # with --stages, an evaluation inside a stage also reports accuracy at the stage's tokens
+    staged = probe.main(["--steps", "2", "--eval-every", "1", "--images", "6", "--test", "12", "--batch", "4",
+                         "--layers", "1", "--hidden", "64", "--qtypes", "shape_by_color", "--stages", "4:1"])
+    assert staged[0]["stage_tokens"] == 4 and set(staged[0]["accuracy_at_stage"]) == {"shape_by_color"}
+    assert "stage_tokens" not in staged[1]
+    with pytest.raises(SystemExit):
+        probe.main(["--stages", "4:1", "--focus-steps", "1"])
+    # a stage with question types asks only those
+    runner = probe.Probe(probe.parse_args(["--images", "6", "--test", "4", "--layers", "1", "--hidden", "64",
+                                           "--stages", "4:1:text_by_color"]))
+    runner.stage = runner.args.stages[0]
+    asked = [q for _ in range(10) for _, q, _, _ in runner.questions(0)]
+    assert all(q.startswith("what is written on the ") for q in asked)
 
 
 def test_focus_curriculum_shows_the_things_cells_plus_random_others_growing_to_all():
     """context_cells keeps every given cell and fills up with distinct random others, in raster order;
     focus_context grows linearly from the start size to all tokens; make_batch with a context shows exactly
-    the chosen feature rows for images with cells and every row for the others (must_keep None)."""
+    the chosen feature rows for images with cells and every row for the others (shown None)."""
     import torch
 
     from vtc.demo import train
@@ -384,9 +405,51 @@ def test_focus_curriculum_shows_the_things_cells_plus_random_others_growing_to_a
     pairs = [(0, "what shape is the small red object ?", "circle"), (1, "what color is the small circle ?", "red")]
     shown = []
     llava.model.multi_modal_projector.register_forward_hook(lambda module, args, out: shown.append(args[0]))
+    gen.manual_seed(7)
     x, mask, _, _ = train.make_batch(llava, tokenizer, feats, pairs, None, False, torch.Generator().manual_seed(1),
-                                     context=12, must_keep=lambda i: cells if i == 0 else None)
-    expected = train.context_cells(cells, GRID * GRID, 12, torch.Generator().manual_seed(1))
+                                     shown=lambda i, _: train.context_cells(cells, GRID * GRID, 12, gen) if i == 0 else None)
+    expected = train.context_cells(cells, GRID * GRID, 12, torch.Generator().manual_seed(7))
     assert torch.equal(shown[0], feats[0, expected]) and torch.equal(shown[1], feats[1])
     prompt = [len(train.prompt_ids(tokenizer, q)) for _, q, _ in pairs]
     assert int(mask[0].sum()) - prompt[0] == int(mask[1].sum()) - prompt[1] - (GRID * GRID - 12)
+
+
+def test_stage_cells_show_the_answer_whole_other_things_that_fit_and_random_cells():
+    """--stages: a clutter question sees its answer's cells, other small shapes and signs whole while they fit, random
+    cells up to the stage's size, ascending; a basic image or a question without answer cells sees everything;
+    stage_at walks the stages; parse_stages reads tokens:steps and names what is wrong."""
+    import torch
+
+    from vtc.demo import train
+
+    import random
+
+    scene = scenes_v2.make_scene(random.Random(scenes_v2.split_seeds("train")[5]))
+    items = scene.items
+    things = [t for t, item in enumerate(items) if item.kind != "big"]
+    answer = train.item_cells(items, [things[0]])
+    thing_sets = [set(train.item_cells(items, [t])) for t in things[1:]]
+    gen = torch.Generator().manual_seed(0)
+    for size in (1, len(answer), 8, 16, 60, 196):
+        for _ in range(5):
+            cells = train.stage_cells(items, answer, size, GRID * GRID, gen).tolist()
+            assert cells == sorted(set(cells)) and set(answer) <= set(cells)
+            assert len(cells) == min(GRID * GRID, max(size, len(answer)))
+            # a thing that is not shown whole would not have fitted beside those that are
+            whole = [c <= set(cells) for c in thing_sets]
+            shown_whole = set(answer).union(*[c for c, w in zip(thing_sets, whole) if w])
+            assert all(len(shown_whole) + len(c - shown_whole) > size for c, w in zip(thing_sets, whole) if not w)
+    everything = set(answer).union(*thing_sets)  # room for every thing and nothing else: exactly the things
+    assert train.stage_cells(items, answer, len(everything), GRID * GRID, gen).tolist() == sorted(everything)
+    assert train.stage_cells(items, None, 8, GRID * GRID, gen) is None
+    basic = scenes.make_sample(scenes.split_seeds("test")[0])
+    assert train.stage_cells(basic.objects, [3], 8, GRID * GRID, gen) is None
+
+    stages = train.parse_stages("8:3:shape_by_color+text_by_color, 16:2")
+    assert stages == [train.Stage(8, 3, ("shape_by_color", "text_by_color")), train.Stage(16, 2)]
+    assert [getattr(train.stage_at(s, stages), "tokens", None) for s in range(7)] == [8, 8, 8, 16, 16, None, None]
+    assert train.stage_at(0, []) is None and train.parse_stages("") == []
+    for bad, message in (("8", "tokens:steps"), ("8:x", "tokens:steps"), ("0:5", "at least 1"), ("4:0", "at least 1"),
+                         ("8:3:big_color", "unknown question types"), ("8:3:shape_by_color:x", "too many")):
+        with pytest.raises(ValueError, match=message):
+            train.parse_stages(bad)
