@@ -58,18 +58,25 @@ def groups() -> dict[str, list[int]]:
 # ----------------------------------------------------------------------------- parity with the official code
 
 
+NOISE_GAIN = 1e-4  # relative to the first pick's gain: below it a gain is float32 rounding, not signal
+
+
 def valid_steps(case: dict) -> int:
-    """How many official picks are sound: up to and including the first whose gain is not positive (its
-    square root makes the official step NaN; from then on the official code picks tokens 0 and 1 again)."""
-    unsound = (~(case["gains"] > 0)).nonzero()
-    return case["k"] if unsound.numel() == 0 else int(unsound[0]) + 1
+    """How many official picks are sound: those before the first whose gain is at rounding level (below
+    NOISE_GAIN times the first gain, or not positive: its square root makes the official step NaN and the
+    official code then picks tokens 0 and 1 again). Past the kernel's rank every remaining gain is rounding
+    noise, and which noise wins depends on the CPU's float32 kernels and thread count (picks of this kind
+    matched the fixtures on the machine that made them and not on another), so those picks are not compared."""
+    gains = case["gains"]
+    unsound = (~(gains > NOISE_GAIN * gains[0])).nonzero()
+    return case["k"] if unsound.numel() == 0 else int(unsound[0])
 
 
 @pytest.mark.parametrize("group", list(groups()))
 def test_batched_picks_kept_tokens_and_rows_equal_the_official_code(group):
     """Every image of a group selected in one batch equals the official single-image run: pick order (ties
-    and picks past the kernel's rank included), kept set in raster order, and the projected rows the language
-    model gets. Where the official code reaches a non-positive gain, the picks agree up to that step."""
+    included), kept set in raster order, and the projected rows the language model gets. Where the official
+    code's gains fall to rounding level (past the kernel's rank), the picks agree up to that step."""
     members = groups()[group]
     signals, project = fixture_batch(members)
     method = get("cdpruner")
@@ -84,7 +91,7 @@ def test_batched_picks_kept_tokens_and_rows_equal_the_official_code(group):
             assert selections[b].num_tokens == k == selections[b].kept_indices().unique().numel()
             if sound == k:
                 assert selections[b].kept_indices().tolist() == case["kept"].tolist(), label
-            if "rows" in case:
+            if "rows" in case and sound == k:  # past the rank the kept set itself is rounding's choice
                 with torch.no_grad():
                     rows = project(selections[b].tokens)
                 torch.testing.assert_close(rows, case["rows"], atol=1e-4, rtol=1e-4)
@@ -93,11 +100,15 @@ def test_batched_picks_kept_tokens_and_rows_equal_the_official_code(group):
 def test_official_code_keeps_fewer_tokens_once_a_gain_is_not_positive():
     """The deviation vtc's docstring names, seen in the official code: past the kernel's rank (projected width
     48 < budget) a gain goes non-positive, the official picks repeat and fewer than k tokens are kept."""
-    exhausted = [c for c in FIXTURES["cases"] if valid_steps(c) < c["k"]]
+    def after_nan(case):  # the picks after the first non-positive gain (whose square root is NaN), or None
+        bad = (~(case["gains"] > 0)).nonzero()
+        return None if bad.numel() == 0 else case["order"][int(bad[0]) + 1 :]
+
+    exhausted = [c for c in FIXTURES["cases"] if after_nan(c) is not None]
     assert len(exhausted) >= 4
     for case in exhausted:
         assert case["kept"].numel() < case["k"]
-        assert case["order"][valid_steps(case):].unique().tolist() in ([0, 1], [0], [1])
+        assert after_nan(case).unique().tolist() in ([0, 1], [0], [1])
 
 
 def test_fixture_ties_are_real():
