@@ -6,13 +6,15 @@ tokenizers; here vtc runs the same inputs through its own path (Pipeline text qu
 scorer -> one-forward adapter signals -> the method) and must give the same tokens, in the same order.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from vtc.methods import Budget, Signal, get
-from vtc.methods.recoverable import PUBLISHED_TEXT
+from vtc.methods.lof import OFFSET, local_outlier_factors
+from vtc.methods.recoverable import LOF_NEIGHBOURS, PUBLISHED_TEXT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "recoverable_original"
 DEMO = Path(__file__).parents[1] / "src" / "vtc" / "demo" / "checkpoint"
@@ -80,16 +82,36 @@ def test_text_score_equals_the_published_score(parity_pipe, published):
         torch.testing.assert_close(sig.text_sim[0], case["text_sim"], atol=1e-6, rtol=1e-4)
 
 
+LOF_ROUNDING = 1e-4  # a LOF factor this close to the 1.5 threshold flips with the scores' last bits
+
+
+def text_lof_margin(method, sig) -> float:
+    """How far the text-recovery LOF factors (step 4, on this machine's scores) lie from the outlier threshold."""
+    _, _, (visual, _) = method.stage_sizes(sig.cls_attn, sig.text_sim, sig.features.shape[-1])
+    masked = torch.where(visual, sig.text_sim.min(-1, keepdim=True).values, sig.text_sim)
+    return float((local_outlier_factors(masked, LOF_NEIGHBOURS, dtype=method.lof_dtype) - OFFSET).abs().min())
+
+
 def test_selection_and_merge_equal_the_published_tokens(parity_pipe, published):
+    """Through the pipeline, the published tokens. The text scores come out of a float32 tower and CLIP text
+    encoder, so they match the published ones to about 1e-7 (test above), which depends on the CPU's kernels: where
+    a text LOF factor lies within rounding of the threshold (seen: 5e-6 away, one recovered token more on one
+    machine), the selection runs on the published text scores instead, which pins every other step exactly."""
     method = get("recoverable", compat="original")
-    centres = set()
+    centres, pinned = set(), 0
     for case in published["cases"]:
         pixels = published["pixel_values"][case["seed"]].float()
         [sel], _ = parity_pipe.compress({"pixel_values": pixels}, [case["question"]], method, Budget.parse("auto"))
+        queries = parity_pipe.text_queries([case["question"]], method.text)
+        sig = parity_pipe.adapter.signals(pixels, method.needs, method.attention, queries, text=method.text)
+        if text_lof_margin(method, sig) < LOF_ROUNDING:
+            pinned += 1
+            [sel] = method.select(dataclasses.replace(sig, text_sim=case["text_sim"][None].to(sig.text_sim)), Budget.parse("auto"))
         assert sel.num_tokens == case["tokens"].shape[0], (case["seed"], case["question"])
         torch.testing.assert_close(sel.tokens, case["tokens"], atol=1e-4, rtol=1e-4)
         centres.add(sel.info["auto_sizes"][2])
     assert max(centres) >= 2  # the fixtures exercise centre order and the centres' key indexing
+    assert pinned <= 2  # most cases run end to end
 
 
 def test_original_runs_end_to_end_through_the_pipeline(tiny_pipe, images, monkeypatch):
