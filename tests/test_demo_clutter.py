@@ -439,6 +439,11 @@ def test_stage_cells_show_the_answer_whole_other_things_that_fit_and_random_cell
             whole = [c <= set(cells) for c in thing_sets]
             shown_whole = set(answer).union(*[c for c, w in zip(thing_sets, whole) if w])
             assert all(len(shown_whole) + len(c - shown_whole) > size for c, w in zip(thing_sets, whole) if not w)
+    signs = [t for t in things if items[t].kind == "sign"]
+    sign_answer, rival = (set(train.item_cells(items, [t])) for t in signs)
+    for _ in range(5):  # rivals first: room for the answer and one more sign shows the other sign, nothing else
+        shown = train.stage_cells(items, sorted(sign_answer), len(sign_answer | rival), GRID * GRID, gen).tolist()
+        assert shown == sorted(sign_answer | rival)
     everything = set(answer).union(*thing_sets)  # room for every thing and nothing else: exactly the things
     assert train.stage_cells(items, answer, len(everything), GRID * GRID, gen).tolist() == sorted(everything)
     assert train.stage_cells(items, None, 8, GRID * GRID, gen) is None

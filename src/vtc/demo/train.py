@@ -430,14 +430,20 @@ def context_cells(cells: list[int], n: int, size: int, rng: torch.Generator) -> 
 
 def stage_cells(objects, answer_cells, size: int, n: int, rng: torch.Generator) -> torch.Tensor | None:
     """A clutter question's image tokens at a curriculum stage of ``size`` (--stages): the answer's cells, then
-    other small shapes and signs whole, in random order, each while it fits, then random other cells up to
-    ``size`` (at least the answer's cells), ascending; None for a basic image or a question without answer cells
-    (it sees every token)."""
+    other small shapes and signs whole, each while it fits, its rivals first (things of the answer's kind: the
+    other sign for a sign, other small shapes for a shape; random order within each group), then random other
+    cells up to ``size`` (at least the answer's cells), ascending; None for a basic image or a question without
+    answer cells (it sees every token). Rivals first because with 8 tokens a random pick often leaves the answer
+    the only thing of its kind, and then the question's words need not be read (the probe: text by ink colour
+    41% on all tokens after random picks, 92% after rivals first)."""
     if not is_clutter(objects) or answer_cells is None:
         return None
     cells = set(answer_cells)
+    kinds = {item.kind for item in objects if cells & set(cells_of(item.box))}
     others = [t for t, item in enumerate(objects) if item.kind != "big"]
-    for pick in torch.randperm(len(others), generator=rng).tolist():
+    order = torch.randperm(len(others), generator=rng).tolist()
+    order.sort(key=lambda pick: objects[others[pick]].kind not in kinds)  # stable: random within each group
+    for pick in order:
         more = set(item_cells(objects, [others[pick]])) - cells
         if len(cells) + len(more) <= size:
             cells |= more
