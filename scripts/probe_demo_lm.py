@@ -128,12 +128,10 @@ class Probe:
     def shown_by(self, step: int, items):
         """make_batch's ``shown`` at a training step (or, step None, for evaluation at the last stage's size)."""
         stage = train.stage_at(step, self.args.stages) if step is not None else self.stage
-        if stage is not None:
-            return lambda i, cells: train.stage_cells(items[i], cells, stage.tokens, N, self.gen)
+        context = None
         if step is not None and step < self.args.focus_steps:
             context = train.focus_context(step, self.args.focus_steps, self.args.focus_start, N)
-            return lambda i, _: train.context_cells(train.thing_cells(items[i]), N, context, self.gen)
-        return None
+        return train.curriculum_shown(items, N, self.gen, stage, context)
 
     def draw(self, single: bool = False):
         """One image's questions: a question (or minimal pair) per turn; with several turns, one conversation of the

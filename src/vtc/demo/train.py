@@ -491,6 +491,16 @@ def parse_stages(text: str) -> list[Stage]:
     return stages
 
 
+def curriculum_shown(objects, n: int, rng: torch.Generator, stage: Stage | None = None, context: int | None = None):
+    """make_batch's ``shown`` for a curriculum step (``objects``: image index -> its objects): a --stages ``stage``,
+    or a --focus-steps ``context`` token count; None (every token) for neither."""
+    if stage is not None:
+        return lambda i, cells: stage_cells(objects[i], cells, stage.tokens, n, rng)
+    if context is not None:
+        return lambda i, _: None if (things := thing_cells(objects[i])) is None else context_cells(things, n, context, rng)
+    return None
+
+
 def focus_context(step: int, steps: int, start: int, n: int) -> int:
     """The curriculum's image-token count at a step of its ``steps``: from ``start`` up to all ``n``, linearly."""
     return min(n, start + (n - start) * step // max(1, steps))
@@ -655,8 +665,9 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
             curriculum = tuning and step < focus_steps
             short = tuning and not curriculum and stage is None and rng.random() < short_fraction
             keep = rng.randint(10, 100) if short else None
+            context = focus_context(step, focus_steps, focus_start, feats.shape[1]) if curriculum else None
             x, mask, y, focus = make_batch(llava, tokenizer, feats, pairs, keep, short and rng.random() < 0.25, gen,
-                                           shown=shown_by(step, stage, curriculum))
+                                           shown=curriculum_shown(objects, feats.shape[1], gen, stage, context))
             loss, attend_loss = lm_loss(llava, x, mask, y, focus, attend_layer if attend else None)
             if attend_loss is not None:
                 loss = loss + attend * attend_loss
@@ -675,16 +686,6 @@ def train_llava(llava, tokenizer, feats, objects, align_steps, tune_steps, batch
             milestone(label, step, steps, f"loss {loss.item():.3f}")
             if log is not None:
                 log.setdefault(label, []).append(loss.item())
-
-    def shown_by(step, stage, curriculum):
-        """make_batch's ``shown`` for a tuning step: a curriculum's cells, or None (every token)."""
-        n = feats.shape[1]
-        if stage is not None:
-            return lambda i, cells: stage_cells(objects[i], cells, stage.tokens, n, gen)
-        if curriculum:
-            context = focus_context(step, focus_steps, focus_start, n)
-            return lambda i, _: None if (things := thing_cells(objects[i])) is None else context_cells(things, n, context, gen)
-        return None
 
     clutter_images = [i for i in range(n_img) if is_clutter(objects[i])]
 
