@@ -79,6 +79,19 @@ def test_text_recovery_beats_visual_only_selection_on_small_targets():
 
 
 @needs_checkpoint
+def test_shipped_checkpoint_knows_both_families_and_answers_clutter_questions():
+    from vtc.demo.evaluate import run_method, saved_families, test_samples
+    from vtc.pipeline import Pipeline
+
+    assert saved_families(CHECKPOINT) == ("basic", "clutter")
+    pipe = Pipeline.from_pretrained(CHECKPOINT / "llava", clip=CHECKPOINT / "clip")
+    score = run_method(pipe, test_samples(48, "clutter"), "none", "auto").summary()
+    # measured on 300: 100.0 (each type 100); chance on this mix is about 30%
+    assert score["accuracy"] >= 85.0, score
+    assert all(acc >= 70.0 for acc in score["by_qtype"].values()), score
+
+
+@needs_checkpoint
 def test_demo_runs_and_writes_pictures(tmp_path):
     from vtc.demo.run import DEMO_RUNS, run_demo
 
@@ -88,6 +101,8 @@ def test_demo_runs_and_writes_pictures(tmp_path):
     assert scores["random@10%"]["mean_tokens"] == round(0.1 * 196)
     assert (tmp_path / "token_maps.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "demo_results.json").read_text())["none"]["n"] == 6
+    clutter = run_demo(limit=6, out=tmp_path / "clutter", family="clutter")
+    assert clutter["none"]["mean_tokens"] == 196 and (tmp_path / "clutter" / "token_maps.png").stat().st_size > 10_000
 
 
 def test_training_command_is_reproducible(tmp_path):

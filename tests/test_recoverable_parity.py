@@ -17,7 +17,6 @@ from vtc.methods.lof import OFFSET, local_outlier_factors
 from vtc.methods.recoverable import LOF_NEIGHBOURS, PUBLISHED_TEXT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "recoverable_original"
-DEMO = Path(__file__).parents[1] / "src" / "vtc" / "demo" / "checkpoint"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,8 @@ def published():
 
 @pytest.fixture(scope="module")
 def parity_pipe(tmp_path_factory):
-    """A LLaVA whose vision tower is the fixture CLIP's, with the demo tokenizer; loaded back from disk."""
+    """A LLaVA whose vision tower is the fixture CLIP's, with the fixtures' LLM tokenizer (the basic-family demo's,
+    pinned there: the shipped demo's has grown); loaded back from disk."""
     from transformers import (
         AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, LlamaConfig, LlavaConfig,
         LlavaForConditionalGeneration, LlavaProcessor,
@@ -37,7 +37,7 @@ def parity_pipe(tmp_path_factory):
     from vtc.testing import CHAT_TEMPLATE
 
     out = tmp_path_factory.mktemp("parity") / "llava"
-    tokenizer = AutoTokenizer.from_pretrained(DEMO / "llava")
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "llm_tokenizer")
     vision = CLIPVisionModel.from_pretrained(FIXTURES / "clip", dtype=torch.float32)  # stored as fp16
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
