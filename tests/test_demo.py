@@ -88,6 +88,7 @@ def test_shipped_checkpoint_knows_both_families_and_answers_clutter_questions():
     score = run_method(pipe, test_samples(48, "clutter"), "none", "auto").summary()
     # measured on 300: 100.0 (each type 100); chance on this mix is about 30%
     assert score["accuracy"] >= 85.0, score
+    assert set(score["by_qtype"]) == {"shape_by_color", "exists_by_attrs", "text_by_color"}, score
     assert all(acc >= 70.0 for acc in score["by_qtype"].values()), score
 
 
