@@ -184,9 +184,10 @@ def main() -> None:
     # The tokenizers are pinned in the fixture folder (the basic-family demo's, which made the fixtures): the
     # shipped demo checkpoint's grew with the clutter words ("of" among them), which changes the decoded query.
     llm_dir, clip_dir = args.out / "llm_tokenizer", args.out / "clip"
-    llm_tokenizer = AutoTokenizer.from_pretrained(llm_dir if llm_dir.is_dir() else DEMO / "llava")
+    if not llm_dir.is_dir():  # first run: pin the demo's LLM tokenizer beside the fixtures
+        AutoTokenizer.from_pretrained(DEMO / "llava").save_pretrained(llm_dir)
+    llm_tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     clip_tokenizer = AutoTokenizer.from_pretrained(clip_dir if (clip_dir / "tokenizer.json").is_file() else DEMO / "clip")
-    llm_tokenizer.save_pretrained(llm_dir)
     build_clip(clip_dir, clip_tokenizer)
     fixtures = run_published(ns, clip_dir, llm_tokenizer, clip_tokenizer)
     torch.save(fixtures, args.out / "cases.pt")

@@ -1,8 +1,8 @@
 """compat="original" against the published Recoverable Compression code.
 
 The fixtures come from scripts/make_recoverable_fixtures.py, which ran the official repository's
-functions (loaded from a snapshot at run time) on a seeded 24-layer CLIP tower and the demo
-tokenizers; here vtc runs the same inputs through its own path (Pipeline text query -> CLIP text
+functions (loaded from a snapshot at run time) on a seeded 24-layer CLIP tower and the basic-family demo
+tokenizers (pinned in the fixture folder); here vtc runs the same inputs through its own path (Pipeline text query -> CLIP text
 scorer -> one-forward adapter signals -> the method) and must give the same tokens, in the same order.
 """
 
