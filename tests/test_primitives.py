@@ -54,6 +54,11 @@ def test_mask_indices_hand_worked():
     x = torch.tensor([[2.0, 5.0, 5.0, 1.0, 5.0]])
     assert top_k_descending(x, 2).tolist() == [[1, 2]]
     assert top_k_descending(x, 4).tolist() == [[1, 2, 4, 0]]
+    # a tie just past the cut (the k-th and (k+1)-th values equal), and no tie at all (topk alone answers)
+    x = torch.tensor([[3.0, 1.0, 2.0, 0.0, 2.0]])
+    assert top_k_descending(x, 2).tolist() == [[0, 2]]
+    assert top_k_descending(x, 3).tolist() == [[0, 2, 4]]
+    assert top_k_descending(torch.tensor([[0.5, 3.0, -1.0, 2.0]]), 3).tolist() == [[1, 3, 0]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -50,8 +50,17 @@ def mask_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_k_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(..., k) indices of the ``k`` highest scores, highest first, equal scores lower index first: equal to
-    ``torch.sort(scores, descending=True, stable=True).indices[..., :k]`` with a sort of k entries, not N."""
-    k = min(k, scores.shape[-1])
+    ``torch.sort(scores, descending=True, stable=True).indices[..., :k]`` with a sort of k entries, not N.
+
+    On the CPU, where reading a flag costs no synchronisation, one ``topk`` of k + 1 answers alone when no two
+    of those values are equal (``topk``'s order is then the only order; its order among equal values is not
+    specified): 2 ms instead of 6 for the (16, 30, 576) nearness scores of Recoverable Compression's merge."""
+    n = scores.shape[-1]
+    k = min(k, n)
+    if scores.device.type == "cpu" and k > 0:
+        values, index = scores.topk(min(k + 1, n), dim=-1, sorted=True)
+        if not bool((values[..., 1:] == values[..., :-1]).any()):
+            return index[..., :k]
     index = mask_indices(top_k_mask(scores, k), k)  # ascending index, so the stable sort keeps ties in order
     order = torch.sort(scores.gather(-1, index), dim=-1, descending=True, stable=True).indices
     return index.gather(-1, order)
@@ -68,14 +77,15 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def group_sums(rows: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
     """(groups, D) the sum of the rows (M, D) of each group; ``group`` (M,) the group of each row, in [0, groups).
 
-    One sparse-dense product with a (groups, M) 0/1 matrix: each group's rows are added one after the other in
-    row order, as ``index_add_`` adds them (the same bits), but on the CPU ``index_add_`` scatters through an
-    (M, D) index and takes 1.2x (one image) to 2x (16 images of 576 x 1024 features) as long."""
-    m = rows.shape[0]
-    position = torch.stack([group, torch.arange(m, device=rows.device)])
-    ones = torch.ones(m, dtype=rows.dtype, device=rows.device)
-    matrix = torch.sparse_coo_tensor(position, ones, (groups, m), check_invariants=False)
-    return torch.sparse.mm(matrix, rows)
+    One ``embedding_bag`` over the rows ordered by group (a stable sort, so each group's rows are added one
+    after the other in row order, as ``index_add_`` adds them: the same bits). On one CPU thread, for 16 images
+    of 576 x 1024 features in 64 groups each, it takes 3.9 ms where ``index_add_`` takes 13 and a sparse COO
+    product (the previous form) 7.5: the bags read their rows once and keep the sums in registers."""
+    if rows.shape[0] == 0:
+        return rows.new_zeros(groups, *rows.shape[1:])
+    order = torch.sort(group, stable=True).indices
+    counts = torch.bincount(group, minlength=groups)
+    return torch.nn.functional.embedding_bag(order, rows, counts.cumsum(0) - counts, mode="sum")
 
 
 def cosine_distance_matrix(x: torch.Tensor) -> torch.Tensor:

