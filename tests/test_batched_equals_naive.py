@@ -153,3 +153,30 @@ def test_keep_masks_are_the_methods_own_choice_at_each_count(ties):
         for b, count in enumerate(counts.tolist()):
             (own,) = method.select(s.image(b), Budget("count", count))
             assert masks[b].tolist() == (own.owner >= 0).tolist(), (name, count)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("options", [{}, {"compat": "original"}], ids=str)
+def test_recoverable_merge_ranks_only_reachable_leftovers_and_picks_the_same(options, ties, reference_lof):
+    """On a LLaVA-sized grid with spread text scores the merge ranks only the leftovers whose text term can
+    reach a centre's 32 nearest (``reachable_candidates``), and still picks what ranking every leftover picks."""
+    from vtc.methods.recoverable import TEXT_WEIGHT, reachable_candidates
+
+    reference_lof(ties)
+    grid, batch = (24, 24), 3
+    g = torch.Generator().manual_seed(11)
+    n = grid[0] * grid[1]
+    text = torch.rand(batch, n, generator=g) * 0.3
+    keys = torch.randn(batch, n, 16, generator=g)
+    if ties:
+        text = (text * 20).round() / 20
+        keys[:, 1::3] = keys[:, 0:1]
+    s = Signals(features=torch.randn(batch, n, 8, generator=g), grid=grid, keys=keys, text_sim=text,
+                cls_attn=torch.randn(batch, n, generator=g).mul(2).softmax(-1))
+    leftovers = torch.rand(batch, n, generator=g) < 0.9
+    candidates, usable = reachable_candidates(TEXT_WEIGHT * text, leftovers, 32)
+    assert usable.sum(-1).max() < leftovers.sum(-1).min() / 2  # the filter does cut the columns here
+    assert torch.equal(torch.zeros_like(leftovers).scatter_(1, candidates, usable) & ~leftovers, torch.zeros_like(leftovers))
+    new, old = get("recoverable", **options), naive_recoverable.RecoverableCompression(**options)
+    for budget in ["auto", 64, 0.1]:
+        assert_same(new.select(s, budget), old.select(s, budget))

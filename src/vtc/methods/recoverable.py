@@ -205,22 +205,21 @@ def merge_leftovers(
     nbrs = centres.new_zeros(b, c, m)
     if c and m:
         keys = keys.float()
+        text_term = TEXT_WEIGHT * text_sim.float()
+        candidates, usable = reachable_candidates(text_term, leftovers, m)  # (B, P) ascending; P <= N
         # The published indexing slip: leftover-relative positions index the full key array.
         key_of = row_positions(leftovers).clamp(min=0) if original else raster(b, n, keys.device)
         ctr_keys = gather_rows(keys, key_of.gather(1, centres))
-        # Cosines as dot products over norms: the (B, N, D) keys are read, never normalised into a copy.
-        dots = centre_dots(ctr_keys, keys, n_ctr)  # (B, C, N) against every patch's own key
-        norms = keys.norm(dim=-1).clamp(min=1e-12)  # F.normalize's eps
-        if original:
-            dots, cand_norms = dots.gather(2, key_of[:, None, :].expand(b, c, n)), norms.gather(1, key_of)
-        else:
-            cand_norms = norms
-        cosine = dots / (ctr_keys.norm(dim=-1).clamp(min=1e-12)[..., None] * cand_norms[:, None, :])
-        nearness = cosine + TEXT_WEIGHT * text_sim.float()[:, None, :]  # (B, C, N)
-        allowed = leftovers[:, None, :].expand(b, c, n).clone()
-        allowed.scatter_(2, centres[..., None], False)  # not its own neighbour
+        cand_keys = gather_rows(keys, key_of.gather(1, candidates))
+        # Cosines as dot products over norms: the keys are read, never normalised into a copy.
+        dots = centre_dots(ctr_keys, cand_keys, n_ctr)  # (B, C, P)
+        norms = cand_keys.norm(dim=-1).clamp(min=1e-12)  # F.normalize's eps
+        cosine = dots / (ctr_keys.norm(dim=-1).clamp(min=1e-12)[..., None] * norms[:, None, :])
+        nearness = cosine + text_term.gather(1, candidates)[:, None, :]  # (B, C, P)
+        allowed = usable[:, None, :] & (candidates[:, None, :] != centres[..., None])  # not its own neighbour
         nearness = nearness.masked_fill(~allowed, -float("inf"))
-        nbrs = top_k_descending(nearness, m)  # nearest first, ties: lower index
+        # nearest first, ties: lower position, which is the lower patch index (candidates ascend)
+        nbrs = candidates.gather(1, top_k_descending(nearness, m).reshape(b, c * m)).reshape(b, c, m)
     m_row = (count - 1).clamp(min=0, max=MERGE_NEIGHBOURS)  # neighbours each centre of row b takes
     in_group = valid_ctr[..., None] & (torch.arange(m, device=nbrs.device) < m_row[:, None, None])
     members = torch.cat([centres[..., None], nbrs], dim=-1)  # (B, C, 1 + M)
@@ -239,11 +238,11 @@ def merge_leftovers(
 
 
 def centre_dots(ctr_keys: torch.Tensor, keys: torch.Tensor, n_ctr: torch.Tensor) -> torch.Tensor:
-    """(B, C, N) dot products of each image's centre keys (B, C, D), the first ``n_ctr[b]`` valid, with its keys
-    (B, N, D); rows past n_ctr[b] are 0. The product is compute-bound on a CPU (about 35 MFLOP per image at 30
-    centres), and one batched product pays for every image at the batch's largest centre count (on random
-    LLaVA-shaped signals at 64 tokens the mean is under half the largest), so on the CPU each image is multiplied
-    at its own count (its counts are on the host already: no synchronisation); an accelerator takes the batch."""
+    """(B, C, P) dot products of each image's centre keys (B, C, D), the first ``n_ctr[b]`` valid, with its
+    candidates' keys (B, P, D); rows past n_ctr[b] are 0. The product is compute-bound on a CPU, and one batched
+    product pays for every image at the batch's largest centre count (on random LLaVA-shaped signals at 64
+    tokens the mean is under half the largest), so on the CPU each image is multiplied at its own count (its
+    counts are on the host already: no synchronisation); an accelerator takes the batch."""
     b, c, _ = ctr_keys.shape
     if keys.device.type != "cpu" or b == 1:
         return ctr_keys @ keys.transpose(1, 2)
@@ -252,6 +251,26 @@ def centre_dots(ctr_keys: torch.Tensor, keys: torch.Tensor, n_ctr: torch.Tensor)
         if count:
             torch.matmul(ctr_keys[image, :count], keys[image].T, out=dots[image, :count])
     return dots
+
+
+def reachable_candidates(text_term: torch.Tensor, leftovers: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leftovers that can be among any centre's ``m`` nearest, (B, P) patch indices ascending (padded past
+    each row's count) and their (B, P) mask: nearness = cosine + text term with the cosine in [-1, 1], so with
+    T the (m + 1)-th largest text term among a row's leftovers every centre has m others at nearness >= T - 1,
+    and a leftover whose text term is below T - 2 is never chosen (strictly below, so not even on a tie). A
+    margin of 1e-3 (1 + |T|) covers the cosine's and the sum's rounding. Which leftovers pass depends on how
+    spread the text scores are: on LLaVA-shaped random signals about 110 of ~500, so the merge multiplies and
+    ranks a fifth of the columns; with flat text scores (the published scale) all pass. The same neighbours
+    as ranking every leftover (tests/test_recoverable.py checks both ways)."""
+    b, n = text_term.shape
+    masked = text_term.masked_fill(~leftovers, -float("inf"))
+    bound = masked.topk(min(m + 1, n), dim=-1).values[:, -1:]  # (B, 1); -inf when m + 1 > the leftovers
+    floor = bound - 2.0 - 1e-3 * (1.0 + bound.abs())
+    reach = leftovers & ((masked >= floor) | torch.isinf(bound))
+    counts = reach.sum(-1)
+    width = max(int(counts.max()), 1)  # one host read (free on the CPU): the batch's widest row
+    order = first_of_each_row(reach, raster(b, n, text_term.device), width)
+    return order, torch.arange(width, device=text_term.device) < counts[:, None]
 
 
 def normalised(weight: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
