@@ -258,10 +258,12 @@ def reachable_candidates(text_term: torch.Tensor, leftovers: torch.Tensor, m: in
     each row's count) and their (B, P) mask: nearness = cosine + text term with the cosine in [-1, 1], so with
     T the (m + 1)-th largest text term among a row's leftovers every centre has m others at nearness >= T - 1,
     and a leftover whose text term is below T - 2 is never chosen (strictly below, so not even on a tie). A
-    margin of 1e-3 (1 + |T|) covers the cosine's and the sum's rounding. Which leftovers pass depends on how
-    spread the text scores are: on LLaVA-shaped random signals about 110 of ~500, so the merge multiplies and
-    ranks a fifth of the columns; with flat text scores (the published scale) all pass. The same neighbours
-    as ranking every leftover (tests/test_recoverable.py checks both ways)."""
+    margin of 1e-3 (1 + |T|) covers the cosine's and the sum's rounding. How many pass depends on how spread
+    the text scores are: on LLaVA-shaped random signals (text cosines uniform in [0, 0.3]) about 110 of ~500,
+    so the merge multiplies and ranks a fifth of the columns; on the demo checkpoint's signals (its small
+    CLIP's text cosines are less spread) about 100 of 115-180 leftovers, and the batch's widest row (up to
+    ~170) sets the width: little is saved there; with the published text scale (28x flatter) all pass. The
+    same neighbours as ranking every leftover (tests/test_batched_equals_naive.py)."""
     b, n = text_term.shape
     masked = text_term.masked_fill(~leftovers, -float("inf"))
     bound = masked.topk(min(m + 1, n), dim=-1).values[:, -1:]  # (B, 1); -inf when m + 1 > the leftovers
