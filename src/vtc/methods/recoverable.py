@@ -90,7 +90,7 @@ import torch
 
 from .base import AttentionSpec, Budget, Method, Origin, Selection, Signal, Signals, TextSpec, VTCError, register
 from .lof import lof_outlier_counts
-from .primitives import gather_rows, mask_indices, top_k_descending
+from .primitives import gather_rows, mask_indices, running_count, top_k_descending
 
 LOF_NEIGHBOURS = 20
 ORIGINAL_CENTRE_NEIGHBOURS = 10  # the published code sizes the centres with LOF's function default
@@ -123,16 +123,26 @@ def split_proportionally(total: int, sizes: list[int], minimum_first: int = 1) -
 # Every function below takes a batch: scores (B, N), masks (B, N) bool, counts (B,) long.
 
 
-def descending_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """(B, N) the rank of every entry in its row, highest first; equal scores: the lower index first."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+def descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """(B, N) each row's indices, highest score first; equal scores: the lower index first."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
-def top_mask(scores: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """(B, N) bool: the ``count[b]`` highest scores among the ``allowed`` entries of row b."""
-    ranks = descending_ranks(scores.masked_fill(~allowed, -float("inf")))
-    return allowed & (ranks < count[:, None])
+def ranks_of(order: torch.Tensor) -> torch.Tensor:
+    """(B, N) the place of every entry in ``order`` (its rank, 0 first)."""
+    return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+
+
+def top_mask(scores: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) bool: the ``count[b]`` highest scores among the ``allowed`` entries of row b (ties: lower index).
+
+    ``order``: ``descending_order(scores)``, when the caller has it: walking it and taking the first ``count``
+    allowed entries picks the same set for any ``allowed``, so one sort serves every call on the same scores."""
+    if order is None:
+        order = descending_order(scores.masked_fill(~allowed, -float("inf")))
+    walked = allowed.gather(1, order)
+    taken = walked & (running_count(walked) <= count[:, None])
+    return torch.zeros_like(allowed).scatter_(1, order, taken)
 
 
 def scaled_count(size: torch.Tensor, outliers: torch.Tensor, population: torch.Tensor) -> torch.Tensor:
@@ -353,11 +363,14 @@ class RecoverableCompression(Method):
         return torch.float32 if self.original else torch.float64  # the published code runs LOF on float32
 
     def stage_sizes(
-        self, attn: torch.Tensor, text: torch.Tensor | None, width: int
+        self, attn: torch.Tensor, text: torch.Tensor | None, width: int,
+        orders: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The auto rule for a batch: stage sizes (B, 3) long (n_vis, n_txt, n_ctr), the LOF fractions
-        behind them (B, 3) float64 (r_v, r_t, r_c), and the (visual, recovered) masks it chose (B, N)."""
+        behind them (B, 3) float64 (r_v, r_t, r_c), and the (visual, recovered) masks it chose (B, N).
+        ``orders``: ``descending_order`` of attn and text, when the caller has them."""
         b, n = attn.shape
+        attn_order, text_order = orders or (descending_order(attn), None if text is None else descending_order(text))
         every = torch.ones_like(attn, dtype=torch.bool)
         population = torch.full((b,), n, dtype=torch.long, device=attn.device)
         outliers = lof_outlier_counts(attn, LOF_NEIGHBOURS, dtype=self.lof_dtype)
@@ -365,14 +378,14 @@ class RecoverableCompression(Method):
         n_vis = scaled_count(population, outliers, population)
         if not self.original:  # at least one patch is kept visually (the published code may keep none)
             n_vis = n_vis.clamp(min=1)
-        visual = top_mask(attn, every, n_vis)
+        visual = top_mask(attn, every, n_vis, attn_order)
         recovered = torch.zeros_like(visual)
         n_txt, r_t = torch.zeros_like(n_vis), torch.zeros_like(r_v)
         if self.recover:
             outliers, count = text_recovery(text, visual, self.lof_dtype)
             r_t = outliers.double() / n
             n_txt = torch.minimum(count, n - n_vis)
-            recovered = top_mask(text, ~visual, n_txt)
+            recovered = top_mask(text, ~visual, n_txt, text_order)
         kept = visual | recovered
         n_ctr, r_c = torch.zeros_like(n_vis), torch.zeros_like(r_v)
         if self.merge:
@@ -391,7 +404,8 @@ class RecoverableCompression(Method):
         if not budget.is_auto and budget.tokens(n) == n:
             note = {"note": "budget equals N: nothing to compress"}
             return [Selection.build(feats[b], torch.arange(n), info=note) for b in range(batch)]
-        auto_sizes, fractions, auto_masks = self.stage_sizes(attn, text, width)
+        orders = descending_order(attn), (descending_order(text) if self.recover else None)  # one sort each
+        auto_sizes, fractions, auto_masks = self.stage_sizes(attn, text, width, orders)
         auto_sizes, fractions = auto_sizes.tolist(), fractions.tolist()  # the batch's one host sync for sizes
         sizes, extra = [], []
         for auto in auto_sizes:  # integer bookkeeping per image (the fixed-budget split), no tensors
@@ -409,8 +423,8 @@ class RecoverableCompression(Method):
             visual, recovered = auto_masks
         else:
             counts = torch.tensor(sizes, dtype=torch.long, device=attn.device)
-            visual = top_mask(attn, torch.ones_like(attn, dtype=torch.bool), counts[:, 0])
-            recovered = top_mask(text, ~visual, counts[:, 1]) if self.recover else torch.zeros_like(visual)
+            visual = top_mask(attn, torch.ones_like(attn, dtype=torch.bool), counts[:, 0], orders[0])
+            recovered = top_mask(text, ~visual, counts[:, 1], orders[1]) if self.recover else torch.zeros_like(visual)
         kept = visual | recovered
         kept_order = first_of_each_row(kept, raster(batch, n, attn.device), n)
         origin = torch.where(recovered.gather(1, kept_order), int(Origin.RECOVERED), int(Origin.KEPT))
@@ -422,17 +436,17 @@ class RecoverableCompression(Method):
                 Selection.build(feats[b], kept_order[b, : s[0] + s[1]], origin[b, : s[0] + s[1]], info=infos[b])
                 for b, s in enumerate(sizes)
             ]
-        return self._merge_and_build(signals, budget, sizes, extra, kept, kept_order, origin, infos)
+        return self._merge_and_build(signals, budget, sizes, extra, kept, kept_order, origin, infos, orders[0])
 
-    def _merge_and_build(self, signals, budget, sizes, extra, kept, kept_order, origin, infos) -> list[Selection]:
+    def _merge_and_build(self, signals, budget, sizes, extra, kept, kept_order, origin, infos, attn_order) -> list[Selection]:
         feats, attn = signals.features, signals.cls_attn
         text = signals.text_sim if self.recover else torch.zeros_like(attn)
         batch, n, _ = feats.shape
         device = attn.device
         n_ctr = torch.tensor([s[2] for s in sizes], dtype=torch.long, device=device)
         leftovers = ~kept
-        centre_mask = top_mask(attn, leftovers, n_ctr)
-        key = descending_ranks(attn) if self.centre_order == "attention" else raster(batch, n, device)
+        centre_mask = top_mask(attn, leftovers, n_ctr, attn_order)
+        key = ranks_of(attn_order) if self.centre_order == "attention" else raster(batch, n, device)
         centres = first_of_each_row(centre_mask, key, max(s[2] for s in sizes))
         group = max([min(MERGE_NEIGHBOURS, n - s[0] - s[1] - 1) for s in sizes if s[2]], default=0)
         # The extra token: whenever leftovers remain, except with no centre under the published auto rule,
