@@ -185,10 +185,11 @@ class _Scripted(Method):
     needs = frozenset({Signal.FEATURES, Signal.CLS_ATTN})
 
     def __init__(self, clock, durations):
-        self.clock, self.durations, self.calls = clock, list(durations), []
+        self.clock, self.durations, self.calls, self.threads = clock, list(durations), [], []
 
     def select_batch(self, signals, budget):
         self.calls.append(signals.batch_size)
+        self.threads.append(torch.get_num_threads())
         self.clock.now += self.durations.pop(0) * signals.batch_size / 1e3
         kept = torch.arange(budget.tokens(signals.num_patches)).expand(signals.batch_size, -1)
         return Selection.from_kept(signals.features, kept)
@@ -202,6 +203,21 @@ def test_selection_time_is_the_median_per_image_after_a_warm_up(monkeypatch):
     timing = selection_ms_per_image(method, 5, SMALL, batches=(1, 4), reps=3)
     assert method.calls == [1, 1, 1, 1, 4, 4, 4, 4]
     assert timing.ms_per_image == {1: pytest.approx(3.0), 4: pytest.approx(4.0)} and timing.tokens == 5.0
+
+
+def test_selection_is_timed_on_one_thread_and_the_callers_setting_comes_back(monkeypatch):
+    monkeypatch.setattr(speed, "time", SimpleNamespace(perf_counter=_Clock()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        method = _Scripted(speed.time.perf_counter, [1, 1, 1])
+        selection_ms_per_image(method, 5, SMALL, batches=(2,), reps=2)
+        assert method.threads == [1, 1, 1] and torch.get_num_threads() == 2
+        method = _Scripted(speed.time.perf_counter, [1, 1])
+        selection_ms_per_image(method, 5, SMALL, batches=(2,), reps=1, threads=None)  # None: left as it is
+        assert method.threads == [2, 2]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_selection_timing_reports_the_tokens_an_auto_budget_chose_and_refuses_what_has_no_selection():

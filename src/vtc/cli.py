@@ -437,7 +437,7 @@ def selection_columns(batches: list[int]):
 
 
 SELECTION_LEGEND = (
-    "ms/img b=B: the method's selection alone on random real-shape signals, batch of B, per image ('-': none to time: "
+    "ms/img b=B: the method's selection alone on random real-shape signals, batch of B, per image, one CPU thread ('-': none to time: "
     "in-LLM, in-tower (its work is the tower run), all tokens, downsample); GPU ms: estimated prefill (vision tower, "
     "projector, full-depth LLM) from FLOPs, full tokens and this row's; % GPU: selection per image over this row's GPU "
     "prefill (speed.json: every batch size)."

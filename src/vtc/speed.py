@@ -64,6 +64,7 @@ _BUILDERS = {"llava-1.5-7b": build_llava15, "llava-next-7b": build_llava_next, "
 _IMAGES = {"llava-1.5-7b": None, "llava-next-7b": NEXT_IMAGE, "llava-onevision-7b": NEXT_IMAGE, "qwen2.5-vl-7b": QWEN_IMAGE}
 QUESTION = "what is the color of the small triangle left of the red car ?"
 SELECT_BATCHES = (1, 16, 64)  # batch sizes the selection is timed at
+SELECT_THREADS = 1  # torch threads while a selection is timed on the CPU (comparable across machines)
 NOT_A_SELECTION = ("none", "downsample")  # no selection to time: all tokens; a smaller tower forward
 
 
@@ -302,13 +303,17 @@ class SelectionTiming:
     tokens: float
 
 
-def selection_ms_per_image(method, budget, shape: Shape, batches=SELECT_BATCHES, reps: int = 5, device="cpu") -> SelectionTiming:
+def selection_ms_per_image(
+    method, budget, shape: Shape, batches=SELECT_BATCHES, reps: int = 5, device="cpu", threads: int | None = SELECT_THREADS
+) -> SelectionTiming:
     """Time ``method.select`` alone on random real-shape signals (``random_signals``), per image.
 
     Per batch size: one warm-up call (it also runs the once-per-Signals finiteness check, which
     the pipeline pays where signals are made, not per selection), then ``reps`` timed calls on the
     same signals; the median divided by the batch size. ``tokens`` is the mean output count of the
-    warm-up at the first batch size (what an 'auto' budget chose on these signals).
+    warm-up at the first batch size (what an 'auto' budget chose on these signals). On the CPU, torch
+    runs on ``threads`` threads meanwhile (default one, as scripts/bench_selection.py: numbers that
+    compare across tools and machines; the caller's setting is restored after; None leaves it).
     """
     if not times_selection(method):
         raise VTCError(f"'{method.name}' has no selection of its own to time (in-LLM, 'none' or 'downsample')")
@@ -316,6 +321,23 @@ def selection_ms_per_image(method, budget, shape: Shape, batches=SELECT_BATCHES,
         raise VTCError(f"selection timing needs reps >= 1 and batch sizes >= 1, got reps={reps}, batches={list(batches)}")
     device = torch.device(device)
     budget = Budget.parse(budget)
+    with torch_threads(threads if device.type == "cpu" else None):
+        return _selection_timing(method, budget, shape, batches, reps, device)
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """Run the block with torch on ``count`` intra-op threads (None: as it is), then restore the setting."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _selection_timing(method, budget: Budget, shape: Shape, batches, reps: int, device: torch.device) -> SelectionTiming:
     out, tokens = {}, None
     for batch in batches:
         signals = random_signals(method, shape, batch, device=device)
