@@ -297,8 +297,9 @@ def weighted_bag_sums(
 ) -> torch.Tensor:
     """(B, C + 1, D): row c of image b is sum_j weight[b, c, j] x[members[b, c, j]]; the last row is
     sum_i rest_weight[b, i] x[i]. One weighted ``embedding_bag`` for the batch (bags of fixed sizes: each
-    centre's members, then the image's every patch), which reads only member rows and, on one CPU thread,
-    takes 2.4 ms for 16 LLaVA-shaped images where the sparse COO product it replaced took 6.3."""
+    centre's members, then the image's every patch), which reads only member rows. The same bits as the sparse
+    COO product it replaced, 1.2-1.7x faster on one CPU thread (2.7 against 3.2-4.5 ms for 16 LLaVA-shaped
+    images with 12 centres each)."""
     b, n, d = features.shape
     c, width = members.shape[1], members.shape[2]
     image = torch.arange(b, device=features.device)[:, None]
