@@ -17,7 +17,8 @@ and that costs more than most methods' arithmetic (``--fresh-pages`` shows it). 
 ``downsample`` (a smaller tower forward, not a selection) and in-LLM methods are left out.
 
 ``--floors`` also times, for the methods built on one large matrix product, that product alone (a batched
-matmul of the same shape, same batch, same run): the part of the method's time that no rewrite of the
+matmul of the same shape, same batch, same run; for Recoverable Compression its centres against the leftovers
+whose text score can make them a neighbour): the part of the method's time that no rewrite of the
 selection logic removes on this machine; the rest is what is left to optimise. For the methods that fold
 every patch into a weighted sum (EViT, VisionZip) it is that sum: every feature row read once.
 
@@ -105,16 +106,32 @@ def floor_product(name: str, method: Method, shape: Shape, tokens: float, budget
         return max(1, round(tokens)), n, shape.vision_width
     if name in ("evit", "visionzip"):  # one weighted sum over every patch's feature row: the features read once
         return 1, shape.feature_width, n
-    if name == "recoverable":  # each merge centre's key against every patch's key (its nearness ranking)
-        return max(1, centre_count(method, shape, budget)), n, shape.vision_width
+    if name == "recoverable":  # each merge centre's key against the keys of the leftovers it can reach
+        return centre_product(method, shape, budget)
     return None
 
 
-def centre_count(method: Method, shape: Shape, budget: Budget) -> int:
-    """How many merge centres Recoverable Compression picks per image, on average, on 16 random LLaVA-shaped
-    images at ``budget`` (the counts vary from 0 to ~30; on the CPU each image's product runs at its own count)."""
-    selections = method.select(random_signals(method, shape, 16, seed=1), budget)
-    return round(sum(len(s.info.get("centres", [])) for s in selections) / len(selections))
+def centre_product(method: Method, shape: Shape, budget: Budget) -> tuple[int, int, int]:
+    """(centres, candidates, width) of Recoverable Compression's centre-key product, on average over 16 random
+    LLaVA-shaped images at ``budget``: the centres each image merges around (0 to ~30; on the CPU each image's
+    product runs at its own count) against the batch's reachable leftovers (``reachable_candidates``; the
+    widest image's count, which the batch shares), read from the product's own arguments."""
+    from vtc.methods import recoverable
+
+    seen = []
+    real = recoverable.centre_dots
+
+    def spy(ctr_keys, cand_keys, n_ctr):
+        seen.append((n_ctr.float().mean().item(), cand_keys.shape[1]))
+        return real(ctr_keys, cand_keys, n_ctr)
+
+    recoverable.centre_dots = spy
+    try:
+        method.select(random_signals(method, shape, 16, seed=1), budget)
+    finally:
+        recoverable.centre_dots = real
+    centres, columns = seen[0] if seen else (0, shape.num_candidates)
+    return max(1, round(centres)), columns, shape.vision_width
 
 
 def product_ms_per_image(m: int, n: int, d: int, batches: list[int], reps: int) -> dict[int, float]:
