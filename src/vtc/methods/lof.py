@@ -63,6 +63,12 @@ the factors are bit-identical.
 
 Scores must be finite: on the CPU this is checked (free there), on an accelerator it is not (a check
 would synchronise); vtc validates finiteness where the signals are made.
+
+On the CPU, float64 scores with at most 128 neighbours take ``lof_cpu``'s compiled loop when numba is installed
+(the ``fast`` extra, also in ``dev``): the same factors bit for bit (tests/test_lof.py runs every test on both
+forms and compares them directly), 2-4x faster per call (0.12-0.2 ms per 576-score row against 0.3-0.8 ms for
+the torch form's ~100 tensor operations); ``USE_CPU_KERNEL = False`` switches it off. The torch form stays the
+path of accelerators, float32 scores (the published code's precision) and installs without numba.
 """
 
 from __future__ import annotations
@@ -77,6 +83,21 @@ OFFSET = 1.5  # contamination="auto": an entry is an outlier when -factor < -1.5
 PAIRWISE_BLOCKSIZE = 128  # numpy sums at most this many terms with its unrolled loop before recursing
 ACCUMULATORS = 8  # numpy's unrolled pairwise sum keeps eight partial sums
 WINDOW_MAX_CPU_ENTRIES = 2048  # on the CPU, larger batches of scores find neighbours with the merge loop
+USE_CPU_KERNEL = True  # float64 CPU scores go through lof_cpu's compiled loop when numba is there (False: torch form)
+_CPU_KERNEL = None  # the lof_cpu module once imported, False when numba is missing
+
+
+def cpu_kernel():
+    """``lof_cpu`` (the compiled CPU loop that float64 CPU scores take), or None: numba missing or switched off."""
+    global _CPU_KERNEL
+    if _CPU_KERNEL is None:
+        try:
+            from . import lof_cpu
+        except ImportError:  # numba is an extra ("fast", in "dev"): the torch form computes the same
+            _CPU_KERNEL = False
+        else:
+            _CPU_KERNEL = lof_cpu
+    return _CPU_KERNEL if USE_CPU_KERNEL and _CPU_KERNEL else None
 
 
 def lof_outlier_counts(
@@ -136,6 +157,10 @@ def _factors(scores: Tensor, n_neighbors: int, valid: Tensor | None, dtype: torc
         return torch.zeros(scores.shape, dtype=dtype, device=scores.device), valid, count
     values = torch.where(valid, scores.to(dtype).to(torch.float64), torch.inf)  # invalid entries sort last
     ordered, order = values.sort(dim=-1)  # equal scores get equal results: their order does not matter
+    kernel = cpu_kernel() if scores.device.type == "cpu" and dtype == torch.float64 else None
+    if kernel is not None and n_neighbors <= PAIRWISE_BLOCKSIZE:  # the same numbers, one compiled loop per row
+        factor = kernel.sorted_factors(ordered, count, n_neighbors)
+        return torch.empty_like(factor).scatter_(-1, order, factor), valid, count
     width = min(n_neighbors, n - 1)  # neighbour ranks computed; a row uses the first k of them
     if masked:
         k = (count - 1).clamp(min=1, max=n_neighbors)  # scikit-learn's n_neighbors_ per row
