@@ -324,29 +324,3 @@ def test_uniform_batches_take_the_shortcut_with_the_per_row_result(sizes, monkey
                 _, expected = sklearn_lof(scores[b][valid[b]].numpy(), 20, dtype)
                 np.testing.assert_array_equal(shortcut[b][valid[b]].numpy(), expected)
 
-
-@pytest.mark.parametrize("k", [1, 3, 7, 8, 9, 16, 20, 24, 33, 128])
-def test_cpu_kernel_gives_the_torch_forms_factors_bit_for_bit(k, lof_backend, monkeypatch):
-    """The compiled loop against the torch form on the same batches: random, tie-heavy (scores on a coarse grid,
-    duplicates) and masked rows of every size (brute force and KD-tree rows mixed), every neighbour count that
-    changes numpy's summation (under 8, multiples of 8 and remainders, the 128 limit)."""
-    import vtc.methods.lof as lof
-
-    if lof_backend == "torch" or lof.cpu_kernel() is None:
-        pytest.skip("compares the compiled loop with the torch form")
-    rng = np.random.default_rng(k)
-    width = 300
-    batches = [
-        torch.from_numpy(rng.normal(size=(6, width))),
-        torch.from_numpy(np.round(rng.normal(size=(6, width)) * 4) / 4),  # two-sided ties and duplicates
-        torch.from_numpy(rng.dirichlet(np.ones(width) * 0.3, size=4)),
-    ]
-    for scores in batches:
-        valid = torch.from_numpy(rng.random(scores.shape) < rng.uniform(0.02, 1.0, size=(scores.shape[0], 1)))
-        valid[0] = True  # a full row beside masked ones
-        for mask in (None, valid):
-            kernel = local_outlier_factors(scores, k, mask, torch.float64)
-            monkeypatch.setattr(lof, "USE_CPU_KERNEL", False)
-            reference = local_outlier_factors(scores, k, mask, torch.float64)
-            monkeypatch.undo()
-            torch.testing.assert_close(kernel, reference, rtol=0, atol=0, equal_nan=True)
