@@ -54,7 +54,7 @@ def top_k_descending(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     On the CPU, where reading a flag costs no synchronisation, one ``topk`` of k + 1 answers alone when no two
     of those values are equal (``topk``'s order is then the only order; its order among equal values is not
-    specified): 2 ms instead of 6 for the (16, 30, 576) nearness scores of Recoverable Compression's merge."""
+    specified): 4 ms instead of 8.5 for (16, 30, 576) scores shaped as Recoverable Compression's nearness."""
     n = scores.shape[-1]
     k = min(k, n)
     if scores.device.type == "cpu" and k > 0:
@@ -80,7 +80,7 @@ def group_sums(rows: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Te
     One ``embedding_bag`` over the rows ordered by group (a stable sort, so each group's rows are added one
     after the other in row order, as ``index_add_`` adds them: the same bits). On one CPU thread, for 16 images
     of 576 x 1024 features in 64 groups each, it takes 3.9 ms where ``index_add_`` takes 13 and a sparse COO
-    product (the previous form) 7.5: the bags read their rows once and keep the sums in registers."""
+    product (the previous form) 7.5 (with 5 groups per image it is the slower one: 3.0 against 2.3)."""
     if rows.shape[0] == 0:
         return rows.new_zeros(groups, *rows.shape[1:])
     order = torch.sort(group, stable=True).indices

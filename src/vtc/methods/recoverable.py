@@ -280,7 +280,8 @@ def reachable_candidates(text_term: torch.Tensor, leftovers: torch.Tensor, m: in
     floor = bound - 2.0 - 1e-3 * (1.0 + bound.abs())
     reach = leftovers & ((masked >= floor) | torch.isinf(bound))
     counts = reach.sum(-1)
-    width = max(int(counts.max()), 1)  # one host read (free on the CPU): the batch's widest row
+    # the batch's widest row: read on the CPU (free there); an accelerator keeps every column (no second sync)
+    width = max(int(counts.max()), 1) if text_term.device.type == "cpu" else n
     order = first_of_each_row(reach, raster(b, n, text_term.device), width)
     return order, torch.arange(width, device=text_term.device) < counts[:, None]
 
