@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from vtc.cost import GPU_ASSUMPTION, Shape, gpu_request_ms, request_cost
-from vtc.methods import Budget, Method, VTCError, available, get
+from vtc.methods import Budget, Method, VTCError, available, get, lof
 from vtc.shapes import llava15_config
 from vtc.speed import random_signals, reuse_freed_memory, selection_ms_per_image, times_selection
 
@@ -177,8 +177,6 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()} (torch.set_num_threads(1), for comparable numbers); CPU selection on random")
     print(f"LLaVA-1.5-7B-shape signals ({shape.num_patches} patches); GPU prefill estimated from FLOPs: {GPU_ASSUMPTION},")
     print(f"vision tower + projector + 32-layer LLM at the method's tokens + {TEXT_TOKENS} text tokens")
-    from vtc.methods import lof
-
     print("LOF (Recoverable Compression, X+text): " + ("lof_cpu's compiled loop (numba)" if lof.cpu_kernel() else
           "the torch form (numba not installed)"))
     print("freed memory reused (glibc mallopt, as a GPU's caching allocator)" if reused else
