@@ -29,7 +29,6 @@ import numba
 import numpy as np
 import torch
 
-PAIRWISE_BLOCKSIZE = 128  # lof.py's limit of the numpy summation order it reproduces
 
 
 def sorted_factors(ordered: torch.Tensor, count: torch.Tensor, n_neighbors: int) -> torch.Tensor:
