@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 
-
 def sorted_factors(ordered: torch.Tensor, count: torch.Tensor, n_neighbors: int) -> torch.Tensor:
     """(B, n) float64 LOF factors at the sorted positions of ``ordered`` (B, n) float64 (each row ascending, its
     ``count[b]`` valid entries first); entries past a row's count, and rows of fewer than 2, get 0."""
